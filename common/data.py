@@ -1,0 +1,261 @@
+"""Datasets as tensors, and infinite batch iterators.
+
+    data = load(args)                       # validates and reads the data (CPU); before run.setup
+    batches = iterate(data, args.batch_size, device, value_range=(-1, 1))
+    x, y = next(batches)                    # x: (B, C, H, W) float on `device`; y: labels (or mode ids)
+
+Small sets (MNIST, Fashion-MNIST, CIFAR, SVHN, `fake`, a folder of MNIST idx files) are held as one
+uint8 tensor on the training device and batches are drawn by indexing it. Large ones (STL-10, CelebA,
+LSUN, an image folder) stream through a DataLoader with workers. `ring8` and `grid25` are the 2D
+Gaussian mixtures of the PacGAN protocol, sampled afresh for every batch.
+"""
+import gzip
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.run import UsageError
+
+IN_MEMORY = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
+STREAMED = ("stl10", "celeba", "lsun")
+SYNTHETIC = ("fake", "ring8", "grid25")
+NAMES = IN_MEMORY + STREAMED + SYNTHETIC
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+@dataclass
+class Data:
+    name: str
+    kind: str                       # "image" or "toy"
+    shape: tuple                    # (C, H, W), or (2,) for toys
+    num_classes: int                # 0 when unlabelled
+    images: torch.Tensor = None     # in-memory sets: uint8 (N, C, H, W)
+    labels: torch.Tensor = None     # int64 (N,), -1 where unlabelled
+    dataset: object = None          # streamed sets: a torch Dataset of (float [0, 1] image, label)
+    centers: torch.Tensor = None    # toys: the mixture's means (K, 2)
+    std: float = 0.0                # toys: the mixture's standard deviation
+
+    def __len__(self):
+        if self.kind == "toy":
+            return 0
+        return len(self.images) if self.images is not None else len(self.dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# 2D toys (PacGAN protocol)
+# --------------------------------------------------------------------------------------------
+
+def toy_mixture(name):
+    """Means and standard deviation of ring8 (8 modes on the unit circle, sigma 0.01) or
+    grid25 (25 modes on {-4, -2, 0, 2, 4}^2, sigma 0.05)."""
+    if name == "ring8":
+        angle = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
+        return torch.stack([angle.cos(), angle.sin()], 1).float(), 0.01
+    if name == "grid25":
+        g = torch.arange(-4, 5, 2, dtype=torch.float32)
+        return torch.cartesian_prod(g, g), 0.05
+    raise UsageError(f"unknown toy dataset {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def load(args, split="train"):
+    """Read the dataset named by args.dataset at args.image_size (CPU tensors, or a Dataset for
+    streamed sets). Raises UsageError with advice when the name is unknown or the data is missing."""
+    name, root, size = args.dataset, Path(args.data_root), args.image_size
+    download = getattr(args, "download", True)
+    if name in ("ring8", "grid25"):
+        centers, std = toy_mixture(name)
+        return Data(name, "toy", (2,), len(centers), centers=centers, std=std)
+    if name == "fake":
+        return _fake(size, seed=getattr(args, "seed", 0))
+    if name in IN_MEMORY:
+        images, labels = _torchvision_tensors(name, root, split, download)
+        return _in_memory(name, images, labels, size)
+    if name in STREAMED or name.startswith("lsun:"):
+        return _streamed(name, root, size, split, download)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if sorted(path.glob("*images-idx3-ubyte*")):
+            images, labels = read_idx_folder(path)
+            return _in_memory(str(path), images, labels, size)
+        return _image_folder(path, size)
+    if os.sep in name or name.startswith("."):
+        raise UsageError(f"dataset folder {name} does not exist")
+    raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}, lsun:<category>, "
+                     "or give the path of an image folder")
+
+
+def _in_memory(name, images, labels, size):
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = resize_uint8(images, size)
+    num_classes = int(labels.max()) + 1 if labels is not None and len(labels) else 0
+    return Data(name, "image", tuple(images.shape[1:]), num_classes, images=images.contiguous(), labels=labels)
+
+
+def resize_uint8(images, size, chunk=4096):
+    """Resize a uint8 (N, C, H, W) tensor to size x size (bilinear, antialiased), in chunks."""
+    from torchvision.transforms.v2 import functional as F
+    return torch.cat([F.resize(images[i:i + chunk], [size, size], antialias=True)
+                      for i in range(0, len(images), chunk)])
+
+
+def _fake(size, seed=0, n=512, channels=3, classes=10):
+    """Deterministic smooth random images (low-resolution noise upsampled), with random labels."""
+    g = torch.Generator().manual_seed(1234 + seed)
+    low = torch.rand(n, channels, 4, 4, generator=g)
+    images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    images = (images * 255).round().to(torch.uint8)
+    labels = torch.randint(classes, (n,), generator=g)
+    return Data("fake", "image", (channels, size, size), classes, images=images, labels=labels)
+
+
+def _missing(name, root, e):
+    return UsageError(f"{name} is not under {root} and downloading is off or failed ({e}); "
+                      f"run with --download and internet access, or point --data-root at a copy")
+
+
+def _torchvision_tensors(name, root, split, download):
+    import torchvision.datasets as tvd
+    train = split == "train"
+    try:
+        if name in ("mnist", "fashion-mnist"):
+            cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+            ds = cls(root, train=train, download=download)
+            return ds.data[:, None].clone(), ds.targets.long().clone()
+        if name in ("cifar10", "cifar100"):
+            ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(root, train=train, download=download)
+            return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+        if name == "svhn":
+            ds = tvd.SVHN(root, split="train" if train else "test", download=download)
+            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+    except Exception as e:  # torchvision raises RuntimeError when missing, URLError etc. when offline
+        raise _missing(name, root, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    raise UsageError(f"unknown dataset {name!r}")
+
+
+def _transform(size, center_crop=None):
+    import torchvision.transforms as T
+    steps = [T.CenterCrop(center_crop)] if center_crop else []
+    return T.Compose(steps + [T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor()])
+
+
+def _streamed(name, root, size, split, download):
+    import torchvision.datasets as tvd
+    try:
+        if name == "stl10":  # the GAN papers train on the 100k unlabelled images (+ 5k train)
+            ds = tvd.STL10(root, split="train+unlabeled" if split == "train" else "test",
+                           download=download, transform=_transform(size))
+            return Data(name, "image", (3, size, size), 10, dataset=ds)
+        if name == "celeba":  # the usual 178x178 face crop, then resize
+            ds = tvd.CelebA(root, split="train" if split == "train" else "test", target_type="identity",
+                            download=download, transform=_transform(size, center_crop=178))
+            return Data(name, "image", (3, size, size), 0, dataset=ds)
+        categories = name.split(":", 1)[1] if ":" in name else "bedroom"
+        classes = [f"{c}_{'train' if split == 'train' else 'val'}" for c in categories.split(",")]
+        try:
+            ds = tvd.LSUN(str(root / "lsun"), classes=classes, transform=_transform(size))
+        except ImportError:
+            raise UsageError("LSUN needs the lmdb package: pip install lmdb") from None
+        return Data(name, "image", (3, size, size), len(classes), dataset=ds)
+    except UsageError:
+        raise
+    except Exception as e:
+        hint = " (LSUN is not downloadable by torchvision: fetch it with the LSUN tools)" if "lsun" in name else ""
+        raise _missing(name, root, (str(e).splitlines()[0] if str(e) else type(e).__name__) + hint) from None
+
+
+class _FlatFolder(torch.utils.data.Dataset):
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert("RGB")), -1
+
+
+def _image_folder(path, size):
+    """A folder of images: class subfolders (ImageFolder), or images directly inside it."""
+    import torchvision.datasets as tvd
+    subdirs = [d for d in path.iterdir() if d.is_dir()]
+    if subdirs:
+        ds = tvd.ImageFolder(str(path), transform=_transform(size))
+        return Data(str(path), "image", (3, size, size), len(ds.classes), dataset=ds)
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UsageError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return Data(str(path), "image", (3, size, size), 0, dataset=_FlatFolder(files, _transform(size)))
+
+
+def read_idx(path):
+    """Read an idx file (MNIST format), gzipped or not, as a tensor."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
+
+
+def read_idx_folder(path):
+    """Images (N, 1, 28, 28) uint8 and labels of a folder with MNIST-format idx files (train files
+    preferred when both train and test are present)."""
+    path = Path(path)
+    image_files = sorted(path.glob("*images-idx3-ubyte*"), key=lambda p: ("t10k" in p.name, p.name))
+    images = read_idx(image_files[0])[:, None]
+    label_file = sorted(path.glob(image_files[0].name.split("-images")[0] + "-labels-idx1-ubyte*"))
+    labels = read_idx(label_file[0]).long() if label_file else torch.full((len(images),), -1)
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+def to_range(x_uint8_or_unit, value_range, from_uint8):
+    lo, hi = value_range
+    x = x_uint8_or_unit.float()
+    if from_uint8:
+        x = x / 255
+    return x * (hi - lo) + lo
+
+
+def iterate(data, batch_size, device, value_range=(-1, 1), rank=0, world_size=1, workers=4):
+    """Infinite iterator of (x, y) batches on `device`. Under torchrun each rank draws `batch_size`
+    (its share of the global batch) from its own shard of the data."""
+    device = torch.device(device)
+    if data.kind == "toy":
+        centers = data.centers.to(device)
+        while True:
+            y = torch.randint(len(centers), (batch_size,), device=device)
+            yield centers[y] + data.std * torch.randn(batch_size, 2, device=device), y
+    if data.images is not None:
+        images = data.images[rank::world_size].to(device)
+        labels = (data.labels if data.labels is not None else torch.full((len(data.images),), -1))
+        labels = labels[rank::world_size].to(device)
+        while True:
+            idx = torch.randint(len(images), (batch_size,), device=device)
+            yield to_range(images[idx], value_range, True), labels[idx]
+    sampler = None
+    if world_size > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(data.dataset, world_size, rank, shuffle=True)
+    loader = torch.utils.data.DataLoader(
+        data.dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    epoch = 0
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for x, y in loader:
+            yield (to_range(x.to(device, non_blocking=True), value_range, False),
+                   torch.as_tensor(y).to(device, non_blocking=True))
+        epoch += 1

@@ -1,0 +1,412 @@
+"""Run setup shared by every script: command line, device, seeds, output directory, logging, signals.
+
+A script calls, in this order:
+
+    args = parse_args(argv)                     # its own flags + run.add_args(parser, ...)
+    with run.friendly_errors():                 # bad input -> one-line error, exit code 2
+        r = run.setup(args, "wgan_gp")          # device, seed, out dir, TensorBoard, torchrun
+        ...
+        for step in range(start, args.steps):
+            ...
+            r.log(step + 1, {"loss/D": d_loss, "loss/G": g_loss})   # cheap unless it is a log step
+            if r.every(step + 1, args.ckpt_every) or r.stop_requested:
+                r.save_checkpoint(step + 1, state)
+            if r.stop_requested:
+                break
+        return r.finish()
+
+Only rank 0 of a torchrun job writes anything (logs, images, checkpoints, summary).
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common import checkpoint as ckpt_io
+
+
+class UsageError(Exception):
+    """Bad input detected at start-up (unknown dataset, impossible image size, missing data...)."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or Inf: the run stops and points at the last good checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, sample_every=1000,
+             ckpt_every=1000, eval_every=0, eval_samples=10000):
+    """Add the flags every script shares; the script passes its paper's defaults."""
+    g = parser.add_argument_group("run (shared by every script)")
+    g.add_argument("--dataset", default=dataset,
+                   help="mnist, fashion-mnist, cifar10, cifar100, svhn, stl10, celeba, lsun:<category>[,..], "
+                        "fake, ring8, grid25, or a path (image folder, or a folder of MNIST idx files) "
+                        f"(default: {dataset})")
+    g.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"),
+                   help="where datasets are stored / downloaded (default: $GAN_DATA_ROOT or ./data)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download missing torchvision datasets (default: on)")
+    g.add_argument("--image-size", type=int, default=image_size, help=f"image side in pixels (default: {image_size})")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"global batch size, split over torchrun processes (default: {batch_size})")
+    g.add_argument("--steps", type=int, default=steps, help=f"training steps, see the docstring (default: {steps})")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--cuda", action="store_true", help="train on the GPU (an error if CUDA is unavailable)")
+    g.add_argument("--out", default=None, help="run directory (default: runs/<script>/<dataset>-<timestamp>)")
+    g.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from a checkpoint; 'auto' uses <out>/ckpt.pt (or the newest run of this "
+                        "script and dataset when --out is not given) and starts fresh if there is none")
+    g.add_argument("--log-every", type=int, default=log_every, help=f"console/TensorBoard scalars (default: {log_every})")
+    g.add_argument("--sample-every", type=int, default=sample_every, help=f"sample grids (default: {sample_every})")
+    g.add_argument("--ckpt-every", type=int, default=ckpt_every, help=f"checkpoints (default: {ckpt_every})")
+    g.add_argument("--eval-every", type=int, default=eval_every, help=f"evaluation, 0 = only at the end (default: {eval_every})")
+    g.add_argument("--eval-samples", type=int, default=eval_samples, help=f"samples per evaluation (default: {eval_samples})")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader workers for datasets not held in memory")
+    g.add_argument("--sample", default=None, metavar="CKPT", help="write samples from a checkpoint and exit")
+    g.add_argument("--dry-run", action="store_true",
+                   help="a few steps on small synthetic data with small nets (explicit flags still win)")
+    return parser
+
+
+def parse(parser, argv, dry_run_defaults):
+    """Parse argv; with --dry-run, apply `dry_run_defaults` to every flag the user did not give."""
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        given = _given_dests(parser, argv if argv is not None else sys.argv[1:])
+        base = {"steps": 4, "batch_size": 8, "log_every": 2, "sample_every": 2, "ckpt_every": 2,
+                "eval_every": 0, "eval_samples": 64, "workers": 0}
+        for key, value in {**base, **dry_run_defaults}.items():
+            if key not in given:
+                setattr(args, key, value)
+    check_args(args)
+    return args
+
+
+def _given_dests(parser, argv):
+    given = set()
+    for action in parser._actions:  # argparse keeps no record of explicit flags; read argv instead
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
+def check_args(args):
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise_usage(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples"):
+        if getattr(args, name) < 0:
+            raise_usage(f"--{name.replace('_', '-')} must be >= 0")
+
+
+def raise_usage(message):
+    raise UsageError(message)
+
+
+@contextlib.contextmanager
+def friendly_errors():
+    """Turn the errors a user can cause into one line on stderr and exit code 2 (no traceback)."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "gan"
+    try:
+        yield
+    except (UsageError, ckpt_io.CheckpointError, NonFiniteLoss) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+class Run:
+    """What a training loop needs from its surroundings. One per process."""
+
+    def __init__(self, args, script, device, rank, world_size, out, writer):
+        self.args, self.script, self.device = args, script, device
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.out, self.writer = out, writer
+        self.stop_requested = False
+        self.last_scalars, self.metrics = {}, {}
+        self.last_good_ckpt = None
+        self.resume_state = None
+        self._t0 = self._t_last = time.perf_counter()
+        self._step_last = self._step_first = None
+        self._it_per_s = float("nan")
+
+    # -- devices and models -----------------------------------------------------------------
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def cuda(self):
+        return self.device.type == "cuda"
+
+    def prepare(self, model, channels_last=False, compile=True, ddp=True):
+        """Move a network to the device (channels_last on CUDA), wrap it in DDP under torchrun and
+        compile it with --compile. Keep the unwrapped module for state dicts (see `unwrap`)."""
+        model = model.to(self.device)
+        if channels_last and self.cuda:
+            model = model.to(memory_format=torch.channels_last)
+        if ddp and self.distributed and any(p.requires_grad for p in model.parameters()):
+            from torch.nn.parallel import DistributedDataParallel
+            model = DistributedDataParallel(model, device_ids=[self.device] if self.cuda else None)
+        if compile and self.args.compile:
+            model = torch.compile(model)
+        return model
+
+    def autocast(self):
+        """bfloat16 autocast when --amp is given (no GradScaler is needed for bfloat16)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp)
+
+    # -- logging ------------------------------------------------------------------------------
+    def every(self, step, interval):
+        return interval > 0 and step % interval == 0
+
+    def log(self, step, scalars, force=False):
+        """Log scalars (tensors or floats) at log steps. Tensors are read only here, so calling this
+        every step costs nothing between log steps. A NaN/Inf value stops the run."""
+        if not (force or self.every(step, self.args.log_every) or step == self.args.steps):
+            return
+        values = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
+        if self.distributed:  # average over ranks so every rank sees the same numbers
+            t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            values = dict(zip(values, (t / self.world_size).tolist()))
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            where = (f"the last good checkpoint is {self.last_good_ckpt}" if self.last_good_ckpt
+                     else "no checkpoint was written yet")
+            raise NonFiniteLoss(f"{', '.join(bad)} became {values[bad[0]]} at step {step}; stopping ({where})")
+        for k, v in values.items():
+            (self.metrics if k.startswith("metric/") else self.last_scalars)[k] = v
+        now = time.perf_counter()
+        if self._step_last is not None and step > self._step_last:
+            self._it_per_s = (step - self._step_last) / max(now - self._t_last, 1e-9)
+            values["perf/it_per_s"] = self._it_per_s
+        if self._step_first is None:
+            self._step_first, self._t_first = step, now
+        self._t_last, self._step_last = now, step
+        if not self.is_main:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        eta = (self.args.steps - step) / self._it_per_s if self._it_per_s > 0 else float("nan")
+        eta = str(datetime.timedelta(seconds=round(eta))) if math.isfinite(eta) else "?"
+        shown = " ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "perf/it_per_s")
+        print(f"step {step}/{self.args.steps} | {self._it_per_s:.1f} it/s | eta {eta} | {shown}", flush=True)
+
+    def images(self, tag, x, step, nrow=8, value_range=(-1, 1)):
+        """Save an image grid (PNG under samples/ and TensorBoard). x: (N, C, H, W) in value_range."""
+        if not self.is_main:
+            return None
+        path = self.out / "samples" / f"{tag.replace('/', '_')}-{step:07d}.png"
+        self.writer.add_image(tag, save_grid(x, path, nrow, value_range), step)
+        return path
+
+    def scatter(self, tag, points, step, real=None, lim=None):
+        """Save a 2D scatter plot of generated points (black) over real ones (red) as an image."""
+        if not self.is_main:
+            return None
+        img = scatter_image(points, real=real, lim=lim)
+        return self.images(tag, img[None], step, nrow=1, value_range=(0, 1))
+
+    def side_rng(self):
+        """Context for sampling and evaluation: their random draws leave the training RNG streams
+        untouched, so logging or evaluating more often never changes the training trajectory."""
+        return torch.random.fork_rng(devices=[self.device] if self.cuda else [])
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def checkpoint_due(self, step):
+        return self.every(step, self.args.ckpt_every) or self.stop_requested or step == self.args.steps
+
+    def save_checkpoint(self, step, state):
+        """Write <out>/ckpt.pt atomically. `state` holds models/optimizers/...; script, step, args
+        and RNG states are added here."""
+        rng = ckpt_io.rng_state()
+        if self.distributed:  # keep every rank's RNG streams (call this on every rank)
+            ranks = [None] * self.world_size
+            dist.all_gather_object(ranks, rng)
+            rng = {"ranks": ranks}
+        if not self.is_main:
+            return None
+        full = {"script": self.script, "step": step, "args": vars(self.args), **state, "rng": rng}
+        path = self.out / "ckpt.pt"
+        ckpt_io.save(full, path)
+        self.last_good_ckpt = f"{path} (step {step})"
+        return path
+
+    def load_checkpoint(self):
+        """The checkpoint to resume from (already validated by `setup`), or None for a fresh run.
+        RNG states are restored separately by `restore_rng`, right before the loop."""
+        return self.resume_state
+
+    def restore_rng(self, state):
+        """Call after models, optimizers and data are built, right before the loop."""
+        if state is not None:
+            ckpt_io.set_rng_state(state["rng"], self.rank)
+
+    # -- end ------------------------------------------------------------------------------------
+    def finish(self, step, **extra):
+        """Write summary.json, close the writer, return the summary."""
+        wall = time.perf_counter() - self._t0
+        mean_it_s = float("nan")
+        if self._step_first is not None and self._step_last > self._step_first:
+            mean_it_s = (self._step_last - self._step_first) / (self._t_last - self._t_first)
+        summary = {"script": self.script, "dataset": self.args.dataset, "step": step, "steps": self.args.steps,
+                   "interrupted": self.stop_requested, "it_per_s": mean_it_s, "wall_s": wall,
+                   "losses": self.last_scalars, "metrics": self.metrics, **extra}
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            self.writer.close()
+            print(f"done: step {step}, {mean_it_s:.1f} it/s; results in {self.out}", flush=True)
+        if self.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+        return summary
+
+
+def setup(args, script):
+    """Device, seeds, torchrun, output directory (args.json), TensorBoard writer, signal handlers."""
+    rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
+                                    (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if args.cuda and not torch.cuda.is_available():
+        raise UsageError("--cuda was given but CUDA is not available (no GPU or a CPU-only PyTorch build)")
+    device = torch.device(f"cuda:{local_rank}" if args.cuda else "cpu")
+    if args.cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.cuda else "gloo", rank=rank, world_size=world_size)
+        if args.batch_size % world_size:
+            raise UsageError(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+    seed_everything(args.seed + rank)
+
+    out = resolve_out(args, script) if rank == 0 else None
+    if world_size > 1:  # every rank needs the same directory (for --resume auto)
+        box = [str(out) if out else None]
+        dist.broadcast_object_list(box, src=0)
+        out = Path(box[0])
+    # Read (and so validate) the checkpoint to resume from before anything is written.
+    resume_state, resume_path = None, None
+    if args.resume:
+        resume_path = out / "ckpt.pt" if args.resume == "auto" else Path(args.resume)
+        if args.resume != "auto" or resume_path.exists():
+            resume_state = ckpt_io.load(resume_path, script)
+    writer = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out))
+        writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in sorted(vars(args).items())), 0)
+    r = Run(args, script, device, rank, world_size, out, writer)
+    if resume_state is not None:
+        r.resume_state = resume_state
+        r.last_good_ckpt = f"{resume_path} (step {resume_state['step']})"
+        if rank == 0:
+            print(f"resuming from {resume_path} at step {resume_state['step']}", flush=True)
+    _install_signal_handlers(r)
+    return r
+
+
+def resolve_out(args, script):
+    if args.out:
+        return Path(args.out)
+    base = Path("runs") / script
+    name = Path(args.dataset).name if os.sep in args.dataset else args.dataset.replace(":", "-").replace(",", "+")
+    if args.resume == "auto":  # continue the newest run of this script on this dataset
+        previous = sorted(p.parent for p in base.glob(f"{name}-*/ckpt.pt"))
+        if previous:
+            return previous[-1]
+    return base / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def _install_signal_handlers(r):
+    def handler(signum, frame):
+        if r.stop_requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        r.stop_requested = True
+        if r.is_main:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping "
+                  "(send again to stop without saving)", file=sys.stderr, flush=True)
+    try:
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. inside some test runners): keep the defaults
+        pass
+
+
+def load_for_sampling(args, script):
+    """For --sample CKPT: the checkpoint, its training args (device flags from the command line),
+    the device and the directory to write into (--out, or next to the checkpoint)."""
+    state = ckpt_io.load(args.sample, script)
+    if args.cuda and not torch.cuda.is_available():
+        raise UsageError("--cuda was given but CUDA is not available")
+    train_args = argparse.Namespace(**{**state["args"], "cuda": args.cuda, "amp": args.amp, "compile": False})
+    device = torch.device("cuda" if args.cuda else "cpu")
+    out = Path(args.out) if args.out else Path(args.sample).resolve().parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    return state, train_args, device, out
+
+
+def save_grid(x, path, nrow=8, value_range=(-1, 1)):
+    """Write images (N, C, H, W) in value_range as one PNG grid; returns the grid (3, H', W') in [0, 1]."""
+    import torchvision.utils as vutils
+    grid = vutils.make_grid(x.detach().float().cpu(), nrow=nrow, normalize=True, value_range=value_range)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    vutils.save_image(grid, path)
+    return grid
+
+
+def unwrap(model):
+    """The plain module inside torch.compile and DistributedDataParallel wrappers (for state dicts)."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def scatter_image(points, real=None, lim=None, size=256):
+    """Rasterise 2D points into a (3, size, size) image in [0, 1]: white canvas, real points red,
+    generated points black. Avoids a plotting dependency."""
+    points = points.detach().float().cpu()
+    if lim is None:
+        both = points if real is None else torch.cat([points, real.detach().float().cpu()])
+        lim = float(both.abs().quantile(0.99)) * 1.2 + 1e-6
+    img = torch.ones(3, size, size)
+
+    def put(p, color):
+        ij = ((p / lim + 1) / 2 * (size - 1)).round().long()
+        keep = ((ij >= 0) & (ij < size)).all(1)
+        ij = ij[keep]
+        for c in range(3):
+            img[c, size - 1 - ij[:, 1], ij[:, 0]] = color[c]
+    if real is not None:
+        put(real, (0.9, 0.2, 0.2))
+    put(points, (0.0, 0.0, 0.0))
+    return img

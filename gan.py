@@ -1,0 +1,341 @@
+"""Generative Adversarial Nets — Goodfellow, Pouget-Abadie, Mirza, Xu, Warde-Farley, Ozair, Courville,
+Bengio, 2014. arXiv:1406.2661.
+
+The idea: a generator G maps noise z to data space; a discriminator D outputs the probability that its
+input came from the data rather than from G. The two play the minimax game (Eq. 1)
+
+    min_G max_D V(D, G) = E_x[log D(x)] + E_z[log(1 − D(G(z)))].
+
+Algorithm 1 alternates k steps of ascent on V for D with one step for G. Early in training
+log(1 − D(G(z))) saturates, so G instead maximises log D(G(z)) (Sec. 3, the "non-saturating" loss,
+our default; `--g-loss minimax` uses Eq. 1 as written). At the optimum p_G = p_data and D = ½.
+
+The paper's MNIST model (the official pylearn2 configuration mnist.yaml):
+    G: z (100) → 1200 ReLU → 1200 ReLU → 784 sigmoid
+    D: maxout 240 units × 5 pieces → maxout 240 × 5 → 1 sigmoid, dropout on D's inputs
+       (keep 0.8 on the image, 0.5 on the hidden layers)
+    SGD, batch 100, lr 0.1 divided by 1.000004 every update (floor 1e-6), momentum 0.5 → 0.7 by epoch 250.
+    Train on the first 50k MNIST training images; the last 10k are the validation split.
+
+Evaluation (Sec. 5): a Gaussian Parzen window fitted to 10k samples of G; its σ is picked on the
+validation split from logspace(−1, 0, 10); we report the mean log-likelihood of the test set
+± its standard error (Table 1: MNIST 225 ± 2 nats).
+
+Usage:
+    python gan.py                                   # the paper's MNIST run (downloads MNIST)
+    python gan.py --steps 5000 --eval-every 1000    # a quick CPU run
+    python gan.py --dataset ring8 --steps 20000     # the 8-Gaussian ring (mode collapse experiment)
+    python gan.py --sample runs/gan/mnist-.../ckpt.pt
+
+Differences from the paper:
+- Algorithm 1 alternates the D and G updates (k = 1 by default); the official code computed both
+  gradients from the same minibatch of samples and updated simultaneously.
+- The official mnist.yaml draws z from a standard Gaussian (the Generator's default noise); we follow the
+  U[−√3, √3] of our paper card (unit variance too); `--noise gaussian` gives the code's choice.
+- D's cost carries the official code's factor ½ (it scales D's gradient, which matters with SGD at lr 0.1).
+- PyTorch's SGD momentum (v ← m v + g; θ ← θ − lr v) differs slightly from pylearn2's
+  (v ← m v − lr g; θ ← θ + v) while the learning rate changes.
+- Training length: the official configuration has no stopping criterion; `--steps` defaults to 150k
+  updates (300 epochs of 50k images), past the epoch-250 end of the momentum ramp.
+- Sample grids, toy-data support (linear output layer for 2D data) and mode-coverage metrics are additions.
+"""
+import argparse
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import data as datasets
+from common import metrics
+from common import run as runlib
+
+SCRIPT = "gan"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generative Adversarial Nets (Goodfellow et al. 2014)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--z-dim", type=int, default=100, help="noise dimension")
+    p.add_argument("--noise", choices=["uniform", "gaussian"], default="uniform",
+                   help="z ~ U[-sqrt3, sqrt3] (card) or N(0, I) (official mnist.yaml)")
+    p.add_argument("--g-hidden", type=int, default=1200, help="units in each of G's two ReLU layers")
+    p.add_argument("--d-units", type=int, default=240, help="maxout units in each of D's two layers")
+    p.add_argument("--d-pieces", type=int, default=5, help="pieces per maxout unit")
+    p.add_argument("--g-loss", choices=["nonsaturating", "minimax"], default="nonsaturating",
+                   help="G maximises log D(G(z)) (Sec. 3) or minimises log(1 - D(G(z))) (Eq. 1)")
+    p.add_argument("--k", type=int, default=1, help="D steps per G step (Algorithm 1)")
+    p.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate")
+    p.add_argument("--lr-decay", type=float, default=1.000004, help="lr is divided by this every update")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="floor of the decayed learning rate")
+    p.add_argument("--momentum", type=float, default=0.5, help="initial momentum")
+    p.add_argument("--final-momentum", type=float, default=0.7, help="momentum reached at --momentum-epochs")
+    p.add_argument("--momentum-epochs", type=float, default=250, help="epoch at which momentum saturates")
+    p.add_argument("--valid-size", type=int, default=10000,
+                   help="training images held out as the validation split (Parzen sigma selection)")
+    runlib.add_args(p, dataset="mnist", image_size=28, batch_size=100, steps=150_000,
+                    log_every=500, sample_every=5000, ckpt_every=5000, eval_every=10000, eval_samples=10000)
+    return runlib.parse(p, argv, dry_run_defaults={
+        "dataset": "fake", "image_size": 8, "g_hidden": 32, "d_units": 16, "valid_size": 32})
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+class Maxout(nn.Module):
+    """h_i = max_j (x W_ij + b_ij): a linear layer with `pieces` outputs per unit, reduced by max."""
+
+    def __init__(self, d_in, units, pieces):
+        super().__init__()
+        self.units, self.pieces = units, pieces
+        self.linear = nn.Linear(d_in, units * pieces)
+
+    def forward(self, x):
+        return self.linear(x).unflatten(1, (self.units, self.pieces)).amax(2)
+
+
+class Generator(nn.Module):
+    def __init__(self, z_dim, hidden, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.images = len(self.shape) == 3
+        out = math.prod(self.shape)
+        layers = [nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out)]
+        if self.images:
+            layers.append(nn.Sigmoid())  # pixels in [0, 1]; 2D toy points are unbounded
+        self.net = nn.Sequential(*layers)
+        for m in self.net:  # official init: U(-0.05, 0.05) weights ("irange"), zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -0.05, 0.05)
+                nn.init.zeros_(m.bias)
+
+    def init_output_bias(self, mean_image):
+        """Start the sigmoid layer at the data's pixel marginals: bias = logit(mean pixel)."""
+        with torch.no_grad():
+            self.net[4].bias.copy_(torch.logit(mean_image.flatten().clamp(1e-3, 1 - 1e-3)))
+
+    def forward(self, z):
+        return self.net(z).view(-1, *self.shape)
+
+
+class Discriminator(nn.Module):
+    """Outputs the logit of D(x); D(x) = sigmoid(logit) is the probability that x is real."""
+
+    def __init__(self, shape, units, pieces):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.2), Maxout(math.prod(shape), units, pieces),   # keep 0.8 of the inputs
+            nn.Dropout(0.5), Maxout(units, units, pieces),
+            nn.Dropout(0.5), nn.Linear(units, 1))
+        for m in self.modules():  # official init: U(-0.005, 0.005), zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -0.005, 0.005)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)
+
+
+def sample_noise(n, z_dim, kind, device, generator=None):
+    if kind == "uniform":  # U[-sqrt3, sqrt3]: zero mean, unit variance
+        return (torch.rand(n, z_dim, device=device, generator=generator) * 2 - 1) * math.sqrt(3)
+    return torch.randn(n, z_dim, device=device, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses (on D's logits l, D = sigmoid(l); log D = −softplus(−l), log(1 − D) = −softplus(l))
+# ------------------------------------------------------------------------------------------------
+
+def d_loss(real_logits, fake_logits):
+    """D ascends V (Eq. 1): minimise ½ (−E log D(x) − E log(1 − D(G(z)))), the official code's ½."""
+    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+
+
+def g_loss_nonsaturating(fake_logits):
+    """Sec. 3: G maximises log D(G(z)), i.e. minimises −E log D(G(z))."""
+    return F.softplus(-fake_logits).mean()
+
+
+def g_loss_minimax(fake_logits):
+    """Eq. 1 as written: G minimises E log(1 − D(G(z)))."""
+    return -F.softplus(fake_logits).mean()
+
+
+def schedule(step, args, epoch_size):
+    """Learning rate and momentum after `step` updates (pylearn2's ExponentialDecay and
+    MomentumAdjustor(start=1, saturate=250))."""
+    lr = max(args.lr / args.lr_decay ** step, args.min_lr)
+    epoch = step * args.batch_size / max(epoch_size, 1)
+    ramp = min(max((epoch - 1) / max(args.momentum_epochs - 1, 1e-9), 0.0), 1.0)
+    return lr, args.momentum + (args.final_momentum - args.momentum) * ramp
+
+
+# ------------------------------------------------------------------------------------------------
+# Data splits and evaluation
+# ------------------------------------------------------------------------------------------------
+
+def split_data(args, data):
+    """(train, valid, test) for images, as in mnist.yaml: the last `valid_size` training images are
+    the validation split; test is the dataset's test split, or the second half of the held-out
+    images when the source has none (e.g. a folder of idx files)."""
+    n = len(data)
+    n_valid = args.valid_size if n > 2 * args.valid_size else max(n // 5, 2)
+    train = dataclasses.replace(data, images=data.images[:-n_valid], labels=data.labels[:-n_valid])
+    held = data.images[-n_valid:]
+    test = None
+    if args.dataset in datasets.IN_MEMORY:
+        test = datasets.load(args, split="test").images
+    if test is None:
+        held, test = held[: n_valid // 2], held[n_valid // 2:]
+    return train, held, test
+
+
+@torch.no_grad()
+def generate(G, n, args, device, batch=1000, generator=None):
+    return torch.cat([G(sample_noise(min(batch, n - i), args.z_dim, args.noise, device, generator))
+                      for i in range(0, n, batch)])
+
+
+def evaluate(G, args, device, data, valid, test):
+    """Parzen log-likelihood for images (Sec. 5), mode coverage for the 2D toys."""
+    G.eval()
+    if data.kind == "toy":
+        result = metrics.mode_coverage(generate(G, 2500, args, device), data.centers, data.std)
+        out = {"metric/modes": result["modes"], "metric/hq": result["hq"]}
+    else:
+        samples = generate(G, args.eval_samples, args, device)
+        as_unit = lambda u8: u8.to(device).float() / 255  # noqa: E731
+        result = metrics.parzen_evaluate(samples, as_unit(valid), as_unit(test))
+        out = {"metric/parzen_ll": result["ll"], "metric/parzen_se": result["se"], "metric/parzen_sigma": result["sigma"]}
+    G.train()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def build(args, shape):
+    return Generator(args.z_dim, args.g_hidden, shape), Discriminator(shape, args.d_units, args.d_pieces)
+
+
+def train(args):
+    data = datasets.load(args)
+    valid = test = None
+    if data.kind == "image":
+        data, valid, test = split_data(args, data)
+    r = runlib.setup(args, SCRIPT)
+    device = r.device
+
+    G, D = build(args, data.shape)
+    if data.kind == "image":
+        G.init_output_bias(data.images.float().mean(0) / 255)
+    G, D = r.prepare(G), r.prepare(D)
+    g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
+    opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum)
+    opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum)
+    g_loss_fn = g_loss_nonsaturating if args.g_loss == "nonsaturating" else g_loss_minimax
+
+    start = 0
+    state = r.load_checkpoint()
+    if state is not None:
+        g_raw.load_state_dict(state["models"]["G"])
+        d_raw.load_state_dict(state["models"]["D"])
+        opt_g.load_state_dict(state["optimizers"]["G"])
+        opt_d.load_state_dict(state["optimizers"]["D"])
+        start = state["step"]
+    batches = datasets.iterate(data, args.batch_size // r.world_size, device, value_range=(0, 1),
+                               rank=r.rank, world_size=r.world_size, workers=args.workers)
+    fixed_z = sample_noise(100, args.z_dim, args.noise, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
+    r.restore_rng(state)
+
+    b = args.batch_size // r.world_size
+    step = start
+    for step in range(start + 1, args.steps + 1):
+        lr, momentum = schedule(step - 1, args, len(data))
+        for opt in (opt_g, opt_d):
+            for group in opt.param_groups:
+                group["lr"], group["momentum"] = lr, momentum
+
+        # k steps on D: ascend log D(x) + log(1 − D(G(z)))
+        for _ in range(args.k):
+            x, _ = next(batches)
+            with r.autocast():
+                with torch.no_grad():
+                    fake = G(sample_noise(b, args.z_dim, args.noise, device))
+                loss_d = d_loss(D(x), D(fake))
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+
+        # one step on G
+        with r.autocast():
+            loss_g = g_loss_fn(D(G(sample_noise(b, args.z_dim, args.noise, device))))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+
+        r.log(step, {"loss/D": loss_d, "loss/G": loss_g, "train/lr": lr, "train/momentum": momentum})
+        if r.every(step, args.sample_every) or step == args.steps:
+            with r.side_rng(), torch.no_grad():
+                g_raw.eval()
+                if data.kind == "toy":
+                    r.scatter("samples", generate(g_raw, 2500, args, device), step,
+                              real=data.centers, lim=data.centers.abs().max().item() * 1.5)
+                else:
+                    r.images("samples", g_raw(fixed_z), step, nrow=10, value_range=(0, 1))
+                g_raw.train()
+        if r.every(step, args.eval_every) or step == args.steps:
+            with r.side_rng():
+                r.log(step, evaluate(g_raw, args, device, data, valid, test), force=True)
+        if r.checkpoint_due(step):
+            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                                     "data_shape": list(data.shape)})
+        if r.stop_requested:
+            break
+    return r.finish(step)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling from a checkpoint
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(args):
+    state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
+    G = Generator(targs.z_dim, targs.g_hidden, state["data_shape"])
+    G.load_state_dict(state["models"]["G"])
+    G.to(device).eval()
+    g = torch.Generator().manual_seed(args.seed)
+    step = state["step"]
+    if not G.images:
+        path = out / f"samples-{step:07d}.png"
+        points = G(sample_noise(2500, targs.z_dim, targs.noise, "cpu", g).to(device))
+        runlib.save_grid(runlib.scatter_image(points)[None], path, nrow=1, value_range=(0, 1))
+        print(f"wrote {path}")
+        return {"samples": str(path)}
+    grid = G(sample_noise(100, targs.z_dim, targs.noise, "cpu", g).to(device))
+    # interpolation strip: 8 rows, each a straight line in z between two random codes
+    ends = sample_noise(16, targs.z_dim, targs.noise, "cpu", g).view(8, 2, -1)
+    t = torch.linspace(0, 1, 10)[None, :, None]
+    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
+    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
+    runlib.save_grid(grid, paths["samples"], nrow=10, value_range=(0, 1))
+    runlib.save_grid(G(line), paths["interpolation"], nrow=10, value_range=(0, 1))
+    for p in paths.values():
+        print(f"wrote {p}")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def main(argv=None):
+    with runlib.friendly_errors():
+        args = parse_args(argv)
+        return sample(args) if args.sample else train(args)
+
+
+if __name__ == "__main__":
+    main()

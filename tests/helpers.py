@@ -1,0 +1,103 @@
+"""Checks every script must pass: a dry run, exact resume after an interruption, --sample, --help."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from common import checkpoint as ckpt_io
+from common import run as runlib
+
+
+def dry_run(script, tmp_path, *extra):
+    """Train a few steps; check the run directory and that the logged losses are finite."""
+    out = tmp_path / "dry"
+    summary = script.main(["--dry-run", "--out", str(out), *extra])
+    for name in ("args.json", "ckpt.pt", "summary.json"):
+        assert (out / name).is_file(), f"{name} missing"
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert list((out / "samples").glob("*.png")), "no sample grid"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["step"] == summary["step"] > 0
+    losses = summary["losses"]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    state = ckpt_io.load(out / "ckpt.pt", script.SCRIPT)
+    assert state["step"] == summary["step"]
+    return out, summary, state
+
+
+def _interrupt_at(monkeypatch, n):
+    """Send ourselves SIGINT right after step n is logged, as a user pressing Ctrl-C would."""
+    original = runlib.Run.log
+
+    def log(self, step, scalars, force=False):
+        original(self, step, scalars, force)
+        if step == n and not force and not self.stop_requested:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(runlib.Run, "log", log)
+
+
+def assert_resume_exact(script, tmp_path, monkeypatch, args, n=3, state_keys=("models",)):
+    """2n steps in one go == n steps, Ctrl-C, --resume auto, n more steps (CPU, bit-exact)."""
+    args = ["--dry-run", "--steps", str(2 * n), "--ckpt-every", "1000", "--eval-every", "0", *args]
+    full = script.main([*args, "--out", str(tmp_path / "full")])
+    assert full["step"] == 2 * n and not full["interrupted"]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, n)
+        half = script.main([*args, "--out", str(tmp_path / "split")])
+    assert half["interrupted"] and half["step"] == n
+    assert ckpt_io.load(tmp_path / "split" / "ckpt.pt", script.SCRIPT)["step"] == n
+    resumed = script.main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"])
+    assert resumed["step"] == 2 * n
+    a = ckpt_io.load(tmp_path / "full" / "ckpt.pt", script.SCRIPT)
+    b = ckpt_io.load(tmp_path / "split" / "ckpt.pt", script.SCRIPT)
+    for key in state_keys:
+        assert_same(a[key], b[key], key)
+    return a, b
+
+
+def assert_same(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), f"{where} differs after resume"
+    else:
+        assert a == b, where
+
+
+def sample_from(script, ckpt, tmp_path, *extra):
+    out = tmp_path / "sampled"
+    written = script.main(["--sample", str(ckpt), "--out", str(out), *extra])
+    pngs = list(out.glob("*.png"))
+    assert pngs, "no PNG written"
+    for p in pngs:
+        assert p.stat().st_size > 100
+    return written
+
+
+def help_text(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--steps", "--resume", "--sample", "--dry-run", "--cuda"):
+        assert flag in text
+    return text
+
+
+def expect_usage_error(script, argv, capsys, match):
+    """Bad input: exit code 2, one line on stderr naming the problem, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        script.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert match in err, err
+    return err
