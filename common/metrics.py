@@ -1,13 +1,33 @@
 """Evaluation metrics shared by the scripts.
 
-- frechet_distance: the Fréchet distance between two Gaussians (the formula behind FID).
+- frechet_distance / gaussian_stats: the Fréchet distance between two Gaussians (the formula behind FID).
+- FID, IS, KID and precision/recall on the Inception network of the original TensorFlow code
+  (same weights, pooling, TF1 bilinear resize and (x - 128) / 128 scaling, so numbers are comparable
+  with published ones). In a script:
+
+      real = metrics.reference_stats(data, args.data_root, r.device)    # cached in <data_root>/fid_stats/
+      scores = metrics.evaluate(lambda b: G(torch.randn(b, nz, device=r.device)), args.eval_samples, real, r.device)
+      r.log(step, scores, force=True)                                   # {"metric/fid": .., "metric/is": ..}
+
+  From the command line (like pytorch-fid; folders of images or .npz statistics):
+      python -m common.metrics fid DIR_OR_NPZ DIR_OR_NPZ | is DIR | kid A B | pr A B
+      python -m common.metrics stats cifar10 --data-root data --image-size 32
 - mode_coverage: modes captured and % high-quality samples on the 2D mixtures (PacGAN protocol).
 - parzen_log_likelihood: the Gaussian Parzen-window estimate of the GAN paper (Goodfellow et al. 2014).
 """
+import argparse
+import contextlib
 import math
+import os
+import re
+import types
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from common.run import UsageError, friendly_errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -23,13 +43,16 @@ def _sqrt_psd(a):
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """d² = ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½, in float64.
 
-    tr (Σ1 Σ2)^½ is computed in the symmetric form tr (Σ1^½ Σ2 Σ1^½)^½: the matrix inside is
-    symmetric PSD, so eigh applies (no scipy.linalg.sqrtm, no complex parts to discard)."""
+    tr (Σ1 Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1 Σ2, which are those of the
+    symmetric PSD Lᵀ Σ2 L with Σ1 = L Lᵀ (Cholesky), or of Σ1^½ Σ2 Σ1^½ when Σ1 is singular (fewer
+    samples than dimensions): eigvalsh applies (no scipy.linalg.sqrtm, no complex parts to discard)."""
     mu1, mu2, sigma1, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different sizes: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
-    s1 = _sqrt_psd((sigma1 + sigma1.T) / 2)
-    inner = s1 @ sigma2 @ s1
+    sigma1 = (sigma1 + sigma1.T) / 2
+    chol, info = torch.linalg.cholesky_ex(sigma1)  # ~20x faster than eigh for 2048 x 2048
+    s1 = chol if info == 0 else _sqrt_psd(sigma1)
+    inner = s1.T @ sigma2 @ s1
     tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
     diff = mu1 - mu2
     return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
@@ -41,6 +64,323 @@ def gaussian_stats(features):
     mu = f.mean(0)
     c = f - mu
     return mu.cpu().numpy(), (c.T @ c / (len(f) - 1)).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# The Inception-v3 of the TF FID / IS code (graph of 2015-12-05), as a torchvision network
+# --------------------------------------------------------------------------------------------
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+_MIXED_WITH_POOL = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                    "Mixed_7b", "Mixed_7c")
+
+
+def _tf_avg_pool(x):  # TF's 'SAME' average pooling does not count the padding
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def _tf_max_pool(x):  # the TF graph's last block (Mixed_7c) max-pools in its pool branch
+    return F.max_pool2d(x, 3, stride=1, padding=1)
+
+
+def _mixed_forward(m, x):
+    """torchvision's InceptionA / C / E block, with `m.pool` in its pool branch."""
+    from torchvision.models import inception as tvi
+    if isinstance(m, tvi.InceptionA):
+        mid = [m.branch5x5_2(m.branch5x5_1(x)), m.branch3x3dbl_3(m.branch3x3dbl_2(m.branch3x3dbl_1(x)))]
+    elif isinstance(m, tvi.InceptionC):
+        a = b = x
+        for i in range(1, 4):
+            a = getattr(m, f"branch7x7_{i}")(a)
+        for i in range(1, 6):
+            b = getattr(m, f"branch7x7dbl_{i}")(b)
+        mid = [a, b]
+    else:
+        a, b = m.branch3x3_1(x), m.branch3x3dbl_2(m.branch3x3dbl_1(x))
+        mid = [torch.cat([m.branch3x3_2a(a), m.branch3x3_2b(a)], 1),
+               torch.cat([m.branch3x3dbl_3a(b), m.branch3x3dbl_3b(b)], 1)]
+    return torch.cat([m.branch1x1(x), *mid, m.branch_pool(m.pool(x))], 1)
+
+
+def _fid_forward(net, x):
+    """x: (B, 3, 299, 299) scaled to [-1, 1] -> (pool3 (B, 2048), unbiased logits (B, 1008))."""
+    for name, layer in net.named_children():
+        if name not in ("dropout", "fc"):
+            x = layer(x)
+    pool3 = x.flatten(1)
+    return pool3, pool3 @ net.fc.weight.T  # IS uses the logits without the bias, as the TF code
+
+
+def fid_inception_net():
+    """torchvision's Inception3 (1008 classes, no aux head) with the TF graph's pooling, in eval mode with
+    random weights; its state dict has torchvision's layout. Calling it returns (pool3, logits)."""
+    from torchvision.models import Inception3
+    net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    for name in _MIXED_WITH_POOL:
+        block = getattr(net, name)
+        block.pool = _tf_max_pool if name == "Mixed_7c" else _tf_avg_pool
+        block.forward = types.MethodType(_mixed_forward, block)
+    net.forward = types.MethodType(_fid_forward, net)
+    return net.eval().requires_grad_(False)
+
+
+_NETS = {}
+
+
+def load_fid_inception(weights=None, device="cpu"):
+    """fid_inception_net() with the TF weights (pytorch-fid's port), on `device`, kept for later calls.
+    The file is looked for at `weights`, then $FID_INCEPTION_WEIGHTS, then the torch hub cache
+    (<torch.hub.get_dir()>/checkpoints/), and downloaded there when none is found."""
+    weights = weights or os.environ.get("FID_INCEPTION_WEIGHTS") or None
+    key = (str(weights), str(device))
+    if key not in _NETS:
+        net, state = fid_inception_net(), _fid_state_dict(weights)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise UsageError(f"{weights or 'the weights file'} is not the FID Inception "
+                             f"({str(e).splitlines()[0]})") from None
+        _NETS[key] = net.to(device)
+    return _NETS[key]
+
+
+def _fid_state_dict(path):
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
+    where = f"download {FID_WEIGHTS_URL} to {cached}, or give the file with --inception-weights / $FID_INCEPTION_WEIGHTS"
+    if path is None and not cached.is_file():
+        try:
+            return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=False,
+                                                      check_hash=True, weights_only=True)
+        except Exception as e:  # offline (URLError), or a corrupt download (hash mismatch)
+            raise UsageError(f"cannot get the FID Inception weights ({type(e).__name__}: {e}); {where}") from None
+    path = Path(path or cached)
+    if not path.is_file():
+        raise UsageError(f"Inception weights file {path} does not exist; {where}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read Inception weights {path} ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Images -> Inception features
+# --------------------------------------------------------------------------------------------
+
+def to_uint8(x, value_range=(-1, 1)):
+    """Quantise images as torchvision.utils.save_image(x, normalize=True, value_range=...) writes them,
+    so in-memory samples and a folder of their PNGs give the same scores."""
+    lo, hi = value_range
+    return x.float().clamp(lo, hi).sub(lo).div(hi - lo).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
+def resize_tf1(x, size):
+    """Bilinear resize of (..., H, W) as TF1's resize_bilinear (align_corners=False, no half-pixel
+    centres): output pixel i reads input position i * in / out, so [0, 10] -> 4 gives [0, 5, 10, 10]."""
+    for dim in (x.dim() - 1, x.dim() - 2):  # width, then height (the order of TF's kernel)
+        n = x.shape[dim]
+        if n == size:
+            continue
+        src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
+        i0 = src.floor().long()
+        w = (src - i0).view([-1] + [1] * (x.dim() - 1 - dim))
+        a = x.index_select(dim, i0)
+        x = a + (x.index_select(dim, (i0 + 1).clamp(max=n - 1)) - a) * w
+    return x
+
+
+def preprocess(x, mode="legacy"):
+    """uint8 (B, 3, H, W) -> the network's input (B, 3, 299, 299): float 0..255, resized (legacy: TF1
+    bilinear, as the TF code; clean: PIL bicubic on float channels, as clean-fid), then (x - 128) / 128."""
+    if mode == "legacy":
+        x = resize_tf1(x.float(), 299)
+    elif mode == "clean":
+        from PIL import Image
+        resize = lambda c: np.asarray(Image.fromarray(c).resize((299, 299), Image.BICUBIC))  # noqa: E731
+        out = [[resize(c) for c in img] for img in x.cpu().numpy().astype(np.float32)]
+        x = torch.from_numpy(np.array(out).clip(0, 255)).to(x.device)
+    else:
+        raise UsageError(f"unknown FID mode {mode!r} (legacy or clean)")
+    return (x - 128) / 128
+
+
+@contextlib.contextmanager
+def _full_precision(device):
+    """No TF32 and no autocast inside the Inception network (run.setup turns TF32 on for training)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def inception_features(batches, device="cpu", mode="legacy", net=None, weights=None):
+    """pool3 features (N, 2048) and unbiased logits (N, 1008), float32 on `device`, of an iterable of
+    uint8 batches (B, 1 or 3, H, W); grayscale is repeated to RGB. No host sync per batch (legacy mode)."""
+    net = net if net is not None else load_fid_inception(weights, device)
+    pool3, logits = [], []
+    for x in batches:
+        x = x.to(device, non_blocking=True)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        with _full_precision(device):
+            p, q = net(preprocess(x, mode))
+        pool3.append(p.float())
+        logits.append(q.float())
+    if not pool3:
+        raise UsageError("no images to compute Inception features of")
+    return torch.cat(pool3), torch.cat(logits)
+
+
+# --------------------------------------------------------------------------------------------
+# Scores from features
+# --------------------------------------------------------------------------------------------
+
+def fid_from_features(f1, f2):
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+def inception_score(logits, splits=10):
+    """IS = exp E_x KL(p(y|x) || p(y)) (Salimans et al. 2016) on each of `splits` consecutive parts, as the
+    original code; softmax over the 1008 logits in float64. Returns (mean, std) over the parts."""
+    p = torch.as_tensor(logits).double().softmax(1)
+    n = len(p)
+    if n < splits:
+        raise ValueError(f"the Inception score needs at least {splits} samples, got {n}")
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        kl = torch.xlogy(part, part) - torch.xlogy(part, part.mean(0, keepdim=True))  # 0 log 0 = 0
+        scores.append(kl.sum(1).mean().exp())
+    s = torch.stack(scores)
+    return float(s.mean()), float(s.std(correction=0))
+
+
+def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance (Bińkowski et al. 2018): the unbiased MMD² with the cubic kernel
+    k(x, y) = (xᵀy / d + 1)³, on `subsets` random subsets of min(subset_size, n) rows of each set
+    (float64). Returns (mean, std) over the subsets."""
+    f1 = torch.as_tensor(f1).double()
+    f2 = torch.as_tensor(f2).double().to(f1.device)
+    m, d = min(subset_size, len(f1), len(f2)), f1.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    mmd = []
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=g)[:m].to(f1.device)]
+        y = f2[torch.randperm(len(f2), generator=g)[:m].to(f1.device)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        within = kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()
+        mmd.append(within / (m * (m - 1)) - 2 * kxy.mean())
+    t = torch.stack(mmd)
+    return float(t.mean()), float(t.std(correction=0))
+
+
+def precision_recall(real, fake, k=3, batch=1000):
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each sample's neighbourhood is the ball
+    reaching its k-th nearest neighbour in its own set. Precision: the share of fake samples inside some
+    real ball; recall: the share of real samples inside some fake ball. Returns (precision, recall)."""
+    real = torch.as_tensor(real).double()
+    fake = torch.as_tensor(fake).double().to(real.device)
+
+    def covered(a, b):  # the share of b inside a ball of a
+        radius = torch.cat([torch.cdist(a[i:i + batch], a).kthvalue(k + 1, 1).values  # +1: itself
+                            for i in range(0, len(a), batch)])
+        inside = [(torch.cdist(b[i:i + batch], a) <= radius).any(1) for i in range(0, len(b), batch)]
+        return float(torch.cat(inside).double().mean())
+    return covered(real, fake), covered(fake, real)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference statistics and the scripts' evaluation
+# --------------------------------------------------------------------------------------------
+
+def features_to_stats(pool3, mode="legacy", keep=10000):
+    """{"mu", "sigma", "n", "mode", "features"}: the Gaussian of pool3 features (float64) and a random
+    subset of up to `keep` of them (float32, for KID and precision/recall)."""
+    mu, sigma = gaussian_stats(pool3)
+    sel = torch.randperm(len(pool3), generator=torch.Generator().manual_seed(0))[:keep]
+    return {"mu": mu, "sigma": sigma, "n": np.int64(len(pool3)), "mode": np.str_(mode),
+            "features": pool3[sel.to(pool3.device)].float().cpu().numpy()}
+
+
+def load_stats(path):
+    """Statistics from an .npz file: ours, or pytorch-fid's / the TF code's (mu and sigma)."""
+    try:
+        with np.load(path) as f:
+            stats = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read statistics {path} ({e})") from None
+    if "mu" not in stats or "sigma" not in stats:
+        raise UsageError(f"{path} holds no FID statistics (mu and sigma)")
+    return stats
+
+
+def stats_path(data_root, name, split, size, mode):
+    name = re.sub(r"[^\w.+-]+", "_", str(name)).strip("_")
+    return Path(data_root) / "fid_stats" / f"{name}-{split}-{size}-{mode}.npz"
+
+
+def reference_stats(data, data_root, device="cpu", batch_size=100, split="train", mode="legacy",
+                    max_images=50000, net=None, weights=None, workers=0):
+    """FID reference statistics (see features_to_stats) of a common.data.Data set, from all of it or a
+    fixed random subset of max_images; computed once, then read from <data_root>/fid_stats/."""
+    if data.kind != "image":
+        raise UsageError(f"FID needs an image dataset; {data.name} is not one")
+    path = stats_path(data_root, data.name, split, data.shape[-1], mode)
+    n = min(len(data), max_images)
+    if path.is_file():
+        stats = load_stats(path)
+        if int(stats.get("n", -1)) == n and "features" in stats:
+            return stats
+    idx = torch.arange(n) if n == len(data) else torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n]
+    if data.images is not None:
+        batches = (data.images[idx[i:i + batch_size]] for i in range(0, n, batch_size))
+    else:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.dataset, idx.tolist()), batch_size,
+                                             num_workers=workers)
+        batches = (to_uint8(x, (0, 1)) for x, _ in loader)
+    stats = features_to_stats(inception_features(batches, device, mode, net, weights)[0], mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **stats)
+    os.replace(tmp, path)
+    return stats
+
+
+def evaluate(generate_fn, n, real, device="cpu", batch_size=100, metrics=("fid", "is"), *, mode="legacy",
+             net=None, weights=None, data_root="data", seed=0):
+    """Score n samples: generate_fn(b) returns b images in [-1, 1] (B, C, H, W) on `device`. real:
+    reference_stats(...) or a path to an .npz of them, or a Data set (its statistics are then read or
+    computed under data_root). metrics: any of fid, is, kid, pr (precision/recall). Returns floats
+    {"metric/fid", "metric/is", "metric/is_std", "metric/kid", "metric/kid_std", "metric/precision",
+    "metric/recall"} (those asked for), ready for run.log(step, scores, force=True)."""
+    unknown = set(metrics) - {"fid", "is", "kid", "pr"}
+    if unknown:
+        raise UsageError(f"unknown metrics {sorted(unknown)} (fid, is, kid, pr)")
+    if isinstance(real, (str, Path)):
+        real = load_stats(real)
+    elif not isinstance(real, dict):
+        real = reference_stats(real, data_root, device, batch_size, mode=mode, net=net, weights=weights)
+    if str(real.get("mode", mode)) != mode:
+        raise UsageError(f"the reference statistics were computed in {real['mode']} mode, not {mode}")
+    sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+    with torch.no_grad():
+        pool3, logits = inception_features((to_uint8(generate_fn(b)) for b in sizes), device, mode, net, weights)
+    out = {}
+    if "fid" in metrics:
+        out["metric/fid"] = frechet_distance(*gaussian_stats(pool3), real["mu"], real["sigma"])
+    if "is" in metrics:
+        out["metric/is"], out["metric/is_std"] = inception_score(logits)
+    if {"kid", "pr"} & set(metrics):
+        if "features" not in real:
+            raise UsageError("KID and precision/recall need reference features; these statistics hold only mu and sigma")
+        ref = torch.as_tensor(real["features"]).to(pool3.device)
+        if "kid" in metrics:
+            out["metric/kid"], out["metric/kid_std"] = kid(ref, pool3, seed=seed)
+        if "pr" in metrics:
+            out["metric/precision"], out["metric/recall"] = precision_recall(ref, pool3)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,3 +427,91 @@ def parzen_evaluate(samples, valid, test, sigmas=None, batch=100):
     sigma = float(sigmas[int(np.nanargmax(scores))])
     ll = parzen_log_likelihood(samples, test, sigma, batch)
     return {"ll": float(ll.mean()), "se": float(ll.std() / math.sqrt(len(ll))), "sigma": sigma}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: python -m common.metrics {fid,is,kid,pr,stats} ...
+# --------------------------------------------------------------------------------------------
+
+NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32, "stl10": 96}
+
+
+def _read_input(path, args):
+    """An .npz of statistics, or the features of a folder of images (sorted by name)."""
+    from PIL import Image
+    from common.data import IMAGE_EXTENSIONS
+    path = Path(path)
+    if path.suffix == ".npz" and path.is_file():
+        return load_stats(path)
+    if not path.is_dir():
+        raise UsageError(f"{path} is neither a folder of images nor an .npz file of statistics")
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UsageError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def batches():
+        for i in range(0, len(files), args.batch_size):
+            images = []
+            for f in files[i:i + args.batch_size]:
+                with Image.open(f) as img:
+                    images.append(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1))
+            if len({t.shape for t in images}) > 1:
+                raise UsageError(f"the images in {path} differ in size; resize them first")
+            yield torch.stack(images)
+    pool3, logits = inception_features(batches(), args.device, args.mode, weights=args.inception_weights)
+    return {"features": pool3, "logits": logits}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m common.metrics",
+                                description="FID, IS, KID and precision/recall of image folders (or .npz statistics)")
+    p.add_argument("command", choices=("fid", "is", "kid", "pr", "stats"),
+                   help="fid A B | is A | kid A B | pr REAL FAKE | stats DATASET (cache its reference statistics)")
+    p.add_argument("inputs", nargs="+", help="folders of images or .npz statistics; a dataset name for stats")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help=f"the FID Inception weights (default: $FID_INCEPTION_WEIGHTS, the torch hub cache, or {FID_WEIGHTS_URL})")
+    p.add_argument("--mode", choices=("legacy", "clean"), default="legacy",
+                   help="resize as the TF code (legacy, default) or as clean-fid (clean)")
+    p.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"), help="stats: where the data is")
+    p.add_argument("--image-size", type=int, default=None, help="stats: the size the scripts train at (default: native)")
+    p.add_argument("--split", default="train", choices=("train", "test"), help="stats: the split")
+    p.add_argument("--max-images", type=int, default=50000, help="stats: use at most this many images")
+    args = p.parse_args(argv)
+    with friendly_errors():
+        wanted = {"fid": 2, "is": 1, "kid": 2, "pr": 2, "stats": 1}[args.command]
+        if len(args.inputs) != wanted:
+            raise UsageError(f"{args.command} takes {wanted} input{'s' * (wanted > 1)}, got {len(args.inputs)}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda was given but CUDA is not available")
+        if args.command == "stats":
+            from common import data as data_mod
+            name = args.inputs[0]
+            ns = argparse.Namespace(dataset=name, data_root=args.data_root, download=True, seed=0,
+                                    image_size=args.image_size or NATIVE_SIZE.get(name, 64))
+            data = data_mod.load(ns, split=args.split)
+            stats = reference_stats(data, args.data_root, args.device, args.batch_size, args.split, args.mode,
+                                    args.max_images, weights=args.inception_weights)
+            print(f"{stats_path(args.data_root, data.name, args.split, data.shape[-1], args.mode)}: "
+                  f"{int(stats['n'])} images")
+            return
+        inputs = [_read_input(path, args) for path in args.inputs]
+        if args.command == "fid":
+            stats = [(s["mu"], s["sigma"]) if "mu" in s else gaussian_stats(s["features"]) for s in inputs]
+            print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
+        elif args.command == "is":
+            if "logits" not in inputs[0]:
+                raise UsageError("the Inception score needs a folder of images, not statistics")
+            print("IS: {:.6f} ± {:.6f}".format(*inception_score(inputs[0]["logits"])))
+        else:
+            if any("features" not in s for s in inputs):
+                raise UsageError(f"{args.command} needs features: give folders or .npz files written by the stats command")
+            if args.command == "kid":
+                print("KID: {:.6f} ± {:.6f}".format(*kid(inputs[0]["features"], inputs[1]["features"])))
+            else:
+                print("precision: {:.6f}\nrecall: {:.6f}".format(*precision_recall(inputs[0]["features"], inputs[1]["features"])))
+
+
+if __name__ == "__main__":
+    main()

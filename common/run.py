@@ -392,21 +392,23 @@ def unwrap(model):
 
 
 def scatter_image(points, real=None, lim=None, size=256):
-    """Rasterise 2D points into a (3, size, size) image in [0, 1]: white canvas, real points red,
-    generated points black. Avoids a plotting dependency."""
+    """Rasterise 2D points into a (3, size, size) image in [0, 1]: white canvas, real points (or the
+    mixture's centres) as red 5x5 dots, generated points as black 3x3 dots. No plotting dependency."""
     points = points.detach().float().cpu()
     if lim is None:
         both = points if real is None else torch.cat([points, real.detach().float().cpu()])
         lim = float(both.abs().quantile(0.99)) * 1.2 + 1e-6
     img = torch.ones(3, size, size)
 
-    def put(p, color):
+    def put(p, color, radius):
         ij = ((p / lim + 1) / 2 * (size - 1)).round().long()
-        keep = ((ij >= 0) & (ij < size)).all(1)
-        ij = ij[keep]
+        ij = ij[((ij >= 0) & (ij < size)).all(1)]
+        mask = torch.zeros(1, size, size)
+        mask[0, size - 1 - ij[:, 1], ij[:, 0]] = 1
+        mask = torch.nn.functional.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)[0] > 0
         for c in range(3):
-            img[c, size - 1 - ij[:, 1], ij[:, 0]] = color[c]
+            img[c][mask] = color[c]
     if real is not None:
-        put(real, (0.9, 0.2, 0.2))
-    put(points, (0.0, 0.0, 0.0))
+        put(real.detach().float().cpu(), (0.9, 0.2, 0.2), 2)
+    put(points, (0.0, 0.0, 0.0), 1)
     return img

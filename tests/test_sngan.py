@@ -1,0 +1,121 @@
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+import sngan
+from tests import helpers
+
+
+def normalised_layers(D):
+    return [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and parametrize.is_parametrized(m, "weight")]
+
+
+def spectral_norms(D):
+    """σ of each normalised layer's effective weight, conv kernels as (out, in·kh·kw) matrices."""
+    return torch.stack([torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2) for m in normalised_layers(D)])
+
+
+def test_dry_run(tmp_path):
+    out, summary, state = helpers.dry_run(sngan, tmp_path)
+    # after training, every layer of the trained D still has spectral norm ~ 1
+    args = sngan.parse_args(["--dry-run"])
+    D = sngan.build_discriminator(args, state["data_shape"])
+    D.load_state_dict(state["models"]["D"])
+    D.eval()
+    assert torch.allclose(spectral_norms(D), torch.ones(1), atol=0.05)
+
+
+def test_dry_run_cnn_nonsaturating(tmp_path):
+    helpers.dry_run(sngan, tmp_path, "--arch", "cnn", "--loss", "nonsaturating")
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    a, b = helpers.assert_resume_exact(sngan, tmp_path, monkeypatch, [], state_keys=("models", "optimizers"))
+    assert any(k.endswith("_u") for k in a["models"]["D"])   # the power-iteration vectors are resumed too
+
+
+def test_sample(tmp_path):
+    out, _, _ = helpers.dry_run(sngan, tmp_path, "--image-size", "48")
+    written = helpers.sample_from(sngan, out / "ckpt.pt", tmp_path)
+    assert set(written) == {"samples", "interpolation"}
+
+
+def test_help(capsys):
+    text = helpers.help_text(sngan, capsys)
+    assert "--no-sn" in text and "--n-dis" in text
+
+
+def test_bad_input(tmp_path, capsys):
+    helpers.expect_usage_error(sngan, ["--dataset", "nope", "--out", str(tmp_path / "x")], capsys, "unknown dataset")
+    helpers.expect_usage_error(sngan, ["--dry-run", "--image-size", "20", "--out", str(tmp_path / "x")],
+                               capsys, "multiple of 8")
+    helpers.expect_usage_error(sngan, ["--dry-run", "--dataset", "ring8", "--out", str(tmp_path / "x")],
+                               capsys, "multiple of 8")
+    assert not (tmp_path / "x").exists()
+    helpers.expect_usage_error(sngan, ["--dry-run", "--metrics", "fid,bogus"], capsys, "--metrics")
+
+
+@pytest.mark.parametrize("arch,size", [("resnet", 32), ("resnet", 48), ("cnn", 32)])
+def test_spectral_norm_of_every_layer_is_one(arch, size):
+    torch.manual_seed(0)
+    args = sngan.parse_args(["--dry-run", "--arch", arch, "--image-size", str(size)])
+    D = sngan.build_discriminator(args, (3, size, size))
+    layers = normalised_layers(D)
+    assert len(layers) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in D.modules()) > 0
+    raw = torch.stack([torch.linalg.matrix_norm(m.parametrizations.weight.original.detach().flatten(1), ord=2)
+                       for m in layers])
+    assert not torch.allclose(raw, torch.ones(1), atol=0.1)   # the unnormalised weights are not 1-Lipschitz
+    x = torch.randn(4, 3, size, size)
+    for _ in range(5):   # a few power iterations (one per training-mode forward pass)
+        D(x)
+    assert torch.allclose(spectral_norms(D), torch.ones(1), atol=1e-3)
+
+
+def test_no_sn_ablation_has_no_normalisation():
+    args = sngan.parse_args(["--dry-run", "--no-sn"])
+    assert normalised_layers(sngan.build_discriminator(args, (3, 16, 16))) == []
+
+
+def test_hinge_losses():
+    real = torch.tensor([2.0, 0.5, -1.0])    # margins: 0, 0.5, 2
+    fake = torch.tensor([-2.0, 0.3, 1.5])    # margins: 0, 1.3, 2.5
+    assert torch.isclose(sngan.d_loss_hinge(real, fake), torch.tensor(2.5 / 3 + 3.8 / 3))
+    assert torch.isclose(sngan.g_loss_hinge(fake), torch.tensor(-0.2 / 3))
+    # scores beyond the margins give D no loss and no gradient
+    real, fake = torch.tensor([1.5, 3.0], requires_grad=True), torch.tensor([-1.0, -4.0], requires_grad=True)
+    loss = sngan.d_loss_hinge(real, fake)
+    assert loss == 0 and all((g == 0).all() for g in torch.autograd.grad(loss, (real, fake)))
+
+
+def test_nonsaturating_losses_are_binary_cross_entropy():
+    real, fake = torch.tensor([2.0, -0.5]), torch.tensor([0.3, -1.2])
+    bce = nn.functional.binary_cross_entropy_with_logits
+    assert torch.isclose(sngan.d_loss_nonsaturating(real, fake),
+                         bce(real, torch.ones(2)) + bce(fake, torch.zeros(2)))
+    assert torch.isclose(sngan.g_loss_nonsaturating(fake), bce(fake, torch.ones(2)))
+
+
+def test_paper_settings_and_networks():
+    args = sngan.parse_args([])
+    assert (args.arch, args.loss, args.lr, args.beta1, args.beta2, args.n_dis, args.batch_size, args.steps) == \
+        ("resnet", "hinge", 2e-4, 0.0, 0.9, 5, 64, 100_000)
+    cnn = sngan.parse_args(["--arch", "cnn"])
+    assert (cnn.lr, cnn.beta1, cnn.beta2, cnn.n_dis) == (2e-4, 0.5, 0.999, 1)   # setting C
+    z = torch.randn(2, 128)
+    # Table 4: G 4x4x256 and 3 up-blocks of 256; D 4 blocks of 128, sum pooling
+    G, D = sngan.build_generator(args, (3, 32, 32)), sngan.build_discriminator(args, (3, 32, 32))
+    assert G.start == (256, 4, 4) and G(z).shape == (2, 3, 32, 32) and D(G(z)).shape == (2,)
+    assert [blk.c2.out_channels for blk in D.blocks] == [128] * 4
+    # STL-10: 48x48 by default; Table 5 ResNet (G from 6x6x512, D up to 1024 channels)
+    stl = sngan.parse_args(["--dataset", "stl10"])
+    assert stl.image_size == 48
+    G, D = sngan.build_generator(stl, (3, 48, 48)), sngan.build_discriminator(stl, (3, 48, 48))
+    assert G.start == (512, 6, 6) and [blk.c2.out_channels for blk in D.blocks] == [64, 128, 256, 512, 1024]
+    assert G(z).shape == (2, 3, 48, 48) and D(G(z)).shape == (2,)
+    # Table 3 at 48x48: Mg = 6
+    cnn48 = sngan.parse_args(["--arch", "cnn", "--dataset", "stl10"])
+    G, D = sngan.build_generator(cnn48, (3, 48, 48)), sngan.build_discriminator(cnn48, (3, 48, 48))
+    assert G.start == (512, 6, 6) and D.dense.in_features == 6 * 6 * 512
+    convs = [m.out_channels for m in D.features if isinstance(m, nn.Conv2d)]
+    assert convs == [64, 64, 128, 128, 256, 256, 512]

@@ -1,0 +1,111 @@
+import math
+
+import torch
+import torch.nn as nn
+
+import wgan
+from tests import helpers
+
+
+def test_dry_run_keeps_critic_weights_clipped(tmp_path):
+    out, summary, state = helpers.dry_run(wgan, tmp_path)
+    c = state["args"]["clip"]
+    params = [v for k, v in state["models"]["D"].items() if "running" not in k and "num_batches" not in k]
+    assert params and all(p.abs().max() <= c for p in params)
+    assert math.isclose(summary["losses"]["loss/W_estimate"], -summary["losses"]["loss/D"], rel_tol=1e-6)
+
+
+def test_dry_run_toy(tmp_path):
+    out, summary, state = helpers.dry_run(wgan, tmp_path, "--dataset", "ring8")
+    assert state["args"]["arch"] == "mlp"
+    assert 0 <= summary["metrics"]["metric/modes"] <= 8
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    # with the boosted critic on, the first steps run 100 critic updates each
+    helpers.assert_resume_exact(wgan, tmp_path, monkeypatch, ["--boost-critic"], state_keys=("models", "optimizers"))
+
+
+def test_sample(tmp_path):
+    out, _, _ = helpers.dry_run(wgan, tmp_path, "--arch", "mlp-g")
+    written = helpers.sample_from(wgan, out / "ckpt.pt", tmp_path)
+    assert set(written) == {"samples", "interpolation"}
+
+
+def test_help(capsys):
+    text = helpers.help_text(wgan, capsys)
+    assert "--clip" in text and "--no-boost-critic" in text
+
+
+def test_bad_input(tmp_path, capsys):
+    helpers.expect_usage_error(wgan, ["--dataset", "nope", "--out", str(tmp_path / "x")], capsys, "unknown dataset")
+    helpers.expect_usage_error(wgan, ["--dry-run", "--dataset", "ring8", "--arch", "dcgan",
+                                      "--out", str(tmp_path / "x")], capsys, "--arch mlp")
+    helpers.expect_usage_error(wgan, ["--dry-run", "--image-size", "48", "--out", str(tmp_path / "x")],
+                               capsys, "power-of-two")
+    assert not (tmp_path / "x").exists()
+    helpers.expect_usage_error(wgan, ["--dry-run", "--clip", "0"], capsys, "--clip")
+
+
+def test_critic_step_clips_every_parameter():
+    """Algorithm 1, line 7: after an update every critic weight (BatchNorm's too) lies in [−c, c]."""
+    torch.manual_seed(0)
+    args = wgan.parse_args(["--dry-run", "--image-size", "16"])
+    G, D = wgan.build_generator(args, (3, 16, 16)), wgan.build_critic(args, (3, 16, 16))
+    with torch.no_grad():   # push the weights far outside the box so clipping has work to do
+        for p in D.parameters():
+            p.mul_(100).add_(0.5)
+    opt = torch.optim.RMSprop(D.parameters(), lr=args.lr)
+    c = 0.01
+    wgan.critic_step(G, D, D, opt, torch.rand(8, 3, 16, 16) * 2 - 1, torch.randn(8, args.z_dim), c,
+                     torch.autocast("cpu", enabled=False))
+    for name, p in D.named_parameters():
+        assert p.abs().max() <= c, name
+    assert any((p.abs() == c).any() for p in D.parameters())
+
+
+def test_critic_loss_sign_convention():
+    """−L_D = E f(x) − E f(G(z)) is the W estimate: positive when the critic rates data above samples."""
+    real, fake = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, -0.5])
+    loss = wgan.critic_loss(real, fake)
+    assert torch.isclose(-loss, torch.tensor(2.0))
+    # minimising L_D pushes f(x) up and f(G(z)) down; minimising L_G pushes f(G(z)) up
+    real.requires_grad_(True), fake.requires_grad_(True)
+    g_real, g_fake = torch.autograd.grad(wgan.critic_loss(real, fake), (real, fake))
+    assert (g_real < 0).all() and (g_fake > 0).all()
+    (g_gen,) = torch.autograd.grad(wgan.generator_loss(fake), fake)
+    assert torch.allclose(g_gen, torch.full((2,), -0.5))
+
+
+def test_w_estimate_of_translated_gaussians():
+    """For P_r = N(μ, 1) and P_θ = N(0, 1) in 1D, W = μ, attained by the 1-Lipschitz f(x) = x."""
+    g = torch.Generator().manual_seed(0)
+    mu = 1.5
+    real, fake = torch.randn(200_000, generator=g) + mu, torch.randn(200_000, generator=g)
+    assert abs(-wgan.critic_loss(real, fake).item() - mu) < 0.02
+
+
+def test_boosted_critic_schedule():
+    args = wgan.parse_args([])
+    iters = {step: wgan.critic_iters(step, args) for step in (1, 25, 26, 27, 500, 501, 502, 1001)}
+    assert iters == {1: 100, 25: 100, 26: 5, 27: 5, 500: 5, 501: 100, 502: 5, 1001: 100}
+    args = wgan.parse_args(["--no-boost-critic"])
+    assert all(wgan.critic_iters(step, args) == 5 for step in (1, 25, 501))
+
+
+def test_paper_defaults_and_networks():
+    args = wgan.parse_args([])
+    assert (args.lr, args.clip, args.n_critic, args.batch_size, args.image_size, args.arch) == (5e-5, 0.01, 5, 64, 64, "dcgan")
+    shape = (3, 64, 64)
+    G, D = wgan.build_generator(args, shape), wgan.build_critic(args, shape)
+    z = torch.randn(2, args.z_dim)
+    assert G(z).shape == (2, *shape) and D(G(z)).shape == (2,)
+    assert G.net[0].out_channels == 512                                  # 4x4x512 start at 64x64
+    assert [m.out_channels for m in D.modules() if isinstance(m, nn.Conv2d)] == [64, 128, 256, 512, 1]
+    assert not any(isinstance(m, nn.Sigmoid) for m in D.modules())
+    nobn = wgan.build_generator(wgan.parse_args(["--arch", "nobn"]), shape)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in nobn.modules())
+    mlp = wgan.build_generator(wgan.parse_args(["--arch", "mlp-g"]), shape)
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4 and [m.out_features for m in linears[:3]] == [512] * 3
+    assert wgan.parse_args(["--dataset", "grid25"]).arch == "mlp"
