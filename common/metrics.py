@@ -1,22 +1,17 @@
 """Evaluation metrics shared by the scripts.
 
 - frechet_distance / gaussian_stats: the Fréchet distance between two Gaussians (the formula behind FID).
-- FID, IS, KID and precision/recall on the Inception network of the original TensorFlow code
-  (same weights, pooling, TF1 bilinear resize and (x - 128) / 128 scaling, so numbers are comparable
-  with published ones). In a script:
-
-      real = metrics.reference_stats(data, args.data_root, r.device)    # cached in <data_root>/fid_stats/
-      scores = metrics.evaluate(lambda b: G(torch.randn(b, nz, device=r.device)), args.eval_samples, real, r.device)
-      r.log(step, scores, force=True)                                   # {"metric/fid": .., "metric/is": ..}
-
-  From the command line (like pytorch-fid; folders of images or .npz statistics):
-      python -m common.metrics fid DIR_OR_NPZ DIR_OR_NPZ | is DIR | kid A B | pr A B
-      python -m common.metrics stats cifar10 --data-root data --image-size 32
+- FID, IS, KID, precision/recall on the Inception network, weights, resize and scaling of the original TF
+  code, so numbers compare with published ones. In a script (see evaluate and reference_stats):
+      real = metrics.reference_stats(data, args.data_root, r.device)   # cached in <data_root>/fid_stats/
+      r.log(step, metrics.evaluate(lambda b: G(torch.randn(b, nz, device=r.device)), n, real, r.device), force=True)
+  Command line: python -m common.metrics fid|kid|pr A B, is A (folders of images or .npz), stats DATASET.
 - mode_coverage: modes captured and % high-quality samples on the 2D mixtures (PacGAN protocol).
 - parzen_log_likelihood: the Gaussian Parzen-window estimate of the GAN paper (Goodfellow et al. 2014).
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
 import re
@@ -67,35 +62,24 @@ def gaussian_stats(features):
 
 
 # --------------------------------------------------------------------------------------------
-# The Inception-v3 of the TF FID / IS code (graph of 2015-12-05), as a torchvision network
+# FID / IS / KID: the Inception-v3 of the TF code (graph of 2015-12-05) as a torchvision network
 # --------------------------------------------------------------------------------------------
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-_MIXED_WITH_POOL = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-                    "Mixed_7b", "Mixed_7c")
-
-
-def _tf_avg_pool(x):  # TF's 'SAME' average pooling does not count the padding
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-def _tf_max_pool(x):  # the TF graph's last block (Mixed_7c) max-pools in its pool branch
-    return F.max_pool2d(x, 3, stride=1, padding=1)
+_TF_AVG_POOL = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+_TF_MAX_POOL = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
 
 
 def _mixed_forward(m, x):
-    """torchvision's InceptionA / C / E block, with `m.pool` in its pool branch."""
+    """torchvision's InceptionA / C / E block with `m.pool` in its pool branch (TF's 'SAME' average
+    pooling does not count the padding; the last block, Mixed_7c, max-pools)."""
     from torchvision.models import inception as tvi
     if isinstance(m, tvi.InceptionA):
         mid = [m.branch5x5_2(m.branch5x5_1(x)), m.branch3x3dbl_3(m.branch3x3dbl_2(m.branch3x3dbl_1(x)))]
     elif isinstance(m, tvi.InceptionC):
-        a = b = x
-        for i in range(1, 4):
-            a = getattr(m, f"branch7x7_{i}")(a)
-        for i in range(1, 6):
-            b = getattr(m, f"branch7x7dbl_{i}")(b)
-        mid = [a, b]
+        mid = [m.branch7x7_3(m.branch7x7_2(m.branch7x7_1(x))),
+               m.branch7x7dbl_5(m.branch7x7dbl_4(m.branch7x7dbl_3(m.branch7x7dbl_2(m.branch7x7dbl_1(x)))))]
     else:
         a, b = m.branch3x3_1(x), m.branch3x3dbl_2(m.branch3x3dbl_1(x))
         mid = [torch.cat([m.branch3x3_2a(a), m.branch3x3_2b(a)], 1),
@@ -109,17 +93,17 @@ def _fid_forward(net, x):
         if name not in ("dropout", "fc"):
             x = layer(x)
     pool3 = x.flatten(1)
-    return pool3, pool3 @ net.fc.weight.T  # IS uses the logits without the bias, as the TF code
+    return pool3, pool3 @ net.fc.weight.T  # the IS code reads the logits without the bias
 
 
 def fid_inception_net():
-    """torchvision's Inception3 (1008 classes, no aux head) with the TF graph's pooling, in eval mode with
-    random weights; its state dict has torchvision's layout. Calling it returns (pool3, logits)."""
+    """torchvision's Inception3 (1008 classes, no aux head) with the TF graph's pooling, in eval mode, random
+    weights, torchvision's state-dict layout. Calling it returns (pool3, logits)."""
     from torchvision.models import Inception3
     net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-    for name in _MIXED_WITH_POOL:
-        block = getattr(net, name)
-        block.pool = _tf_max_pool if name == "Mixed_7c" else _tf_avg_pool
+    for name in ("5b", "5c", "5d", "6b", "6c", "6d", "6e", "7b", "7c"):  # the blocks with a pool branch
+        block = getattr(net, f"Mixed_{name}")
+        block.pool = _TF_MAX_POOL if name == "7c" else _TF_AVG_POOL
         block.forward = types.MethodType(_mixed_forward, block)
     net.forward = types.MethodType(_fid_forward, net)
     return net.eval().requires_grad_(False)
@@ -129,43 +113,27 @@ _NETS = {}
 
 
 def load_fid_inception(weights=None, device="cpu"):
-    """fid_inception_net() with the TF weights (pytorch-fid's port), on `device`, kept for later calls.
-    The file is looked for at `weights`, then $FID_INCEPTION_WEIGHTS, then the torch hub cache
-    (<torch.hub.get_dir()>/checkpoints/), and downloaded there when none is found."""
+    """fid_inception_net() with the TF weights (pytorch-fid's port), on `device`, kept for later calls. The file
+    is `weights`, else $FID_INCEPTION_WEIGHTS, else <torch.hub.get_dir()>/checkpoints/, downloaded there if absent."""
     weights = weights or os.environ.get("FID_INCEPTION_WEIGHTS") or None
-    key = (str(weights), str(device))
-    if key not in _NETS:
-        net, state = fid_inception_net(), _fid_state_dict(weights)
+    if (str(weights), str(device)) not in _NETS:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
+        where = f"download {FID_WEIGHTS_URL} to {cached}, or give it with --inception-weights or $FID_INCEPTION_WEIGHTS"
+        path = Path(weights) if weights else cached if cached.is_file() else None
+        if path is not None and not path.is_file():
+            raise UsageError(f"Inception weights file {path} does not exist; {where}")
         try:
+            state = torch.load(path, map_location="cpu", weights_only=True) if path else \
+                torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=False,
+                                                   check_hash=True, weights_only=True)
+            net = fid_inception_net()
             net.load_state_dict(state)
-        except RuntimeError as e:
-            raise UsageError(f"{weights or 'the weights file'} is not the FID Inception "
-                             f"({str(e).splitlines()[0]})") from None
-        _NETS[key] = net.to(device)
-    return _NETS[key]
+        except Exception as e:  # offline, a corrupt download (hash mismatch), not the right file
+            raise UsageError(f"cannot load the FID Inception weights ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); {where}") from None
+        _NETS[str(weights), str(device)] = net.to(device)
+    return _NETS[str(weights), str(device)]
 
-
-def _fid_state_dict(path):
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
-    where = f"download {FID_WEIGHTS_URL} to {cached}, or give the file with --inception-weights / $FID_INCEPTION_WEIGHTS"
-    if path is None and not cached.is_file():
-        try:
-            return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=False,
-                                                      check_hash=True, weights_only=True)
-        except Exception as e:  # offline (URLError), or a corrupt download (hash mismatch)
-            raise UsageError(f"cannot get the FID Inception weights ({type(e).__name__}: {e}); {where}") from None
-    path = Path(path or cached)
-    if not path.is_file():
-        raise UsageError(f"Inception weights file {path} does not exist; {where}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot read Inception weights {path} ({e})") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Images -> Inception features
-# --------------------------------------------------------------------------------------------
 
 def to_uint8(x, value_range=(-1, 1)):
     """Quantise images as torchvision.utils.save_image(x, normalize=True, value_range=...) writes them,
@@ -175,29 +143,32 @@ def to_uint8(x, value_range=(-1, 1)):
 
 
 def resize_tf1(x, size):
-    """Bilinear resize of (..., H, W) as TF1's resize_bilinear (align_corners=False, no half-pixel
+    """Bilinear resize of (..., H, W) to size x size as TF1's resize_bilinear (align_corners=False, no half-pixel
     centres): output pixel i reads input position i * in / out, so [0, 10] -> 4 gives [0, 5, 10, 10]."""
-    for dim in (x.dim() - 1, x.dim() - 2):  # width, then height (the order of TF's kernel)
-        n = x.shape[dim]
-        if n == size:
-            continue
+    def taps(n):
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
         i0 = src.floor().long()
-        w = (src - i0).view([-1] + [1] * (x.dim() - 1 - dim))
-        a = x.index_select(dim, i0)
-        x = a + (x.index_select(dim, (i0 + 1).clamp(max=n - 1)) - a) * w
+        return i0, (i0 + 1).clamp(max=n - 1), src - i0
+    if x.shape[-1] != size:  # width, then height (the order of TF's kernel)
+        i0, i1, w = taps(x.shape[-1])
+        a = x[..., i0]
+        x = a + (x[..., i1] - a) * w
+    if x.shape[-2] != size:
+        i0, i1, w = taps(x.shape[-2])
+        a = x[..., i0, :]
+        x = a + (x[..., i1, :] - a) * w[:, None]
     return x
 
 
 def preprocess(x, mode="legacy"):
-    """uint8 (B, 3, H, W) -> the network's input (B, 3, 299, 299): float 0..255, resized (legacy: TF1
-    bilinear, as the TF code; clean: PIL bicubic on float channels, as clean-fid), then (x - 128) / 128."""
+    """uint8 (B, 3, H, W) -> the network's input (B, 3, 299, 299): float 0..255, resized (legacy: TF1 bilinear,
+    as the TF code; clean: PIL bicubic on float channels, as clean-fid), then (x - 128) / 128."""
     if mode == "legacy":
         x = resize_tf1(x.float(), 299)
     elif mode == "clean":
         from PIL import Image
-        resize = lambda c: np.asarray(Image.fromarray(c).resize((299, 299), Image.BICUBIC))  # noqa: E731
-        out = [[resize(c) for c in img] for img in x.cpu().numpy().astype(np.float32)]
+        out = [[np.asarray(Image.fromarray(c).resize((299, 299), Image.BICUBIC)) for c in img]
+               for img in x.cpu().numpy().astype(np.float32)]
         x = torch.from_numpy(np.array(out).clip(0, 255)).to(x.device)
     else:
         raise UsageError(f"unknown FID mode {mode!r} (legacy or clean)")
@@ -217,25 +188,20 @@ def _full_precision(device):
 
 
 def inception_features(batches, device="cpu", mode="legacy", net=None, weights=None):
-    """pool3 features (N, 2048) and unbiased logits (N, 1008), float32 on `device`, of an iterable of
-    uint8 batches (B, 1 or 3, H, W); grayscale is repeated to RGB. No host sync per batch (legacy mode)."""
+    """pool3 features (N, 2048) and unbiased logits (N, 1008), float32 on `device`, of an iterable of uint8
+    batches (B, 1 or 3, H, W); grayscale is repeated to RGB. No host sync per batch (in legacy mode)."""
     net = net if net is not None else load_fid_inception(weights, device)
     pool3, logits = [], []
     for x in batches:
         x = x.to(device, non_blocking=True)
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         with _full_precision(device):
-            p, q = net(preprocess(x, mode))
+            p, q = net(preprocess(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, mode))
         pool3.append(p.float())
         logits.append(q.float())
     if not pool3:
         raise UsageError("no images to compute Inception features of")
     return torch.cat(pool3), torch.cat(logits)
 
-
-# --------------------------------------------------------------------------------------------
-# Scores from features
-# --------------------------------------------------------------------------------------------
 
 def fid_from_features(f1, f2):
     return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
@@ -259,8 +225,8 @@ def inception_score(logits, splits=10):
 
 def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
     """Kernel Inception Distance (Bińkowski et al. 2018): the unbiased MMD² with the cubic kernel
-    k(x, y) = (xᵀy / d + 1)³, on `subsets` random subsets of min(subset_size, n) rows of each set
-    (float64). Returns (mean, std) over the subsets."""
+    k(x, y) = (xᵀy / d + 1)³ on `subsets` random subsets of min(subset_size, n) rows of each set, in float64.
+    Returns (mean, std) over the subsets."""
     f1 = torch.as_tensor(f1).double()
     f2 = torch.as_tensor(f2).double().to(f1.device)
     m, d = min(subset_size, len(f1), len(f2)), f1.shape[1]
@@ -284,20 +250,16 @@ def precision_recall(real, fake, k=3, batch=1000):
     fake = torch.as_tensor(fake).double().to(real.device)
 
     def covered(a, b):  # the share of b inside a ball of a
-        radius = torch.cat([torch.cdist(a[i:i + batch], a).kthvalue(k + 1, 1).values  # +1: itself
+        radius = torch.cat([torch.cdist(a[i:i + batch], a).kthvalue(k + 1, 1).values  # k + 1: itself first
                             for i in range(0, len(a), batch)])
         inside = [(torch.cdist(b[i:i + batch], a) <= radius).any(1) for i in range(0, len(b), batch)]
         return float(torch.cat(inside).double().mean())
     return covered(real, fake), covered(fake, real)
 
 
-# --------------------------------------------------------------------------------------------
-# Reference statistics and the scripts' evaluation
-# --------------------------------------------------------------------------------------------
-
 def features_to_stats(pool3, mode="legacy", keep=10000):
-    """{"mu", "sigma", "n", "mode", "features"}: the Gaussian of pool3 features (float64) and a random
-    subset of up to `keep` of them (float32, for KID and precision/recall)."""
+    """{"mu", "sigma", "n", "mode", "features"}: the Gaussian of pool3 features (float64) and a random subset of
+    up to `keep` of them (float32, for KID and precision/recall)."""
     mu, sigma = gaussian_stats(pool3)
     sel = torch.randperm(len(pool3), generator=torch.Generator().manual_seed(0))[:keep]
     return {"mu": mu, "sigma": sigma, "n": np.int64(len(pool3)), "mode": np.str_(mode),
@@ -310,7 +272,7 @@ def load_stats(path):
         with np.load(path) as f:
             stats = {k: f[k] for k in f.files}
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read statistics {path} ({e})") from None
+        raise UsageError(f"cannot read FID statistics from {path} ({e})") from None
     if "mu" not in stats or "sigma" not in stats:
         raise UsageError(f"{path} holds no FID statistics (mu and sigma)")
     return stats
@@ -323,17 +285,17 @@ def stats_path(data_root, name, split, size, mode):
 
 def reference_stats(data, data_root, device="cpu", batch_size=100, split="train", mode="legacy",
                     max_images=50000, net=None, weights=None, workers=0):
-    """FID reference statistics (see features_to_stats) of a common.data.Data set, from all of it or a
-    fixed random subset of max_images; computed once, then read from <data_root>/fid_stats/."""
+    """features_to_stats of a common.data.Data set (all of it, or a fixed random subset of max_images), computed
+    once, then read from stats_path(...) = <data_root>/fid_stats/<name>-<split>-<size>-<mode>.npz."""
     if data.kind != "image":
         raise UsageError(f"FID needs an image dataset; {data.name} is not one")
-    path = stats_path(data_root, data.name, split, data.shape[-1], mode)
-    n = min(len(data), max_images)
+    path, n = stats_path(data_root, data.name, split, data.shape[-1], mode), min(len(data), max_images)
     if path.is_file():
         stats = load_stats(path)
         if int(stats.get("n", -1)) == n and "features" in stats:
             return stats
-    idx = torch.arange(n) if n == len(data) else torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data), generator=g)[:n] if n < len(data) else torch.arange(n)
     if data.images is not None:
         batches = (data.images[idx[i:i + batch_size]] for i in range(0, n, batch_size))
     else:
@@ -350,14 +312,12 @@ def reference_stats(data, data_root, device="cpu", batch_size=100, split="train"
 
 def evaluate(generate_fn, n, real, device="cpu", batch_size=100, metrics=("fid", "is"), *, mode="legacy",
              net=None, weights=None, data_root="data", seed=0):
-    """Score n samples: generate_fn(b) returns b images in [-1, 1] (B, C, H, W) on `device`. real:
-    reference_stats(...) or a path to an .npz of them, or a Data set (its statistics are then read or
-    computed under data_root). metrics: any of fid, is, kid, pr (precision/recall). Returns floats
-    {"metric/fid", "metric/is", "metric/is_std", "metric/kid", "metric/kid_std", "metric/precision",
-    "metric/recall"} (those asked for), ready for run.log(step, scores, force=True)."""
-    unknown = set(metrics) - {"fid", "is", "kid", "pr"}
-    if unknown:
-        raise UsageError(f"unknown metrics {sorted(unknown)} (fid, is, kid, pr)")
+    """Score n samples: generate_fn(b) returns b images in [-1, 1] (B, C, H, W) on `device`. real: reference_stats
+    (a dict, or the path of an .npz), or a Data set (its statistics are then read or computed under data_root).
+    metrics: any of fid, is, kid, pr. Returns floats {"metric/fid", "metric/is", "metric/is_std", "metric/kid",
+    "metric/kid_std", "metric/precision", "metric/recall"} (those asked for) for run.log(step, scores, force=True)."""
+    if set(metrics) - {"fid", "is", "kid", "pr"}:
+        raise UsageError(f"unknown metrics {sorted(set(metrics) - {'fid', 'is', 'kid', 'pr'})} (fid, is, kid, pr)")
     if isinstance(real, (str, Path)):
         real = load_stats(real)
     elif not isinstance(real, dict):
@@ -374,7 +334,7 @@ def evaluate(generate_fn, n, real, device="cpu", batch_size=100, metrics=("fid",
         out["metric/is"], out["metric/is_std"] = inception_score(logits)
     if {"kid", "pr"} & set(metrics):
         if "features" not in real:
-            raise UsageError("KID and precision/recall need reference features; these statistics hold only mu and sigma")
+            raise UsageError("KID and precision/recall need reference features; these statistics have none")
         ref = torch.as_tensor(real["features"]).to(pool3.device)
         if "kid" in metrics:
             out["metric/kid"], out["metric/kid_std"] = kid(ref, pool3, seed=seed)
@@ -429,15 +389,13 @@ def parzen_evaluate(samples, valid, test, sigmas=None, batch=100):
     return {"ll": float(ll.mean()), "se": float(ll.std() / math.sqrt(len(ll))), "sigma": sigma}
 
 
+
 # --------------------------------------------------------------------------------------------
 # Command line: python -m common.metrics {fid,is,kid,pr,stats} ...
 # --------------------------------------------------------------------------------------------
 
-NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32, "stl10": 96}
-
-
 def _read_input(path, args):
-    """An .npz of statistics, or the features of a folder of images (sorted by name)."""
+    """An .npz of statistics, or {"features", "logits"} of a folder of images (sorted by name)."""
     from PIL import Image
     from common.data import IMAGE_EXTENSIONS
     path = Path(path)
@@ -463,39 +421,34 @@ def _read_input(path, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m common.metrics",
-                                description="FID, IS, KID and precision/recall of image folders (or .npz statistics)")
+    p = argparse.ArgumentParser(prog="python -m common.metrics", description="FID, IS, KID and precision/recall "
+                                "of folders of images or .npz statistics, and cached reference statistics of datasets")
     p.add_argument("command", choices=("fid", "is", "kid", "pr", "stats"),
-                   help="fid A B | is A | kid A B | pr REAL FAKE | stats DATASET (cache its reference statistics)")
+                   help="fid A B | is A | kid A B | pr REAL FAKE | stats DATASET (compute and cache its statistics)")
     p.add_argument("inputs", nargs="+", help="folders of images or .npz statistics; a dataset name for stats")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help=f"the FID Inception weights (default: $FID_INCEPTION_WEIGHTS, the torch hub cache, or {FID_WEIGHTS_URL})")
-    p.add_argument("--mode", choices=("legacy", "clean"), default="legacy",
-                   help="resize as the TF code (legacy, default) or as clean-fid (clean)")
-    p.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"), help="stats: where the data is")
-    p.add_argument("--image-size", type=int, default=None, help="stats: the size the scripts train at (default: native)")
-    p.add_argument("--split", default="train", choices=("train", "test"), help="stats: the split")
-    p.add_argument("--max-images", type=int, default=50000, help="stats: use at most this many images")
+    p.add_argument("--inception-weights", metavar="PATH", help="the FID Inception weights "
+                   f"(default: $FID_INCEPTION_WEIGHTS, else the torch hub cache, else {FID_WEIGHTS_URL})")
+    p.add_argument("--mode", choices=("legacy", "clean"), default="legacy", help="resize as the TF code, or clean-fid")
+    p.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"), help="stats: where datasets are")
+    p.add_argument("--image-size", type=int, default=32, help="stats: the size the scripts train at (default: 32)")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="stats: the split (default: train)")
+    p.add_argument("--max-images", type=int, default=50000, help="stats: at most this many images (default: 50000)")
     args = p.parse_args(argv)
     with friendly_errors():
         wanted = {"fid": 2, "is": 1, "kid": 2, "pr": 2, "stats": 1}[args.command]
         if len(args.inputs) != wanted:
-            raise UsageError(f"{args.command} takes {wanted} input{'s' * (wanted > 1)}, got {len(args.inputs)}")
+            raise UsageError(f"{args.command} takes {wanted} input(s), got {len(args.inputs)}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("--device cuda was given but CUDA is not available")
         if args.command == "stats":
             from common import data as data_mod
-            name = args.inputs[0]
-            ns = argparse.Namespace(dataset=name, data_root=args.data_root, download=True, seed=0,
-                                    image_size=args.image_size or NATIVE_SIZE.get(name, 64))
-            data = data_mod.load(ns, split=args.split)
+            data = data_mod.load(argparse.Namespace(**vars(args), dataset=args.inputs[0], seed=0), split=args.split)
             stats = reference_stats(data, args.data_root, args.device, args.batch_size, args.split, args.mode,
                                     args.max_images, weights=args.inception_weights)
-            print(f"{stats_path(args.data_root, data.name, args.split, data.shape[-1], args.mode)}: "
-                  f"{int(stats['n'])} images")
-            return
+            where = stats_path(args.data_root, data.name, args.split, data.shape[-1], args.mode)
+            return print(f"{where}: {int(stats['n'])} images")
         inputs = [_read_input(path, args) for path in args.inputs]
         if args.command == "fid":
             stats = [(s["mu"], s["sigma"]) if "mu" in s else gaussian_stats(s["features"]) for s in inputs]
@@ -504,13 +457,12 @@ def main(argv=None):
             if "logits" not in inputs[0]:
                 raise UsageError("the Inception score needs a folder of images, not statistics")
             print("IS: {:.6f} ± {:.6f}".format(*inception_score(inputs[0]["logits"])))
+        elif any("features" not in s for s in inputs):
+            raise UsageError(f"{args.command} needs features: folders, or .npz files written by the stats command")
+        elif args.command == "kid":
+            print("KID: {:.6f} ± {:.6f}".format(*kid(*(s["features"] for s in inputs))))
         else:
-            if any("features" not in s for s in inputs):
-                raise UsageError(f"{args.command} needs features: give folders or .npz files written by the stats command")
-            if args.command == "kid":
-                print("KID: {:.6f} ± {:.6f}".format(*kid(inputs[0]["features"], inputs[1]["features"])))
-            else:
-                print("precision: {:.6f}\nrecall: {:.6f}".format(*precision_recall(inputs[0]["features"], inputs[1]["features"])))
+            print("precision: {:.6f}\nrecall: {:.6f}".format(*precision_recall(*(s["features"] for s in inputs))))
 
 
 if __name__ == "__main__":

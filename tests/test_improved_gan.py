@@ -38,7 +38,7 @@ def test_no_gan_baseline(tmp_path):
 
 def test_resume_is_exact(tmp_path, monkeypatch):
     helpers.assert_resume_exact(ig, tmp_path, monkeypatch,
-                                ["--mode", "generate", "--g-norm", "virtual", "--hist-avg", "0.1", "--g-steps", "1"],
+                                ["--arch", "mlp", "--mode", "generate", "--g-norm", "virtual", "--hist-avg", "0.1"],
                                 state_keys=("models", "optimizers", "ema", "hist_avg"))
 
 
