@@ -6,7 +6,8 @@
 
 Small sets (MNIST, Fashion-MNIST, CIFAR, SVHN, `fake`, a folder of MNIST idx files) are held as one
 uint8 tensor on the training device and batches are drawn by indexing it. Large ones (STL-10, CelebA,
-LSUN, an image folder) stream through a DataLoader with workers. `ring8` and `grid25` are the 2D
+LSUN, an image folder) stream through a DataLoader with workers. `fake` (or `fake:1` for one
+channel) is deterministic synthetic data for dry runs and benchmarks. `ring8` and `grid25` are the 2D
 Gaussian mixtures of the PacGAN protocol, sampled afresh for every batch.
 """
 import gzip
@@ -72,8 +73,9 @@ def load(args, split="train"):
     if name in ("ring8", "grid25"):
         centers, std = toy_mixture(name)
         return Data(name, "toy", (2,), len(centers), centers=centers, std=std)
-    if name == "fake":
-        return _fake(size, seed=getattr(args, "seed", 0))
+    if name == "fake" or name.startswith("fake:"):  # "fake:1" for one channel
+        channels = int(name.split(":")[1]) if ":" in name else 3
+        return _fake(size, seed=getattr(args, "seed", 0), channels=channels)
     if name in IN_MEMORY:
         images, labels = _torchvision_tensors(name, root, split, download)
         return _in_memory(name, images, labels, size)
@@ -112,7 +114,7 @@ def _fake(size, seed=0, n=512, channels=3, classes=10):
     images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
     images = (images * 255).round().to(torch.uint8)
     labels = torch.randint(classes, (n,), generator=g)
-    return Data("fake", "image", (channels, size, size), classes, images=images, labels=labels)
+    return Data(f"fake:{channels}", "image", (channels, size, size), classes, images=images, labels=labels)
 
 
 def _missing(name, root, e):

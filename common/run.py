@@ -48,12 +48,13 @@ class NonFiniteLoss(Exception):
 # --------------------------------------------------------------------------------------------
 
 def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, sample_every=1000,
-             ckpt_every=1000, eval_every=0, eval_samples=10000):
-    """Add the flags every script shares; the script passes its paper's defaults."""
+             ckpt_every=1000, eval_every=0, eval_samples=10000, metrics=None):
+    """Add the flags every script shares; the script passes its paper's defaults. Image models pass
+    `metrics` (e.g. "fid,is") to get --metrics, --inception-weights and --eval (see common.metrics)."""
     g = parser.add_argument_group("run (shared by every script)")
     g.add_argument("--dataset", default=dataset,
                    help="mnist, fashion-mnist, cifar10, cifar100, svhn, stl10, celeba, lsun:<category>[,..], "
-                        "fake, ring8, grid25, or a path (image folder, or a folder of MNIST idx files) "
+                        "fake[:channels], ring8, grid25, or a path (image folder, or a folder of MNIST idx files) "
                         f"(default: {dataset})")
     g.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"),
                    help="where datasets are stored / downloaded (default: $GAN_DATA_ROOT or ./data)")
@@ -80,6 +81,13 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
     g.add_argument("--sample", default=None, metavar="CKPT", help="write samples from a checkpoint and exit")
     g.add_argument("--dry-run", action="store_true",
                    help="a few steps on small synthetic data with small nets (explicit flags still win)")
+    if metrics is not None:
+        g.add_argument("--metrics", default=metrics,
+                       help=f"Inception metrics at evaluation: comma-separated fid, is, kid, pr, or none (default: {metrics})")
+        g.add_argument("--inception-weights", default=None, metavar="PATH",
+                       help="the FID Inception weights file (default: $FID_INCEPTION_WEIGHTS or the torch hub cache)")
+        g.add_argument("--eval", action="store_true",
+                       help="with --sample: also score the checkpoint on --eval-samples samples (default 50000 then)")
     return parser
 
 
@@ -90,9 +98,15 @@ def parse(parser, argv, dry_run_defaults):
         given = _given_dests(parser, argv if argv is not None else sys.argv[1:])
         base = {"steps": 4, "batch_size": 8, "log_every": 2, "sample_every": 2, "ckpt_every": 2,
                 "eval_every": 0, "eval_samples": 64, "workers": 0}
-        for key, value in {**base, **dry_run_defaults}.items():
-            if key not in given:
+        for key, value in {**base, "metrics": "none", **dry_run_defaults}.items():
+            if key not in given and hasattr(args, key):
                 setattr(args, key, value)
+    if isinstance(getattr(args, "metrics", None), str):
+        args.metrics = [m for m in args.metrics.split(",") if m and m != "none"]
+        if set(args.metrics) - {"fid", "is", "kid", "pr"}:
+            raise_usage(f"--metrics takes fid, is, kid, pr or none, got {','.join(args.metrics)}")
+        if args.sample and args.eval and "eval_samples" not in _given_dests(parser, argv if argv is not None else sys.argv[1:]):
+            args.eval_samples = 50000   # the papers' protocol for a finished model
     check_args(args)
     return args
 

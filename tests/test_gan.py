@@ -69,3 +69,9 @@ def test_bad_input(tmp_path, capsys):
     helpers.expect_usage_error(gan, ["--dataset", "nope", "--out", str(tmp_path / "x")], capsys, "unknown dataset")
     assert not (tmp_path / "x").exists()
     helpers.expect_usage_error(gan, ["--dry-run", "--steps", "0"], capsys, "--steps")
+
+
+def test_dry_run_alternating_updates(tmp_path):
+    """Algorithm 1 as printed (k D steps per G step) alongside the official code's simultaneous updates."""
+    _, summary, _ = helpers.dry_run(gan, tmp_path, "--update", "alternating", "--k", "2")
+    assert summary["step"] == 4
