@@ -278,18 +278,19 @@ def load_stats(path):
     return stats
 
 
-def stats_path(data_root, name, split, size, mode):
+def stats_path(data_root, name, split, size, mode, n):
     name = re.sub(r"[^\w.+-]+", "_", str(name)).strip("_")
-    return Path(data_root) / "fid_stats" / f"{name}-{split}-{size}-{mode}.npz"
+    return Path(data_root) / "fid_stats" / f"{name}-{split}-{size}-{mode}-{n}.npz"
 
 
 def reference_stats(data, data_root, device="cpu", batch_size=100, split="train", mode="legacy",
                     max_images=50000, net=None, weights=None, workers=0):
     """features_to_stats of a common.data.Data set (all of it, or a fixed random subset of max_images), computed
-    once, then read from stats_path(...) = <data_root>/fid_stats/<name>-<split>-<size>-<mode>.npz."""
+    once, then read from stats_path(...) = <data_root>/fid_stats/<name>-<split>-<size>-<mode>-<n>.npz."""
     if data.kind != "image":
         raise UsageError(f"FID needs an image dataset; {data.name} is not one")
-    path, n = stats_path(data_root, data.name, split, data.shape[-1], mode), min(len(data), max_images)
+    n = min(len(data), max_images)
+    path = stats_path(data_root, data.name, split, data.shape[-1], mode, n)
     if path.is_file():
         stats = load_stats(path)
         if int(stats.get("n", -1)) == n and "features" in stats:
@@ -447,7 +448,7 @@ def main(argv=None):
             data = data_mod.load(argparse.Namespace(**vars(args), dataset=args.inputs[0], seed=0), split=args.split)
             stats = reference_stats(data, args.data_root, args.device, args.batch_size, args.split, args.mode,
                                     args.max_images, weights=args.inception_weights)
-            where = stats_path(args.data_root, data.name, args.split, data.shape[-1], args.mode)
+            where = stats_path(args.data_root, data.name, args.split, data.shape[-1], args.mode, int(stats["n"]))
             return print(f"{where}: {int(stats['n'])} images")
         inputs = [_read_input(path, args) for path in args.inputs]
         if args.command == "fid":

@@ -55,26 +55,26 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
     g.add_argument("--dataset", default=dataset,
                    help="mnist, fashion-mnist, cifar10, cifar100, svhn, stl10, celeba, lsun:<category>[,..], "
                         "fake[:channels], ring8, grid25, or a path (image folder, or a folder of MNIST idx files) "
-                        f"(default: {dataset})")
+                        "(default: %(default)s)")
     g.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"),
-                   help="where datasets are stored / downloaded (default: $GAN_DATA_ROOT or ./data)")
+                   help="where datasets are stored / downloaded; $GAN_DATA_ROOT sets the default (default: %(default)s)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="download missing torchvision datasets (default: on)")
-    g.add_argument("--image-size", type=int, default=image_size, help=f"image side in pixels (default: {image_size})")
+                   help="download missing torchvision datasets (default: %(default)s)")
+    g.add_argument("--image-size", type=int, default=image_size, help="image side in pixels (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"global batch size, split over torchrun processes (default: {batch_size})")
-    g.add_argument("--steps", type=int, default=steps, help=f"training steps, see the docstring (default: {steps})")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+                   help="global batch size, split over torchrun processes (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=steps, help="training steps, see the docstring (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--cuda", action="store_true", help="train on the GPU (an error if CUDA is unavailable)")
-    g.add_argument("--out", default=None, help="run directory (default: runs/<script>/<dataset>-<timestamp>)")
+    g.add_argument("--out", default=None, help="run directory; runs/<script>/<dataset>-<timestamp> when not given")
     g.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from a checkpoint; 'auto' uses <out>/ckpt.pt (or the newest run of this "
                         "script and dataset when --out is not given) and starts fresh if there is none")
-    g.add_argument("--log-every", type=int, default=log_every, help=f"console/TensorBoard scalars (default: {log_every})")
-    g.add_argument("--sample-every", type=int, default=sample_every, help=f"sample grids (default: {sample_every})")
-    g.add_argument("--ckpt-every", type=int, default=ckpt_every, help=f"checkpoints (default: {ckpt_every})")
-    g.add_argument("--eval-every", type=int, default=eval_every, help=f"evaluation, 0 = only at the end (default: {eval_every})")
-    g.add_argument("--eval-samples", type=int, default=eval_samples, help=f"samples per evaluation (default: {eval_samples})")
+    g.add_argument("--log-every", type=int, default=log_every, help="console/TensorBoard scalars (default: %(default)s)")
+    g.add_argument("--sample-every", type=int, default=sample_every, help="sample grids (default: %(default)s)")
+    g.add_argument("--ckpt-every", type=int, default=ckpt_every, help="checkpoints (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=eval_every, help="evaluation, 0 = only at the end (default: %(default)s)")
+    g.add_argument("--eval-samples", type=int, default=eval_samples, help="samples per evaluation (default: %(default)s)")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks")
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers for datasets not held in memory")
@@ -83,9 +83,9 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
                    help="a few steps on small synthetic data with small nets (explicit flags still win)")
     if metrics is not None:
         g.add_argument("--metrics", default=metrics,
-                       help=f"Inception metrics at evaluation: comma-separated fid, is, kid, pr, or none (default: {metrics})")
+                       help="Inception metrics at evaluation: comma-separated fid, is, kid, pr, or none (default: %(default)s)")
         g.add_argument("--inception-weights", default=None, metavar="PATH",
-                       help="the FID Inception weights file (default: $FID_INCEPTION_WEIGHTS or the torch hub cache)")
+                       help="the FID Inception weights file; $FID_INCEPTION_WEIGHTS or the torch hub cache when not given")
         g.add_argument("--eval", action="store_true",
                        help="with --sample: also score the checkpoint on --eval-samples samples (default 50000 then)")
     return parser

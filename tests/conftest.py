@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)   # small nets: one thread is fastest and leaves the other core to the torchrun test
 
 
 def pytest_addoption(parser):

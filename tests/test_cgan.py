@@ -48,7 +48,7 @@ def test_paper_mlp_sizes():
     G, D = cgan.build(args, (1, 28, 28), 10)
     assert G.z_path[0].weight.shape == (200, 100) and G.y_path[0].weight.shape == (1000, 10)
     assert G.joint[0].weight.shape == (1200, 1200) and G.joint[3].weight.shape == (784, 1200)
-    assert D.x_path[1].linear.weight.shape == (240 * 5, 784)
+    assert D.x_path[2].linear.weight.shape == (240 * 5, 784)
     assert D.y_path[0].linear.weight.shape == (50 * 5, 10)
     assert D.joint[0].linear.weight.shape == (240 * 4, 290)
     assert args.lr == 0.1 and args.lr_decay == 1.00004 and args.batch_size == 100
@@ -60,7 +60,7 @@ def test_changing_only_y_changes_g_output(arch, shape):
     args = cgan.parse_args(["--arch", arch, "--width", "8", "--g-units", "64", "--g-y-units", "32"])
     G, _ = cgan.build(args, shape, 10)
     G.eval()
-    z = cgan.sample_noise(6, args.z_dim, "cpu")
+    z = cgan.sample_noise(6, args.z_dim, args.noise, "cpu")
     y = torch.tensor([0, 1, 2, 3, 4, 5])
     with torch.no_grad():
         a, b, c = G(z, y), G(z, (y + 1) % 10), G(z, y)
@@ -74,6 +74,9 @@ def test_d_output_depends_on_y(arch, shape):
     torch.manual_seed(0)
     args = cgan.parse_args(["--arch", arch, "--width", "8", "--d-x-units", "32", "--d-units", "32"])
     _, D = cgan.build(args, shape, 10)
+    for m in D.modules():  # the paper's init (U(±0.005)) makes every logit ~1e-5: use larger weights
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, 0.0, 0.1)
     D.eval()
     x = torch.rand(5, *shape)
     y = torch.tensor([0, 2, 4, 6, 8])
@@ -107,9 +110,11 @@ def test_schedule():
     assert cgan.schedule(int(steps_to_floor) + 10, args, 50_000)[0] == 1e-6
 
 
-def test_noise_in_unit_hypercube():
-    z = cgan.sample_noise(10_000, 100, "cpu")
+def test_noise():
+    z = cgan.sample_noise(10_000, 100, "hypercube", "cpu")  # the unit hypercube of Sec. 4.1
     assert z.min() >= 0 and z.max() <= 1 and abs(z.mean().item() - 0.5) < 0.01
+    z = cgan.sample_noise(10_000, 100, "sqrt3", "cpu")  # zero mean, unit variance
+    assert z.abs().max() <= math.sqrt(3) and abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1) < 0.01
 
 
 def test_bad_input(tmp_path, capsys):

@@ -235,7 +235,7 @@ def test_evaluate_reference_stats_and_folders_agree(tmp_path, monkeypatch, capsy
     stub = TinyFeatures()
     data = datasets.load(Namespace(dataset="fake", data_root=str(tmp_path), image_size=16, seed=0))
     real = metrics.reference_stats(data, tmp_path, batch_size=40, max_images=80, net=stub)
-    path = metrics.stats_path(tmp_path, data.name, "train", 16, "legacy")  # fid_stats/fake_3-train-16-legacy.npz
+    path = metrics.stats_path(tmp_path, data.name, "train", 16, "legacy", 80)  # fid_stats/fake_3-train-16-legacy-80.npz
     assert path.is_file() and int(real["n"]) == 80 and real["features"].shape == (80, 48)
     cached = metrics.reference_stats(data, tmp_path, max_images=80, net=torch.nn.Identity())  # read, not recomputed
     assert np.array_equal(cached["sigma"], real["sigma"]) and str(cached["mode"]) == "legacy"
