@@ -45,9 +45,7 @@ class Data:
         return len(self.images) if self.images is not None else len(self.dataset)
 
 
-# --------------------------------------------------------------------------------------------
 # 2D toys (PacGAN protocol)
-# --------------------------------------------------------------------------------------------
 
 def toy_mixture(name):
     """Means and standard deviation of ring8 (8 modes on the unit circle, sigma 0.01) or
@@ -61,9 +59,7 @@ def toy_mixture(name):
     raise UsageError(f"unknown toy dataset {name!r}")
 
 
-# --------------------------------------------------------------------------------------------
 # Loading
-# --------------------------------------------------------------------------------------------
 
 def load(args, split="train"):
     """Read the dataset named by args.dataset at args.image_size (CPU tensors, or a Dataset for
@@ -219,9 +215,7 @@ def read_idx_folder(path):
     return images, labels
 
 
-# --------------------------------------------------------------------------------------------
 # Batches
-# --------------------------------------------------------------------------------------------
 
 def to_range(x_uint8_or_unit, value_range, from_uint8):
     lo, hi = value_range

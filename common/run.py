@@ -1,21 +1,7 @@
-"""Run setup shared by every script: command line, device, seeds, output directory, logging, signals.
-
-A script calls, in this order:
-
-    args = parse_args(argv)                     # its own flags + run.add_args(parser, ...)
-    with run.friendly_errors():                 # bad input -> one-line error, exit code 2
-        r = run.setup(args, "wgan_gp")          # device, seed, out dir, TensorBoard, torchrun
-        ...
-        for step in range(start, args.steps):
-            ...
-            r.log(step + 1, {"loss/D": d_loss, "loss/G": g_loss})   # cheap unless it is a log step
-            if r.every(step + 1, args.ckpt_every) or r.stop_requested:
-                r.save_checkpoint(step + 1, state)
-            if r.stop_requested:
-                break
-        return r.finish()
-
-Only rank 0 of a torchrun job writes anything (logs, images, checkpoints, summary).
+"""Run setup shared by every script: command line, device, seeds, torchrun, output directory,
+TensorBoard, progress line, checkpoints, signals. gan.py shows the whole life of a run: parse_args,
+friendly_errors, setup, load_checkpoint/restore_rng, log every step, save_checkpoint when
+checkpoint_due, finish. Only rank 0 of a torchrun job writes anything.
 """
 import argparse
 import contextlib
@@ -43,9 +29,7 @@ class NonFiniteLoss(Exception):
     """A loss became NaN or Inf: the run stops and points at the last good checkpoint."""
 
 
-# --------------------------------------------------------------------------------------------
 # Command line
-# --------------------------------------------------------------------------------------------
 
 def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, sample_every=1000,
              ckpt_every=1000, eval_every=0, eval_samples=10000, metrics=None):
@@ -121,12 +105,10 @@ def _given_dests(parser, argv):
 
 
 def check_args(args):
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise_usage(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples"):
-        if getattr(args, name) < 0:
-            raise_usage(f"--{name.replace('_', '-')} must be >= 0")
+    for name, least in (("steps", 1), ("batch_size", 1), ("log_every", 0), ("sample_every", 0),
+                        ("ckpt_every", 0), ("eval_every", 0), ("eval_samples", 0)):
+        if getattr(args, name) < least:
+            raise_usage(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
 
 
 def raise_usage(message):
@@ -144,9 +126,7 @@ def friendly_errors():
         raise SystemExit(2) from None
 
 
-# --------------------------------------------------------------------------------------------
 # Setup
-# --------------------------------------------------------------------------------------------
 
 class Run:
     """What a training loop needs from its surroundings. One per process."""
@@ -313,7 +293,8 @@ def setup(args, script):
         dist.init_process_group("nccl" if args.cuda else "gloo", rank=rank, world_size=world_size)
         if args.batch_size % world_size:
             raise UsageError(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
-    seed_everything(args.seed + rank)
+    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # seeds CUDA too
 
     out = resolve_out(args, script) if rank == 0 else None
     if world_size > 1:  # every rank needs the same directory (for --resume auto)
@@ -353,11 +334,6 @@ def resolve_out(args, script):
         if previous:
             return previous[-1]
     return base / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too
 
 
 def _install_signal_handlers(r):
