@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dcgan
+from common import metrics
 from tests import helpers
 
 
@@ -22,6 +24,23 @@ def test_sample(tmp_path):
     out, _, _ = helpers.dry_run(dcgan, tmp_path)
     written = helpers.sample_from(dcgan, out / "ckpt.pt", tmp_path)
     assert set(written) == {"samples", "interpolation"}
+
+
+class StubInception(nn.Module):
+    """Stands in for the Inception network (its weights are not available offline): (features, logits)."""
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(x, 2).flatten(1)
+        return f, 3 * f[:, :10]
+
+
+def test_inception_metrics_are_logged_and_sampled(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "load_fid_inception", lambda weights=None, device="cpu": StubInception())
+    out, summary, _ = helpers.dry_run(dcgan, tmp_path, "--metrics", "fid,is", "--data-root", str(tmp_path / "data"))
+    assert {"metric/fid", "metric/is", "metric/nnd"} <= set(summary["metrics"])
+    assert all(math.isfinite(v) for v in summary["metrics"].values())
+    written = helpers.sample_from(dcgan, out / "ckpt.pt", tmp_path, "--eval", "--eval-samples", "40")
+    assert written["metric/fid"] > 0 and written["metric/is"] >= 1
 
 
 def test_help(capsys):
