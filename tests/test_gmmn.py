@@ -33,21 +33,30 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     helpers.assert_resume_exact(gmmn, tmp_path, monkeypatch, [], state_keys=("models", "optimizers"))
 
 
-@pytest.mark.parametrize("stop", [3, 5, 8])  # in autoencoder phase 2, at the end of phase 3 (step 6 is the
-def test_resume_is_exact_across_stages(tmp_path, monkeypatch, stop):  # last AE step), in the GMMN stage
+AE_ARGS = ["--dry-run", "--mode", "ae", "--ae-steps", "2", "--steps", "4", "--ckpt-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def ae_full_run(tmp_path_factory):
+    """10 uninterrupted steps of --mode ae: 3 x 2 autoencoder updates, then 4 GMMN updates."""
+    out = tmp_path_factory.mktemp("ae_full")
+    summary = gmmn.main([*AE_ARGS, "--out", str(out)])
+    assert summary["step"] == 10 and not summary["interrupted"]
+    return ckpt_io.load(out / "ckpt.pt", "gmmn")
+
+
+@pytest.mark.parametrize("stop", [3, 6, 8])  # in autoencoder phase 2, at its very end, in the GMMN stage
+def test_resume_is_exact_across_stages(tmp_path, monkeypatch, ae_full_run, stop):
     """--mode ae: an interruption anywhere (autoencoder phases or GMMN stage) resumes exactly."""
-    args = ["--dry-run", "--mode", "ae", "--ae-steps", "2", "--steps", "4", "--ckpt-every", "1000"]
-    full = gmmn.main([*args, "--out", str(tmp_path / "full")])
     with monkeypatch.context() as m:
         helpers._interrupt_at(m, stop)
-        half = gmmn.main([*args, "--out", str(tmp_path / "split")])
+        half = gmmn.main([*AE_ARGS, "--out", str(tmp_path)])
     assert half["interrupted"] and half["step"] == stop
-    resumed = gmmn.main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"])
-    assert full["step"] == resumed["step"] == 10
-    a = ckpt_io.load(tmp_path / "full" / "ckpt.pt", "gmmn")
-    b = ckpt_io.load(tmp_path / "split" / "ckpt.pt", "gmmn")
-    helpers.assert_same(a["models"], b["models"], "models")
-    helpers.assert_same(a["optimizers"], b["optimizers"], "optimizers")
+    resumed = gmmn.main([*AE_ARGS, "--out", str(tmp_path), "--resume", "auto"])
+    assert resumed["step"] == 10
+    b = ckpt_io.load(tmp_path / "ckpt.pt", "gmmn")
+    helpers.assert_same(ae_full_run["models"], b["models"], "models")
+    helpers.assert_same(ae_full_run["optimizers"], b["optimizers"], "optimizers")
 
 
 def test_sample(tmp_path):
@@ -130,18 +139,20 @@ def test_mmd_grows_as_one_set_shifts():
 def test_gradient_flows_to_generator_and_moves_samples_towards_data():
     torch.manual_seed(0)
     G = gmmn.Generator(10, [32, 32], (2,), sigmoid=False)
-    real = torch.randn(256, 2) * 0.1 + 3.0
+    real = torch.randn(256, 2) * 0.3 + 1.0
     z = gmmn.sample_noise(256, 10, "cpu")
     loss = gmmn.objective(gmmn.mmd2(G(z), real, [1.0, 4.0]))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in G.parameters())
-    opt = torch.optim.SGD(G.parameters(), lr=0.5, momentum=0.9)
+    opt = torch.optim.SGD(G.parameters(), lr=0.1, momentum=0.9)
     for _ in range(100):
         opt.zero_grad()
         gmmn.objective(gmmn.mmd2(G(gmmn.sample_noise(256, 10, "cpu")), real, [1.0, 4.0])).backward()
         opt.step()
-    after = gmmn.objective(gmmn.mmd2(G(z), real, [1.0, 4.0]))
-    assert float(after) < 0.5 * float(loss)
+    with torch.no_grad():
+        after = gmmn.objective(gmmn.mmd2(G(z), real, [1.0, 4.0]))
+        assert float(after) < 0.2 * float(loss)
+        assert torch.allclose(G(z).mean(0), real.mean(0), atol=0.15)
 
 
 def test_sqrt_objective_gradient_is_scaled_mmd_gradient():
@@ -156,7 +167,7 @@ def test_sqrt_objective_gradient_is_scaled_mmd_gradient():
 
 def test_sgd_with_lr_switch_takes_the_official_steps():
     """PyTorch SGD + set_lr_momentum == the official v <- m v - lr g; theta <- theta + v, across the switch."""
-    args = gmmn.parse_args(["--switch-step", "4"])
+    args = gmmn.parse_args(["--switch-step", "4", "--lr", "2"])
     torch.manual_seed(0)
     target = torch.randn(5)
     theta = torch.zeros(5, requires_grad=True)
@@ -174,9 +185,10 @@ def test_sgd_with_lr_switch_takes_the_official_steps():
 
 
 def test_schedule_follows_official_config():
-    args = gmmn.parse_args([])
+    args = gmmn.parse_args(["--lr", "2"])
     assert gmmn.schedule(1, args) == (2.0, 0.9) and gmmn.schedule(9999, args) == (2.0, 0.9)
-    assert gmmn.schedule(10000, args) == (0.2, 0.99)
+    lr, momentum = gmmn.schedule(10000, args)
+    assert math.isclose(lr, 0.2) and math.isclose(momentum, 0.99)
     assert args.batch_size == 1000 and args.steps == 40000 and args.z_dim == 10
     assert [gmmn.ae_momentum(i, 3, args) for i in (1, 49, 50, 199, 200)] == [0.0, 0.0, 0.5, 0.5, 0.9]
 
@@ -184,16 +196,17 @@ def test_schedule_follows_official_config():
 def test_autoencoder_phases_train_the_right_layers_and_reduce_reconstruction_loss():
     torch.manual_seed(0)
     ae = gmmn.AutoEncoder((1, 4, 4), 12, 3, (0.0, 0.0))
-    x = (torch.rand(64, 1, 4, 4) > 0.5).float()
+    prototypes = (torch.rand(4, 1, 4, 4) > 0.5).float()  # 4 binary patterns: a 3-d code can tell them apart
+    x = prototypes[torch.arange(64) % 4]
     for phase, trained in ((1, {"enc1", "dec2"}), (2, {"enc2", "dec1"}), (3, {"enc1", "enc2", "dec1", "dec2"})):
         ae.zero_grad(set_to_none=True)
         gmmn.ae_loss(ae, x, phase).backward()
         have = {name.split(".")[0] for name, p in ae.named_parameters() if p.grad is not None}
         assert have == trained, phase
     opt = torch.optim.SGD(ae.parameters(), lr=0.1, momentum=0.9)
-    first = float(gmmn.ae_loss(ae, x, 3))
-    for _ in range(200):
+    first = gmmn.ae_loss(ae, x, 3).item()
+    for _ in range(400):
         opt.zero_grad()
         gmmn.ae_loss(ae, x, 3).backward()
         opt.step()
-    assert float(gmmn.ae_loss(ae, x, 3)) < 0.8 * first
+    assert gmmn.ae_loss(ae, x, 3).item() < 0.5 * first
