@@ -136,7 +136,8 @@ class Run:
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.out, self.writer = out, writer
-        self.stop_requested = False
+        self.stop_requested = False   # the loop saves a checkpoint and stops when this is set
+        self.signalled = False        # SIGINT/SIGTERM seen; under torchrun ranks agree at the next log step
         self.last_scalars, self.metrics = {}, {}
         self.last_good_ckpt = None
         self.resume_state = None
@@ -180,10 +181,12 @@ class Run:
         if not (force or self.every(step, self.args.log_every) or step == self.args.steps):
             return
         values = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
-        if self.distributed:  # average over ranks so every rank sees the same numbers
-            t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        if self.distributed:  # average over ranks so every rank sees the same numbers and stops together
+            t = torch.tensor([*values.values(), float(self.signalled)], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
-            values = dict(zip(values, (t / self.world_size).tolist()))
+            *averaged, signalled = (t / self.world_size).tolist()
+            values = dict(zip(values, averaged))
+            self.stop_requested = self.stop_requested or signalled > 0
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             where = (f"the last good checkpoint is {self.last_good_ckpt}" if self.last_good_ckpt
@@ -338,9 +341,10 @@ def resolve_out(args, script):
 
 def _install_signal_handlers(r):
     def handler(signum, frame):
-        if r.stop_requested:  # second signal: stop now
+        if r.signalled:  # second signal: stop now
             raise KeyboardInterrupt
-        r.stop_requested = True
+        r.signalled = True
+        r.stop_requested = not r.distributed   # torchrun: all ranks stop at the next log step
         if r.is_main:
             print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping "
                   "(send again to stop without saving)", file=sys.stderr, flush=True)
