@@ -34,7 +34,7 @@ Two modes, the two kinds of model in the official code (openai/improved-gan, mni
   K+1 classifier (the code still uses 400 labels per class on CIFAR-10), G minimises E log(1 − D(G(z))) with 3
   G updates per D update, and D takes Gaussian noise (σ 0.2) on its input instead of dropout.
   `--labels 0` drops the labels: one logit, D(x) = sigmoid(l), an ordinary GAN (Table 3's "−L").
-  The Inception Score is not computed by this script yet (evaluate its samples with an external tool).
+  `--metrics is` (or fid,is) scores G's samples with the Inception Score of Table 3 at each evaluation.
 
 The nets (the official code's sizes):
 - MNIST (`--arch mlp`, data in [0, 1]): D = Gaussian noise σ 0.3 → 1000 → 500 → 250 → 250 → 250 → 10, ReLU,
@@ -92,7 +92,6 @@ Differences from the paper:
   decays per step, not per epoch.
 - Training length: `--epochs` of the training set (the paper's by default); one step = one D update and
   `--g-steps` G updates. A run is one seed; the paper reports the mean ± std over 10 seeds.
-- The Inception Score (Table 3) is not computed here yet.
 """
 import argparse
 import dataclasses
@@ -106,6 +105,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import data as datasets
+from common import metrics as inception
 from common import run as runlib
 
 SCRIPT = "improved_gan"
@@ -176,7 +176,8 @@ def parse_args(argv=None):
     n.add_argument("--d-width", type=int, default=96, help="conv D: channels of the first block (then 2x)")
     n.add_argument("--g-width", type=int, default=512, help="conv G: channels at size/8 (halved per upsampling)")
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=100, steps=180_000,
-                    log_every=100, sample_every=5000, ckpt_every=5000, eval_every=5000, eval_samples=10000)
+                    log_every=100, sample_every=5000, ckpt_every=5000, eval_every=5000, eval_samples=10000,
+                    metrics="none")
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "labels": 20, "test_size": 64, "decay_epochs": 0,
         "d_hidden": "32,16", "g_hidden": 16, "d_width": 8, "g_width": 16, "mb_kernels": 8, "mb_dim": 3,
@@ -581,6 +582,8 @@ def train(args):
     data = datasets.load(args)
     resolve(args, data)
     data, test_images, test_labels = split_test(args, data)
+    if args.metrics:
+        inception.load_fid_inception(args.inception_weights)  # missing weights: an error before anything is written
     labelled = select_labelled(args, data) if args.labels else None
     steps_per_epoch = len(data) / args.batch_size
     if args.epochs > 0:
@@ -700,6 +703,13 @@ def train(args):
                 evaluated = d_avg.module if d_avg is not None else d_raw
                 metrics["metric/test_error"] = test_error(evaluated, test_images, test_labels, value_range, device, b)
             r.log(step, metrics, force=True)
+        if gan and args.metrics and (r.every(step, args.eval_every) or step == args.steps):
+            with r.side_rng():  # Table 3: the Inception Score of G's samples (images in [-1, 1])
+                lo, hi = value_range
+                r.log(step, inception.evaluate(
+                    lambda n: (g_raw(sample_noise(n, args.z_dim, device)) - lo) / (hi - lo) * 2 - 1,
+                    args.eval_samples, data, device, metrics=args.metrics, weights=args.inception_weights,
+                    data_root=args.data_root), force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {
                 "models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},

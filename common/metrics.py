@@ -49,16 +49,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     s1 = chol if info == 0 else _sqrt_psd(sigma1)
     inner = s1.T @ sigma2 @ s1
     tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
 
 
 def gaussian_stats(features):
     """Mean and covariance (unbiased, float64) of (N, D) features, as numpy arrays."""
     f = torch.as_tensor(features).double()
-    mu = f.mean(0)
-    c = f - mu
-    return mu.cpu().numpy(), (c.T @ c / (len(f) - 1)).cpu().numpy()
+    return f.mean(0).cpu().numpy(), torch.cov(f.T).cpu().numpy()  # unbiased: divides by N − 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +318,8 @@ def evaluate(generate_fn, n, real, device="cpu", batch_size=100, metrics=("fid",
         raise UsageError(f"unknown metrics {sorted(set(metrics) - {'fid', 'is', 'kid', 'pr'})} (fid, is, kid, pr)")
     if isinstance(real, (str, Path)):
         real = load_stats(real)
+    elif real is None or set(metrics) == {"is"}:
+        real = {}  # the Inception Score needs no reference data
     elif not isinstance(real, dict):
         real = reference_stats(real, data_root, device, batch_size, mode=mode, net=net, weights=weights)
     if str(real.get("mode", mode)) != mode:

@@ -226,3 +226,19 @@ def test_labelled_examples_are_balanced_and_test_set_held_out():
     idx = ig.select_labelled(args, train)
     assert len(idx) == args.labels == 20 and len(set(idx.tolist())) == 20
     assert torch.bincount(train.labels[idx], minlength=10).tolist() == [2] * 10
+
+
+class _StubInception(nn.Module):
+    """Stands in for the Inception network (its weights are not available offline): (features, logits)."""
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(x, 2).flatten(1)
+        return f, 3 * f[:, :10]
+
+
+def test_generate_mode_logs_the_inception_score(tmp_path, monkeypatch):
+    from common import metrics
+    monkeypatch.setattr(metrics, "load_fid_inception", lambda weights=None, device="cpu": _StubInception())
+    _, summary, _ = helpers.dry_run(ig, tmp_path, "--mode", "generate", "--arch", "mlp", "--metrics", "is",
+                                    "--eval-samples", "30", "--data-root", str(tmp_path / "data"))
+    assert 1 <= summary["metrics"]["metric/is"] <= 10 and math.isfinite(summary["metrics"]["metric/is_std"])
