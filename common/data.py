@@ -39,10 +39,8 @@ class Data:
     centers: torch.Tensor = None    # toys: the mixture's means (K, 2)
     std: float = 0.0                # toys: the mixture's standard deviation
 
-    def __len__(self):
-        if self.kind == "toy":
-            return 0
-        return len(self.images) if self.images is not None else len(self.dataset)
+    def __len__(self):  # toys have no fixed size: 0
+        return 0 if self.kind == "toy" else len(self.images) if self.images is not None else len(self.dataset)
 
 
 # 2D toys (PacGAN protocol)

@@ -195,12 +195,13 @@ class Run:
         for k, v in values.items():
             (self.metrics if k.startswith("metric/") else self.last_scalars)[k] = v
         now = time.perf_counter()
-        if self._step_last is not None and step > self._step_last:
-            self._it_per_s = (step - self._step_last) / max(now - self._t_last, 1e-9)
-            values["perf/it_per_s"] = self._it_per_s
-        if self._step_first is None:
-            self._step_first, self._t_first = step, now
-        self._t_last, self._step_last = now, step
+        if not force:  # throughput between regular log steps (evaluations are not training time)
+            if self._step_last is not None and step > self._step_last:
+                self._it_per_s = (step - self._step_last) / max(now - self._t_last, 1e-9)
+                values["perf/it_per_s"] = self._it_per_s
+            if self._step_first is None:
+                self._step_first, self._t_first = step, now
+            self._t_last, self._step_last = now, step
         if not self.is_main:
             return
         for k, v in values.items():
