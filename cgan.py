@@ -373,18 +373,11 @@ def train(args):
         opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
 
-    start = 0
-    state = r.load_checkpoint()
-    if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        d_raw.load_state_dict(state["models"]["D"])
-        opt_g.load_state_dict(state["optimizers"]["G"])
-        opt_d.load_state_dict(state["optimizers"]["D"])
-        start = state["step"]
+    start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device, value_range=value_range,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
     fixed_z, fixed_y = class_grid(min(K, 10), 10, args, device, torch.Generator().manual_seed(args.seed))
-    r.restore_rng(state)
+    r.restore_rng()
 
     b = args.batch_size // r.world_size
     step = start
@@ -453,12 +446,8 @@ def sample(args):
     ends = sample_noise(2, targs.z_dim, targs.noise, "cpu", g)
     t = torch.linspace(0, 1, 10)[:, None]
     line = (ends[:1] * (1 - t) + ends[1:] * t).repeat(K, 1).to(device)
-    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
-    runlib.save_grid(G(z, y), paths["samples"], nrow=10, value_range=value_range)
-    runlib.save_grid(G(line, y), paths["interpolation"], nrow=10, value_range=value_range)
-    for p in paths.values():
-        print(f"wrote {p}")
-    return {k: str(v) for k, v in paths.items()}
+    paths = runlib.write_samples(out, step, {"samples": G(z, y), "interpolation": G(line, y)}, value_range=value_range)
+    return paths
 
 
 def main(argv=None):

@@ -264,18 +264,11 @@ def train(args):
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.8, 0.999))
     g_loss_fn = g_loss_nonsaturating if args.g_loss == "nonsaturating" else g_loss_minimax
 
-    start = 0
-    state = r.load_checkpoint()
-    if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        d_raw.load_state_dict(state["models"]["D"])
-        opt_g.load_state_dict(state["optimizers"]["G"])
-        opt_d.load_state_dict(state["optimizers"]["D"])
-        start = state["step"]
+    start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device, value_range=(0, 1),
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
     fixed_z = sample_noise(100, args.z_dim, args.noise, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
-    r.restore_rng(state)
+    r.restore_rng()
 
     b = args.batch_size // r.world_size
     step = start
@@ -351,11 +344,8 @@ def sample(args):
     g = torch.Generator().manual_seed(args.seed)
     step = state["step"]
     if not G.images:
-        path = out / f"samples-{step:07d}.png"
         points = G(sample_noise(2500, targs.z_dim, targs.noise, "cpu", g).to(device))
-        runlib.save_grid(runlib.scatter_image(points)[None], path, nrow=1, value_range=(0, 1))
-        print(f"wrote {path}")
-        return {"samples": str(path)}
+        return runlib.write_samples(out, step, {"samples": runlib.scatter_image(points)[None]}, (0, 1), nrow=1)
     grid = G(sample_noise(100, targs.z_dim, targs.noise, "cpu", g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     ends = sample_noise(16, targs.z_dim, targs.noise, "cpu", g).view(8, 2, -1)
@@ -366,7 +356,7 @@ def sample(args):
     runlib.save_grid(G(line), paths["interpolation"], nrow=10, value_range=(0, 1))
     for p in paths.values():
         print(f"wrote {p}")
-    return {k: str(v) for k, v in paths.items()}
+    return paths
 
 
 def main(argv=None):

@@ -386,18 +386,15 @@ def train(args):
     def new_ae_opt(phase):
         return torch.optim.SGD(ae.parameters(), lr=args.ae_lr, momentum=ae_momentum(1, phase, args))
 
-    start = 0
-    state = r.load_checkpoint()
+    start = r.resume({"G": g_raw}, {"G": opt_g})
+    state = r.resume_state
     if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        opt_g.load_state_dict(state["optimizers"]["G"])
         if ae is not None:
             ae.load_state_dict(state["models"]["AE"])
             if "AE" in state["optimizers"]:
                 ae_phase = state["ae_phase"]
                 ae_opt = new_ae_opt(ae_phase)
                 ae_opt.load_state_dict(state["optimizers"]["AE"])
-        start = state["step"]
     b = args.batch_size // r.world_size
     batches = datasets.iterate(data, b, device, value_range=(0, 1),
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
@@ -409,7 +406,7 @@ def train(args):
             codes = encode_all(ae, data.images, device)
     fixed_z = sample_noise(100, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
     fixed_x = data.images[:50].to(device).float() / 255 if ae is not None else None
-    r.restore_rng(state)
+    r.restore_rng()
 
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -506,11 +503,8 @@ def sample(args):
         return ae.decode(x) if ae is not None else x
 
     if state["data_kind"] == "toy":
-        path = out / f"samples-{step:07d}.png"
         points = G(sample_noise(2500, targs.z_dim, "cpu", g).to(device))
-        runlib.save_grid(runlib.scatter_image(points)[None], path, nrow=1, value_range=(0, 1))
-        print(f"wrote {path}")
-        return {"samples": str(path)}
+        return runlib.write_samples(out, step, {"samples": runlib.scatter_image(points)[None]}, (0, 1), nrow=1)
     grid = to_data(G(sample_noise(100, targs.z_dim, "cpu", g).to(device)))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
@@ -521,7 +515,7 @@ def sample(args):
     runlib.save_grid(to_data(G(line)), paths["interpolation"], nrow=10, value_range=(0, 1))
     for p in paths.values():
         print(f"wrote {p}")
-    return {k: str(v) for k, v in paths.items()}
+    return paths
 
 
 def main(argv=None):

@@ -273,15 +273,13 @@ def train(args):
     g_raw = runlib.unwrap(G)
     opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
 
-    start, z_matched, perm, nn_dist = 0, None, None, None
-    state = r.load_checkpoint()
+    z_matched, perm, nn_dist = None, None, None
+    start = r.resume({"G": g_raw}, {"G": opt})
+    state = r.resume_state
     if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        opt.load_state_dict(state["optimizers"]["G"])
         z_matched, perm, nn_dist = (state["matching"][k].to(device) for k in ("z", "perm", "nn_dist"))
-        start = state["step"]
     fixed_z = torch.randn(100, args.z_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    r.restore_rng(state)
+    r.restore_rng()
 
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -335,11 +333,8 @@ def sample(args):
     g = torch.Generator().manual_seed(args.seed)
     step = state["step"]
     if not G.images:
-        path = out / f"samples-{step:07d}.png"
         points = G(torch.randn(2500, targs.z_dim, generator=g).to(device))
-        runlib.save_grid(runlib.scatter_image(points)[None], path, nrow=1, value_range=(0, 1))
-        print(f"wrote {path}")
-        return {"samples": str(path)}
+        return runlib.write_samples(out, step, {"samples": runlib.scatter_image(points)[None]}, (0, 1), nrow=1)
     grid = G(torch.randn(100, targs.z_dim, generator=g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     ends = torch.randn(8, 2, targs.z_dim, generator=g)
@@ -350,7 +345,7 @@ def sample(args):
     runlib.save_grid(G(line), paths["interpolation"], nrow=10, value_range=(0, 1))
     for p in paths.values():
         print(f"wrote {p}")
-    return {k: str(v) for k, v in paths.items()}
+    return paths
 
 
 def main(argv=None):

@@ -189,7 +189,7 @@ def parse_args(argv=None):
     try:
         args.d_hidden = [int(w) for w in args.d_hidden.split(",")]
     except ValueError:
-        runlib.raise_usage(f"--d-hidden takes comma-separated widths, got {args.d_hidden!r}")
+        raise runlib.UsageError(f"--d-hidden takes comma-separated widths, got {args.d_hidden!r}")
     return args
 
 
@@ -478,13 +478,13 @@ class HistoricalAverage:
 def resolve(args, data):
     """The architecture and the paper's per-dataset settings for what was left open; checks."""
     if data.kind != "image" or data.images is None:
-        runlib.raise_usage(f"improved_gan.py needs an image dataset held in memory (mnist, cifar10, svhn, fake, "
+        raise runlib.UsageError(f"improved_gan.py needs an image dataset held in memory (mnist, cifar10, svhn, fake, "
                            f"or a folder of MNIST idx files), not {args.dataset}")
     c, h, w = data.shape
     if args.arch == "auto":
         args.arch = "mlp" if c == 1 else "conv"
     if args.arch == "conv" and (h % 8 or h < 16 or h != w):
-        runlib.raise_usage(f"the conv nets need square images with a side divisible by 8 and at least 16, "
+        raise runlib.UsageError(f"the conv nets need square images with a side divisible by 8 and at least 16, "
                            f"got {h}x{w}; use --image-size 32 (or --arch mlp)")
     paper = PAPER["svhn"] if args.dataset == "svhn" else PAPER["mnist" if args.arch == "mlp" else "cifar10"]
     for key in ("lr", "decay_epochs", "epochs"):
@@ -500,19 +500,19 @@ def resolve(args, data):
     if args.g_steps is None:
         args.g_steps = 1 if semi else 3
     if args.labels < 0 or (args.labels and not data.num_classes):
-        runlib.raise_usage(f"--labels {args.labels}: {args.dataset} has no labels" if args.labels > 0
+        raise runlib.UsageError(f"--labels {args.labels}: {args.dataset} has no labels" if args.labels > 0
                            else "--labels must be >= 0")
     if args.labels == 0 and (semi or args.no_gan):
-        runlib.raise_usage("--mode semi and --no-gan need labelled examples: --labels N > 0 on a labelled dataset")
+        raise runlib.UsageError("--mode semi and --no-gan need labelled examples: --labels N > 0 on a labelled dataset")
     if args.labels % max(data.num_classes, 1):
-        runlib.raise_usage(f"--labels {args.labels} cannot be balanced over {data.num_classes} classes: "
+        raise runlib.UsageError(f"--labels {args.labels} cannot be balanced over {data.num_classes} classes: "
                            f"give a multiple of {data.num_classes}")
     for name, ok in (("real_target", 0 < args.real_target <= 1), ("polyak", 0 <= args.polyak < 1),
                      ("hist_avg", args.hist_avg >= 0), ("g_steps", args.g_steps >= 1),
                      ("ref_size", args.ref_size >= 1), ("epochs", args.epochs >= 0),
                      ("decay_epochs", args.decay_epochs >= 0)):
         if not ok:
-            runlib.raise_usage(f"--{name.replace('_', '-')} is out of range: {getattr(args, name)}")
+            raise runlib.UsageError(f"--{name.replace('_', '-')} is out of range: {getattr(args, name)}")
 
 
 def split_test(args, data):
@@ -524,7 +524,7 @@ def split_test(args, data):
         test = datasets.load(args, split="test")
         return data, test.images, test.labels
     if not 0 < args.test_size < len(data):
-        runlib.raise_usage(f"--test-size must be between 1 and {len(data) - 1} for {args.dataset} "
+        raise runlib.UsageError(f"--test-size must be between 1 and {len(data) - 1} for {args.dataset} "
                            f"({len(data)} images, no test split)")
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
     test, train = perm[:args.test_size], perm[args.test_size:]
@@ -540,7 +540,7 @@ def select_labelled(args, train):
     for k in range(train.num_classes):
         of_k = perm[train.labels[perm] == k][:per_class]
         if len(of_k) < per_class:
-            runlib.raise_usage(f"class {k} has only {len(of_k)} training examples; --labels {args.labels} "
+            raise runlib.UsageError(f"class {k} has only {len(of_k)} training examples; --labels {args.labels} "
                                f"needs {per_class} per class")
         chosen.append(of_k)
     return torch.cat(chosen)
@@ -611,18 +611,13 @@ def train(args):
     d_avg = (AveragedModel(d_raw, multi_avg_fn=get_ema_multi_avg_fn(args.polyak)) if args.polyak > 0 else None)
     hist = {"G": HistoricalAverage(g_params), "D": HistoricalAverage(d_params)} if args.hist_avg > 0 else {}
 
-    start = 0
-    state = r.load_checkpoint()
+    start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
+    state = r.resume_state
     if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        d_raw.load_state_dict(state["models"]["D"])
-        opt_g.load_state_dict(state["optimizers"]["G"])
-        opt_d.load_state_dict(state["optimizers"]["D"])
         if d_avg is not None:
             d_avg.load_state_dict(state["ema"]["D"])
         for k, h in hist.items():
             h.load_state_dict(state["hist_avg"][k])
-        start = state["step"]
     batches = datasets.iterate(data, b, device, value_range=value_range, rank=r.rank, world_size=r.world_size,
                                workers=args.workers)
     if labelled is not None:
@@ -631,7 +626,7 @@ def train(args):
         lab_reps = math.ceil(b / len(labelled))
     fixed_z = sample_noise(100, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
     fm_norm = "l2" if args.arch == "mlp" else "l1"
-    r.restore_rng(state)
+    r.restore_rng()
 
     zero = torch.zeros((), device=device)
     step = start
@@ -741,12 +736,8 @@ def sample(args):
     ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
     t = torch.linspace(0, 1, 10)[None, :, None]
     line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
-    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
-    runlib.save_grid(grid, paths["samples"], nrow=10, value_range=value_range)
-    runlib.save_grid(G(line), paths["interpolation"], nrow=10, value_range=value_range)
-    for p in paths.values():
-        print(f"wrote {p}")
-    return {k: str(v) for k, v in paths.items()}
+    paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=value_range)
+    return paths
 
 
 def main(argv=None):

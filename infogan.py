@@ -131,12 +131,12 @@ def resolve_config(args, given=()):
     if args.net == "dcgan32" and not args.dry_run and not any(a.startswith("--image-size") for a in given):
         args.image_size = 32
     if min(args.noise_dim, args.n_cat, args.n_cont) < 0 or args.n_cat + args.n_cont == 0:
-        runlib.raise_usage("InfoGAN needs at least one latent code (--n-cat / --n-cont) and no negative counts")
+        raise runlib.UsageError("InfoGAN needs at least one latent code (--n-cat / --n-cont) and no negative counts")
     if args.n_cat and args.cat_dim < 2:
-        runlib.raise_usage(f"--cat-dim must be at least 2, got {args.cat_dim}")
+        raise runlib.UsageError(f"--cat-dim must be at least 2, got {args.cat_dim}")
     factor = 4 if args.net == "mnist" else 16
     if args.image_size < factor or args.image_size % factor:
-        runlib.raise_usage(f"the {args.net} nets need --image-size divisible by {factor} "
+        raise runlib.UsageError(f"the {args.net} nets need --image-size divisible by {factor} "
                            f"(28 for MNIST, 32 for svhn / celeba), got {args.image_size}")
 
 
@@ -379,19 +379,12 @@ def train(args):
                              betas=(args.beta1, 0.999))
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, 0.999))
 
-    start = 0
-    state = r.load_checkpoint()
-    if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        d_raw.load_state_dict(state["models"]["D"])
-        opt_g.load_state_dict(state["optimizers"]["G"])
-        opt_d.load_state_dict(state["optimizers"]["D"])
-        start = state["step"]
+    start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device, value_range=value_range,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
     fixed, columns = code_figure(args, 0, torch.Generator().manual_seed(args.seed), sweep=args.sweep)
     fixed = fixed.to(device)
-    r.restore_rng(state)
+    r.restore_rng()
 
     b = args.batch_size // r.world_size
     step = start

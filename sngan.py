@@ -113,7 +113,7 @@ def parse_args(argv=None):
         args.g_ch = args.g_ch or g_ch
         args.d_ch = args.d_ch or d_ch
     if args.n_dis < 1:
-        runlib.raise_usage("--n-dis must be >= 1")
+        raise runlib.UsageError("--n-dis must be >= 1")
     return args
 
 
@@ -261,7 +261,7 @@ def resnet_widths(size, g_ch, d_ch):
 
 def check_shape(shape):
     if len(shape) != 3 or shape[-1] != shape[-2] or shape[-1] % 8 or shape[-1] < 8:
-        runlib.raise_usage(f"sngan.py needs square images whose side is a multiple of 8 (32, 48, ...); "
+        raise runlib.UsageError(f"sngan.py needs square images whose side is a multiple of 8 (32, 48, ...); "
                            f"got data of shape {tuple(shape)}")
 
 
@@ -352,18 +352,11 @@ def train(args):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
     d_loss_fn, g_loss_fn = LOSSES[args.loss]
 
-    start = 0
-    state = r.load_checkpoint()
-    if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        d_raw.load_state_dict(state["models"]["D"])
-        opt_g.load_state_dict(state["optimizers"]["G"])
-        opt_d.load_state_dict(state["optimizers"]["D"])
-        start = state["step"]
+    start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
     fixed_z = sample_noise(100, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
-    r.restore_rng(state)
+    r.restore_rng()
 
     b = args.batch_size // r.world_size
     step = start
@@ -431,12 +424,8 @@ def sample(args):
     ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
     t = torch.linspace(0, 1, 10)[None, :, None]
     line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
-    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
-    runlib.save_grid(grid, paths["samples"], nrow=10)
-    runlib.save_grid(G(line), paths["interpolation"], nrow=10)
-    for p in paths.values():
-        print(f"wrote {p}")
-    result = {k: str(v) for k, v in paths.items()}
+    paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
+    result = dict(paths)
     if args.eval and args.metrics:   # --eval: score the checkpoint (50k samples unless --eval-samples)
         real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, max_images=10000,
                                        weights=args.inception_weights)

@@ -99,7 +99,7 @@ def parse_args(argv=None):
     if args.arch is None:
         args.arch = "mlp" if args.dataset in TOYS else "dcgan"
     if args.clip <= 0 or args.n_critic < 1:
-        runlib.raise_usage("--clip must be > 0 and --n-critic >= 1")
+        raise runlib.UsageError("--clip must be > 0 and --n-critic >= 1")
     return args
 
 
@@ -180,11 +180,11 @@ class MLPCritic(nn.Module):
 def check_shape(arch, shape):
     """UsageError for network/data combinations that cannot be built."""
     if len(shape) == 1 and arch != "mlp":
-        runlib.raise_usage(f"--arch {arch} needs images; the 2D toys use --arch mlp")
+        raise runlib.UsageError(f"--arch {arch} needs images; the 2D toys use --arch mlp")
     if len(shape) == 3 and arch in CONV_ARCHS:
         size = shape[-1]
         if size < 8 or size & (size - 1) or shape[-2] != size:
-            runlib.raise_usage(f"the DCGAN nets need a square power-of-two image size >= 8, got --image-size {size}")
+            raise runlib.UsageError(f"the DCGAN nets need a square power-of-two image size >= 8, got --image-size {size}")
 
 
 def build_generator(args, shape):
@@ -296,18 +296,11 @@ def train(args):
     opt_g = torch.optim.RMSprop(G.parameters(), lr=args.lr)
     opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr)
 
-    start = 0
-    state = r.load_checkpoint()
-    if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        d_raw.load_state_dict(state["models"]["D"])
-        opt_g.load_state_dict(state["optimizers"]["G"])
-        opt_d.load_state_dict(state["optimizers"]["D"])
-        start = state["step"]
+    start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
     fixed_z = sample_noise(64, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
-    r.restore_rng(state)
+    r.restore_rng()
 
     b = args.batch_size // r.world_size
     step = start
@@ -364,11 +357,9 @@ def sample(args):
     g = torch.Generator().manual_seed(args.seed)
     step = state["step"]
     if len(shape) == 1:
-        path = out / f"samples-{step:07d}.png"
         points = G(sample_noise(2500, targs.z_dim, "cpu", g).to(device))
-        runlib.save_grid(runlib.scatter_image(points)[None], path, nrow=1, value_range=(0, 1))
-        print(f"wrote {path}")
-        return {"samples": str(path), **score_checkpoint(G, args, targs, device)}
+        paths = runlib.write_samples(out, step, {"samples": runlib.scatter_image(points)[None]}, (0, 1), nrow=1)
+        return {**paths, **score_checkpoint(G, args, targs, device)}
     grid = G(sample_noise(64, targs.z_dim, "cpu", g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)

@@ -346,18 +346,11 @@ def train(args):
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
 
-    start = 0
-    state = r.load_checkpoint()
-    if state is not None:
-        g_raw.load_state_dict(state["models"]["G"])
-        d_raw.load_state_dict(state["models"]["D"])
-        opt_g.load_state_dict(state["optimizers"]["G"])
-        opt_d.load_state_dict(state["optimizers"]["D"])
-        start = state["step"]
+    start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     b = args.batch_size // r.world_size
     batches = datasets.iterate(data, b, device, rank=r.rank, world_size=r.world_size, workers=args.workers)
     fixed_z = sample_noise(100, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
-    r.restore_rng(state)
+    r.restore_rng()
 
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -423,24 +416,17 @@ def sample(args):
     g = torch.Generator().manual_seed(args.seed)
     step = state["step"]
     if len(state["data_shape"]) == 1:
-        path = out / f"samples-{step:07d}.png"
         points = G(sample_noise(2500, targs.z_dim, "cpu", g).to(device))
         centers, _ = datasets.toy_mixture(targs.dataset)
         img = runlib.scatter_image(points, real=centers, lim=centers.abs().max().item() * 1.5)
-        runlib.save_grid(img[None], path, nrow=1, value_range=(0, 1))
-        print(f"wrote {path}")
-        return {"samples": str(path)}
+        return runlib.write_samples(out, step, {"samples": img[None]}, (0, 1), nrow=1)
     grid = G(sample_noise(100, targs.z_dim, "cpu", g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
     t = torch.linspace(0, 1, 10)[None, :, None]
     line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
-    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
-    runlib.save_grid(grid, paths["samples"], nrow=10)
-    runlib.save_grid(G(line), paths["interpolation"], nrow=10)
-    for p in paths.values():
-        print(f"wrote {p}")
-    result = {k: str(v) for k, v in paths.items()}
+    paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
+    result = dict(paths)
     if args.eval and args.metrics:  # --eval: IS / FID of the checkpoint (50k samples unless --eval-samples)
         real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, weights=args.inception_weights)
         scores = metrics.evaluate(lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, real,

@@ -88,7 +88,7 @@ def parse(parser, argv, dry_run_defaults):
     if isinstance(getattr(args, "metrics", None), str):
         args.metrics = [m for m in args.metrics.split(",") if m and m != "none"]
         if set(args.metrics) - {"fid", "is", "kid", "pr"}:
-            raise_usage(f"--metrics takes fid, is, kid, pr or none, got {','.join(args.metrics)}")
+            raise UsageError(f"--metrics takes fid, is, kid, pr or none, got {','.join(args.metrics)}")
         if args.sample and args.eval and "eval_samples" not in _given_dests(parser, argv if argv is not None else sys.argv[1:]):
             args.eval_samples = 50000   # the papers' protocol for a finished model
     check_args(args)
@@ -108,11 +108,7 @@ def check_args(args):
     for name, least in (("steps", 1), ("batch_size", 1), ("log_every", 0), ("sample_every", 0),
                         ("ckpt_every", 0), ("eval_every", 0), ("eval_samples", 0)):
         if getattr(args, name) < least:
-            raise_usage(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
-
-
-def raise_usage(message):
-    raise UsageError(message)
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
 
 
 @contextlib.contextmanager
@@ -133,27 +129,18 @@ class Run:
 
     def __init__(self, args, script, device, rank, world_size, out, writer):
         self.args, self.script, self.device = args, script, device
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
-        self.out, self.writer = out, writer
+        self.rank, self.world_size, self.distributed = rank, world_size, world_size > 1
+        self.cuda = device.type == "cuda"
+        self.out, self.writer, self.is_main = out, writer, rank == 0
         self.stop_requested = False   # the loop saves a checkpoint and stops when this is set
         self.signalled = False        # SIGINT/SIGTERM seen; under torchrun ranks agree at the next log step
         self.last_scalars, self.metrics = {}, {}
-        self.last_good_ckpt = None
-        self.resume_state = None
+        self.last_good_ckpt = self.resume_state = None
         self._t0 = self._t_last = time.perf_counter()
         self._step_last = self._step_first = None
         self._it_per_s = float("nan")
 
     # -- devices and models -----------------------------------------------------------------
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-    @property
-    def cuda(self):
-        return self.device.type == "cuda"
-
     def prepare(self, model, channels_last=False, compile=True, ddp=True):
         """Move a network to the device (channels_last on CUDA), wrap it in DDP under torchrun and
         compile it with --compile. Keep the unwrapped module for state dicts (see `unwrap`)."""
@@ -251,15 +238,20 @@ class Run:
         self.last_good_ckpt = f"{path} (step {step})"
         return path
 
-    def load_checkpoint(self):
-        """The checkpoint to resume from (already validated by `setup`), or None for a fresh run.
-        RNG states are restored separately by `restore_rng`, right before the loop."""
-        return self.resume_state
+    def resume(self, models, optimizers):
+        """Load the checkpoint being resumed (validated by `setup`) into `models` and `optimizers`, dicts by
+        the names they were saved under; returns its step, 0 for a fresh run. The rest is in `resume_state`."""
+        if self.resume_state is None:
+            return 0
+        for kind, objects in (("models", models), ("optimizers", optimizers)):
+            for name, obj in objects.items():
+                obj.load_state_dict(self.resume_state[kind][name])
+        return self.resume_state["step"]
 
-    def restore_rng(self, state):
+    def restore_rng(self):
         """Call after models, optimizers and data are built, right before the loop."""
-        if state is not None:
-            ckpt_io.set_rng_state(state["rng"], self.rank)
+        if self.resume_state is not None:
+            ckpt_io.set_rng_state(self.resume_state["rng"], self.rank)
 
     # -- end ------------------------------------------------------------------------------------
     def finish(self, step, **extra):
@@ -376,6 +368,15 @@ def save_grid(x, path, nrow=8, value_range=(-1, 1)):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     vutils.save_image(grid, path)
     return grid
+
+
+def write_samples(out, step, grids, value_range=(-1, 1), nrow=10):
+    """For --sample: save each {name: images} as <out>/<name>-<step>.png; print and return the paths."""
+    paths = {name: str(Path(out) / f"{name}-{step:07d}.png") for name in grids}
+    for name, x in grids.items():
+        save_grid(x, paths[name], nrow, value_range)
+        print(f"wrote {paths[name]}")
+    return paths
 
 
 def unwrap(model):
