@@ -57,9 +57,7 @@ Differences from the paper:
   Adam 2e-4, β1 0.5; not evaluated), `--optimizer adam` for the MLP, sample grids.
 """
 import argparse
-import dataclasses
 import math
-import sys
 
 import torch
 import torch.nn as nn
@@ -70,6 +68,7 @@ from common import metrics
 from common import run as runlib
 
 SCRIPT = "cgan"
+PARZEN_SIGMA_IMAGES = 1000   # validation images that pick the Parzen window's sigma (the GAN code's parzen_ll.py)
 
 
 def parse_args(argv=None):
@@ -112,14 +111,17 @@ def parse_args(argv=None):
                     log_every=500, sample_every=5000, ckpt_every=5000, eval_every=10000, eval_samples=10000)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 8, "g_z_units": 16, "g_y_units": 16, "g_units": 32,
-        "d_x_units": 16, "d_y_units": 8, "d_units": 16, "width": 8, "embed_dim": 4, "valid_size": 32})
-    given = argv if argv is not None else sys.argv[1:]
-    if args.arch == "conv" and not args.dry_run and not any(a.startswith("--image-size") for a in given):
-        args.image_size = 32  # the conv nets need a power of two; 28 is the MLP's MNIST default
-    if args.optimizer is None:
-        args.optimizer = "sgd" if args.arch == "mlp" else "adam"
-    if args.lr is None:
-        args.lr = 0.1 if args.optimizer == "sgd" else 2e-4
+        "d_x_units": 16, "d_y_units": 8, "d_units": 16, "width": 8, "embed_dim": 4, "valid_size": 32},
+        defaults=lambda a: {
+            "optimizer": "sgd" if a.arch == "mlp" else "adam", "lr": 0.1 if a.optimizer == "sgd" else 2e-4,
+            # the conv nets need a power of two; 28 is the MLP's MNIST default
+            **({"image_size": 32} if a.arch == "conv" and not a.dry_run else {})})
+    sgd_only = {"lr_decay", "min_lr", "momentum", "final_momentum", "momentum_epochs"} & set(args.explicit)
+    if args.optimizer == "sgd" and "beta1" in args.explicit:
+        raise runlib.UsageError("--beta1 is Adam's; this run uses SGD (give --optimizer adam)")
+    if args.optimizer == "adam" and sgd_only:
+        raise runlib.UsageError(f"--{sorted(sgd_only)[0].replace('_', '-')} sets the SGD schedule, but this run "
+                                "uses Adam (give --optimizer sgd)")
     return args
 
 
@@ -304,22 +306,6 @@ def load_labelled(args):
     return data
 
 
-def split_data(args, data):
-    """(train, valid, test) for the Parzen estimate, as gan.py: the last `valid_size` training images
-    are the validation split; test is the dataset's test split, or the second half of the held-out
-    images when the source has none (e.g. a folder of idx files)."""
-    n = len(data)
-    n_valid = args.valid_size if n > 2 * args.valid_size else max(n // 5, 2)
-    train = dataclasses.replace(data, images=data.images[:-n_valid], labels=data.labels[:-n_valid])
-    held = data.images[-n_valid:]
-    test = None
-    if args.dataset in datasets.IN_MEMORY:
-        test = datasets.load(args, split="test").images
-    if test is None:
-        held, test = held[: n_valid // 2], held[n_valid // 2:]
-    return train, held, test
-
-
 @torch.no_grad()
 def generate(G, n, num_classes, args, device, batch=1000, generator=None):
     """n samples with balanced labels 0, 1, ..., K−1, 0, 1, ..."""
@@ -334,7 +320,9 @@ def evaluate(G, args, device, num_classes, valid, test):
     samples = generate(G, args.eval_samples, num_classes, args, device)
     G.train()
     as_unit = lambda u8: u8.to(device).float() / 255  # noqa: E731
-    result = metrics.parzen_evaluate(samples.flatten(1), as_unit(valid).flatten(1), as_unit(test).flatten(1))
+    # sigma is chosen on the first 1,000 validation images (the GAN code's parzen_ll.py --limit_size 1000)
+    result = metrics.parzen_evaluate(samples.flatten(1), as_unit(valid[:PARZEN_SIGMA_IMAGES]).flatten(1),
+                                     as_unit(test).flatten(1))
     return {"metric/parzen_ll": result["ll"], "metric/parzen_se": result["se"], "metric/parzen_sigma": result["sigma"]}
 
 
@@ -353,7 +341,7 @@ def train(args):
     data = load_labelled(args)
     valid = test = None
     if args.arch == "mlp" and data.images is not None:
-        data, valid, test = split_data(args, data)
+        data, valid, test = datasets.split_held_out(args, data, args.valid_size)
     r = runlib.setup(args, SCRIPT)
     device = r.device
     value_range = (0, 1) if args.arch == "mlp" else (-1, 1)

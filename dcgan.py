@@ -27,7 +27,10 @@ faces run's length (niter = 25).
 Evaluation: the paper scores DCGAN only through its features (Tables 1–2). Logged here: FID and
 Inception Score on --eval-samples samples (common.metrics, `--metrics`, needs the FID Inception weights;
 `--metrics none` trains without them); others report for DCGAN on CIFAR-10 at 32x32 IS 6.16 ± .07
-(WGAN-GP, Table 3) and FID ≈ 48 (StudioGAN). And the official code's nearest-neighbour distance
+(WGAN-GP, Table 3) and FID ≈ 48 (StudioGAN). The scores are computed at the training resolution:
+at the default 64x64 they are NOT comparable with those 32x32 numbers (Inception sees upsampled
+64x64 images); train with `--image-size 32` (the same nets with one layer fewer) to compare.
+`--sample CKPT --eval` scores 50k samples, the cited numbers' count. And the official code's nearest-neighbour distance
 (metric/nnd, lower is better, no weights needed): the mean Euclidean distance in [−1, 1] pixel space
 from each of --eval-samples held-out real images (the test split when the dataset has one, else the
 first training images, as the code did) to the closest of --eval-samples generated images.
@@ -84,7 +87,8 @@ def parse_args(argv=None):
     runlib.add_args(p, dataset="cifar10", image_size=64, batch_size=128, steps=9750, log_every=100,
                     sample_every=500, ckpt_every=1000, eval_every=0, eval_samples=10000, metrics="fid,is")
     return runlib.parse(p, argv, dry_run_defaults={
-        "dataset": "fake", "image_size": 16, "g_width": 8, "d_width": 8})
+        "dataset": "fake", "image_size": 16, "g_width": 8, "d_width": 8},
+        defaults=lambda a: {"eval_samples": 50000} if a.sample and a.eval else {})   # --sample --eval: the 50k samples of the IS / FID numbers cited
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,11 +96,11 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 
 def num_layers(image_size):
-    """Number of stride-2 layers between 4x4 and image_size (4 for 64x64); UsageError if impossible."""
+    """Number of stride-2 layers between 4x4 and image_size (4 for 64x64); ValueError if impossible."""
     n = int(round(math.log2(image_size))) - 2 if image_size > 0 else -1
     if image_size < 16 or 2 ** (n + 2) != image_size:
-        raise runlib.UsageError(f"dcgan.py makes square images whose side is a power of two, at least 16 "
-                                f"(16, 32, 64, 128, ...); got --image-size {image_size}")
+        raise ValueError(f"dcgan.py makes square images whose side is a power of two, at least 16 "
+                         f"(16, 32, 64, 128, ...); got --image-size {image_size}")
     return n
 
 
@@ -235,7 +239,8 @@ def build(args, shape):
 
 
 def train(args):
-    num_layers(args.image_size)  # an impossible size fails before any data is read
+    with runlib.as_usage_error():
+        num_layers(args.image_size)  # an impossible size fails before any data is read
     data = datasets.load(args)
     if data.kind != "image":
         raise runlib.UsageError(f"dcgan.py trains convolutional nets on images; {args.dataset} is 2D toy data "
@@ -313,9 +318,7 @@ def sample(args):
     step = state["step"]
     grid = G(sample_noise(100, targs.z_dim, "cpu", g).to(device))
     # walks in the latent space (Sec. 6.1, Fig. 4): 8 rows, each a straight line between two random z
-    ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
-    t = torch.linspace(0, 1, 10)[None, :, None]
-    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
+    line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
     result = dict(paths)
     if args.eval and args.metrics:  # --eval: FID / IS of the checkpoint (50k samples unless --eval-samples)

@@ -14,11 +14,14 @@ The paper's MNIST model (the official pylearn2 configuration mnist.yaml):
     G: z (100) → 1200 ReLU → 1200 ReLU → 784 sigmoid
     D: maxout 240 units × 5 pieces → maxout 240 × 5 → 1 sigmoid, dropout on D's inputs
        (keep 0.8 on the image, 0.5 on the hidden layers)
+    z ~ U[−√3, √3]^100 (mnist.yaml's `noise: 'uniform'` in the repository's final version; unit variance;
+    `--noise gaussian` gives the Generator's default N(0, I)).
     SGD, batch 100, lr 0.1 divided by 1.000004 every update (floor 1e-6), momentum 0.5 → 0.7 by epoch 250.
     Train on the first 50k MNIST training images; the last 10k are the validation split.
 
 Evaluation (Sec. 5): a Gaussian Parzen window fitted to 10k samples of G; its σ is picked on the
-validation split from logspace(−1, 0, 10); we report the mean log-likelihood of the test set
+first 1,000 images of the validation split (the official parzen_ll.py's --limit_size 1000) from
+logspace(−1, 0, 10); we report the mean log-likelihood of the test set
 ± its standard error (Table 1: MNIST 225 ± 2 nats).
 
 Usage:
@@ -32,8 +35,6 @@ Differences from the paper:
   minibatch of samples and both nets step at once. `--update alternating --k K` is Algorithm 1 as printed.
   On 2000 steps of the MNIST test digits the code's way gave recognisable digits while Algorithm 1's let
   D win outright (D loss ~1e-3) and G's samples stayed noise.
-- z ~ N(0, I), the official mnist.yaml's (the Generator's default noise); `--noise uniform` gives
-  U[−√3, √3] (also unit variance).
 - D's cost carries the official code's factor ½ (it scales D's gradient, which matters with SGD at lr 0.1).
 - PyTorch's SGD momentum (v ← m v + g; θ ← θ − lr v) differs slightly from pylearn2's
   (v ← m v − lr g; θ ← θ + v) while the learning rate changes.
@@ -44,7 +45,6 @@ Differences from the paper:
   uses Adam (lr 1e-4, β1 0.8, the PacGAN protocol's optimizer): SGD at lr 0.1 makes the linear output diverge.
 """
 import argparse
-import dataclasses
 import math
 
 import torch
@@ -56,14 +56,15 @@ from common import metrics
 from common import run as runlib
 
 SCRIPT = "gan"
+PARZEN_SIGMA_IMAGES = 1000   # validation images that pick the Parzen window's sigma (parzen_ll.py)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generative Adversarial Nets (Goodfellow et al. 2014)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--z-dim", type=int, default=100, help="noise dimension")
-    p.add_argument("--noise", choices=["gaussian", "uniform"], default="gaussian",
-                   help="z ~ N(0, I) (the official mnist.yaml) or U[-sqrt3, sqrt3]")
+    p.add_argument("--noise", choices=["uniform", "gaussian"], default="uniform",
+                   help="z ~ U[-sqrt3, sqrt3] (the official mnist.yaml) or N(0, I)")
     p.add_argument("--g-hidden", type=int, default=1200, help="units in each of G's two ReLU layers")
     p.add_argument("--d-units", type=int, default=240, help="maxout units in each of D's two layers")
     p.add_argument("--d-pieces", type=int, default=5, help="pieces per maxout unit")
@@ -90,11 +91,13 @@ def parse_args(argv=None):
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=100, steps=150_000,
                     log_every=500, sample_every=5000, ckpt_every=5000, eval_every=10000, eval_samples=10000)
     args = runlib.parse(p, argv, dry_run_defaults={
-        "dataset": "fake", "image_size": 8, "g_hidden": 32, "d_units": 16, "valid_size": 32})
-    if args.optimizer is None:
-        args.optimizer = "adam" if args.dataset in ("ring8", "grid25") else "sgd"
-    if args.lr is None:
-        args.lr = 0.1 if args.optimizer == "sgd" else 1e-4
+        "dataset": "fake", "image_size": 8, "g_hidden": 32, "d_units": 16, "valid_size": 32},
+        defaults=lambda a: {"optimizer": "adam" if a.dataset in ("ring8", "grid25") else "sgd",
+                            "lr": 0.1 if a.optimizer == "sgd" else 1e-4})
+    sgd_only = {"lr_decay", "min_lr", "momentum", "final_momentum", "momentum_epochs"} & set(args.explicit)
+    if args.optimizer == "adam" and sgd_only:
+        raise runlib.UsageError(f"--{sorted(sgd_only)[0].replace('_', '-')} sets the SGD schedule, but this run "
+                                "uses Adam (give --optimizer sgd)")
     return args
 
 
@@ -195,22 +198,6 @@ def schedule(step, args, epoch_size):
 # Data splits and evaluation
 # ------------------------------------------------------------------------------------------------
 
-def split_data(args, data):
-    """(train, valid, test) for images, as in mnist.yaml: the last `valid_size` training images are
-    the validation split; test is the dataset's test split, or the second half of the held-out
-    images when the source has none (e.g. a folder of idx files)."""
-    n = len(data)
-    n_valid = args.valid_size if n > 2 * args.valid_size else max(n // 5, 2)
-    train = dataclasses.replace(data, images=data.images[:-n_valid], labels=data.labels[:-n_valid])
-    held = data.images[-n_valid:]
-    test = None
-    if args.dataset in datasets.IN_MEMORY:
-        test = datasets.load(args, split="test").images
-    if test is None:
-        held, test = held[: n_valid // 2], held[n_valid // 2:]
-    return train, held, test
-
-
 @torch.no_grad()
 def generate(G, n, args, device, batch=1000, generator=None):
     return torch.cat([G(sample_noise(min(batch, n - i), args.z_dim, args.noise, device, generator))
@@ -226,7 +213,8 @@ def evaluate(G, args, device, data, valid, test):
     else:
         samples = generate(G, args.eval_samples, args, device)
         as_unit = lambda u8: u8.to(device).float() / 255  # noqa: E731
-        result = metrics.parzen_evaluate(samples, as_unit(valid), as_unit(test))
+        # sigma is chosen on the first 1,000 validation images (parzen_ll.py --limit_size 1000)
+        result = metrics.parzen_evaluate(samples, as_unit(valid[:PARZEN_SIGMA_IMAGES]), as_unit(test))
         out = {"metric/parzen_ll": result["ll"], "metric/parzen_se": result["se"], "metric/parzen_sigma": result["sigma"]}
     G.train()
     return out
@@ -247,7 +235,7 @@ def train(args):
     data = datasets.load(args)
     valid = test = None
     if data.kind == "image":
-        data, valid, test = split_data(args, data)
+        data, valid, test = datasets.split_held_out(args, data, args.valid_size)
     r = runlib.setup(args, SCRIPT)
     device = r.device
 
@@ -348,14 +336,8 @@ def sample(args):
         return runlib.write_samples(out, step, {"samples": runlib.scatter_image(points)[None]}, (0, 1), nrow=1)
     grid = G(sample_noise(100, targs.z_dim, targs.noise, "cpu", g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
-    ends = sample_noise(16, targs.z_dim, targs.noise, "cpu", g).view(8, 2, -1)
-    t = torch.linspace(0, 1, 10)[None, :, None]
-    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
-    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
-    runlib.save_grid(grid, paths["samples"], nrow=10, value_range=(0, 1))
-    runlib.save_grid(G(line), paths["interpolation"], nrow=10, value_range=(0, 1))
-    for p in paths.values():
-        print(f"wrote {p}")
+    line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, targs.noise, "cpu", g)).to(device)
+    paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
     return paths
 
 

@@ -68,7 +68,6 @@ Differences from the paper (and its official code):
   unbounded 2D outputs diverge.
 """
 import argparse
-import dataclasses
 import math
 
 import numpy as np
@@ -279,22 +278,6 @@ def set_lr_momentum(opt, lr, momentum):
 # Data splits and evaluation
 # ------------------------------------------------------------------------------------------------
 
-def split_data(args, data):
-    """(train, valid, test) images: `valid_size` random training images are held out (fixed seed);
-    test is the dataset's test split, or half of the held-out images when the source has none."""
-    n = len(data)
-    n_valid = args.valid_size if n > 2 * args.valid_size else max(n // 5, 2)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    keep, held = perm[n_valid:], perm[:n_valid]
-    train = dataclasses.replace(data, images=data.images[keep], labels=data.labels[keep])
-    valid, test = data.images[held], None
-    if args.dataset in datasets.IN_MEMORY:
-        test = datasets.load(args, split="test").images
-    if test is None:
-        valid, test = valid[: n_valid // 2], valid[n_valid // 2:]
-    return train, valid, test
-
-
 def kernel_bandwidths(args, data):
     if args.bandwidths:
         return args.bandwidths
@@ -366,7 +349,7 @@ def train(args):
     check(args, data)
     valid = test = None
     if data.kind == "image":
-        data, valid, test = split_data(args, data)
+        data, valid, test = datasets.split_held_out(args, data, args.valid_size, shuffle=True)
     # The step counter runs over the whole command: 3 autoencoder phases first (--mode ae), then the GMMN.
     ae_total = 3 * args.ae_steps if args.mode == "ae" else 0
     lr = args.lr if args.lr is not None else 0.05 if data.kind == "toy" else 2.0
@@ -507,14 +490,8 @@ def sample(args):
         return runlib.write_samples(out, step, {"samples": runlib.scatter_image(points)[None]}, (0, 1), nrow=1)
     grid = to_data(G(sample_noise(100, targs.z_dim, "cpu", g).to(device)))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
-    ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
-    t = torch.linspace(0, 1, 10)[None, :, None]
-    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
-    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
-    runlib.save_grid(grid, paths["samples"], nrow=10, value_range=(0, 1))
-    runlib.save_grid(to_data(G(line)), paths["interpolation"], nrow=10, value_range=(0, 1))
-    for p in paths.values():
-        print(f"wrote {p}")
+    line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
+    paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": to_data(G(line))}, value_range=(0, 1))
     return paths
 
 

@@ -46,7 +46,6 @@ Differences from the paper (and the reference code):
   (that script: 16-16-16 tanh, on a 2-cluster toy).
 """
 import argparse
-import dataclasses
 import math
 
 import torch
@@ -81,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--toy-points", type=int, default=2000, help="size of the training set drawn from a 2D toy")
     p.add_argument("--valid-size", type=int, default=5000,
                    help="training images held out as the validation split (Parzen sigma selection)")
-    runlib.add_args(p, dataset="mnist", image_size=28, batch_size=64, steps=85_900,
+    runlib.add_args(p, dataset="mnist", image_size=28, batch_size=64, steps=85_900, streamed=False,
                     log_every=100, sample_every=2000, ckpt_every=2000, eval_every=10_000, eval_samples=10_000)
     return runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "g_widths": [32, 16, 8], "mlp_hidden": [16, 16], "factor": 2, "z_dim": 8,
@@ -178,22 +177,6 @@ def imle_loss(samples, data):
 # Data and evaluation
 # ------------------------------------------------------------------------------------------------
 
-def split_data(args, data):
-    """(train, valid, test) images: `valid_size` random training images are held out (fixed seed);
-    test is the dataset's test split, or half of the held-out images when the source has none."""
-    n = len(data)
-    n_valid = args.valid_size if n > 2 * args.valid_size else max(n // 5, 2)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    keep, held = perm[n_valid:], perm[:n_valid]
-    train = dataclasses.replace(data, images=data.images[keep], labels=data.labels[keep])
-    valid, test = data.images[held], None
-    if args.dataset in datasets.IN_MEMORY:
-        test = datasets.load(args, split="test").images
-    if test is None:
-        valid, test = valid[: n_valid // 2], valid[n_valid // 2:]
-    return train, valid, test
-
-
 def training_set(args, data, device):
     """The finite training set {x_i} of Algorithm 1 on the device: images in [0, 1], or a fixed draw of
     `toy_points` points from a 2D mixture."""
@@ -253,7 +236,7 @@ def train(args):
     check(args, data)
     valid = test = None
     if data.kind == "image":
-        data, valid, test = split_data(args, data)
+        data, valid, test = datasets.split_held_out(args, data, args.valid_size, shuffle=True)
     n = args.toy_points if data.kind == "toy" else len(data)
     if n < args.batch_size:
         raise runlib.UsageError(f"the training set ({n} points) is smaller than --batch-size {args.batch_size}")
@@ -337,14 +320,8 @@ def sample(args):
         return runlib.write_samples(out, step, {"samples": runlib.scatter_image(points)[None]}, (0, 1), nrow=1)
     grid = G(torch.randn(100, targs.z_dim, generator=g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
-    ends = torch.randn(8, 2, targs.z_dim, generator=g)
-    t = torch.linspace(0, 1, 10)[None, :, None]
-    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
-    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
-    runlib.save_grid(grid, paths["samples"], nrow=10, value_range=(0, 1))
-    runlib.save_grid(G(line), paths["interpolation"], nrow=10, value_range=(0, 1))
-    for p in paths.values():
-        print(f"wrote {p}")
+    line = runlib.latent_walks(lambda n: torch.randn(n, targs.z_dim, generator=g)).to(device)
+    paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
     return paths
 
 

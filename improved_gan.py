@@ -96,7 +96,6 @@ Differences from the paper:
 import argparse
 import dataclasses
 import math
-import sys
 
 import torch
 import torch.nn as nn
@@ -117,11 +116,6 @@ PAPER = {
     "cifar10": dict(labels=4000, lr=3e-4, epochs=1200, decay_epochs=400),
     "svhn": dict(labels=1000, lr=3e-4, epochs=900, decay_epochs=300),
 }
-
-
-def _given(argv, flag):
-    argv = sys.argv[1:] if argv is None else argv
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def parse_args(argv=None):
@@ -181,11 +175,10 @@ def parse_args(argv=None):
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "labels": 20, "test_size": 64, "decay_epochs": 0,
         "d_hidden": "32,16", "g_hidden": 16, "d_width": 8, "g_width": 16, "mb_kernels": 8, "mb_dim": 3,
-        "ref_size": 8})
-    if args.epochs is None and (args.dry_run or _given(argv, "--steps")):
-        args.epochs = 0  # 0: train for --steps
-    if args.dataset in ("cifar10", "cifar100", "svhn") and not (args.dry_run or _given(argv, "--image-size")):
-        args.image_size = 32
+        "ref_size": 8, "epochs": 0}, defaults=lambda a: {
+        **({"epochs": 0} if "steps" in a.explicit else {}),   # 0: train for --steps
+        **({"image_size": 32} if a.dataset in ("cifar10", "cifar100", "svhn") and not a.dry_run else {}),
+        **({"eval_samples": 50000} if a.sample and a.eval else {})})   # Table 3: IS of 50k samples
     try:
         args.d_hidden = [int(w) for w in args.d_hidden.split(",")]
     except ValueError:
@@ -733,10 +726,17 @@ def sample(args):
     step = state["step"]
     grid = G(sample_noise(100, targs.z_dim, "cpu", g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
-    ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
-    t = torch.linspace(0, 1, 10)[None, :, None]
-    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
+    line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=value_range)
+    if args.eval:  # Table 3's Inception Score of the checkpoint's samples (50k samples unless --eval-samples)
+        if not args.metrics:
+            raise runlib.UsageError("--eval scores Inception metrics: give --metrics is (or fid,is)")
+        lo, hi = value_range
+        scores = inception.evaluate(lambda n: (G(sample_noise(n, targs.z_dim, device)) - lo) / (hi - lo) * 2 - 1,
+                                    args.eval_samples, datasets.load(targs), device, metrics=args.metrics,
+                                    weights=args.inception_weights, data_root=targs.data_root)
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        return {**paths, **scores}
     return paths
 
 

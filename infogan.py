@@ -51,7 +51,7 @@ right, each row a value of the first categorical code, the noise fixed (Fig. 2c-
 
 Differences from the paper:
 - Q's head is trained by D's optimiser (lr 2e-4), as in the official code, where it lives in D's
-  variable scope; only G uses 1e-3. `--lr-q` sets a separate rate for Q's head.
+  variable scope; only G uses 1e-3. `--q-lr` sets a separate rate for Q's head.
 - λ = 1 for every code (the official MNIST launcher). Sec. 6 says a smaller λ is "typically used" for
   continuous codes without a value; with the official fixed σ = 1, their term is ½(c − μ)² + const.
   `--lambda-cont` scales it.
@@ -64,13 +64,19 @@ Differences from the paper:
 - SVHN: Sec. 7.2 says four categorical and two continuous codes, Appendix C.2 four and four (168
   inputs); we follow the appendix. The number of updates for svhn / celeba is not given; `--steps`
   stays at MNIST's 5000.
-- The c1 error (`metric/c1_error`) is measured on the test split of labelled in-memory datasets (on
-  the training images when the source has no test split), with D / Q in eval mode.
+- The c1 error is measured on the test split of labelled in-memory datasets (on the training images
+  when the source has no test split). The paper does not give its protocol; each value of c1 is
+  mapped to the digit most frequent among the images assigned to it (so two values may map to one
+  digit). Two numbers are logged: `metric/c1_error` with D / Q in eval mode (BN's running averages,
+  which are dominated by the fake batches D also sees) and `metric/c1_error_batch_stats` with BN
+  normalising each batch of 500 real test images by its own statistics, as D normalises the real
+  batches it is trained on. The second is the one comparable with a network used the way it was
+  trained; both are reported so the difference is visible.
 - The official code trains on the 55k-image TensorFlow MNIST split; we use the 60k training images.
 """
 import argparse
+import copy
 import math
-import sys
 
 import torch
 import torch.nn as nn
@@ -106,30 +112,34 @@ def parse_args(argv=None):
                    help="Q's Gaussian: sigma = 1 (official code) or predicted through exp (Appendix C)")
     p.add_argument("--width", type=int, default=64, help="base channels (64 in the paper's nets)")
     p.add_argument("--leak", type=float, default=None, help="lReLU slope of D / Q (None: the config's)")
-    p.add_argument("--lr-d", type=float, default=2e-4, help="Adam lr of D (shared trunk and D's head)")
-    p.add_argument("--lr-g", type=float, default=1e-3, help="Adam lr of G")
-    p.add_argument("--lr-q", type=float, default=2e-4, help="Adam lr of Q's head (trained with D's optimiser)")
+    p.add_argument("--d-lr", type=float, default=2e-4, help="Adam lr of D (shared trunk and D's head)")
+    p.add_argument("--g-lr", type=float, default=1e-3, help="Adam lr of G")
+    p.add_argument("--q-lr", type=float, default=2e-4, help="Adam lr of Q's head (trained with D's optimiser)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--sweep", type=float, default=2.0, help="continuous codes are swept over [-sweep, sweep] "
                    "in the --sample figures (the paper goes beyond the training range [-1, 1])")
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=128, steps=5000,
                     log_every=100, sample_every=500, ckpt_every=1000, eval_every=1000, eval_samples=10000)
-    args = runlib.parse(p, argv, dry_run_defaults={"dataset": "fake", "image_size": 8, "width": 8})
-    resolve_config(args, given=argv if argv is not None else sys.argv[1:])
+    args = runlib.parse(p, argv, dry_run_defaults={"dataset": "fake", "image_size": 8, "width": 8},
+                        defaults=config_defaults)
+    check_config(args)
     return args
 
 
-def resolve_config(args, given=()):
-    """Fill the codes, the nets and the image size from the paper's configuration for the dataset."""
-    if args.config == "auto":
-        args.config = args.dataset if args.dataset in ("svhn", "celeba") else "mnist"
-    config = CONFIGS[args.config]
-    for key in ("noise_dim", "n_cat", "cat_dim", "n_cont", "leak"):
-        if getattr(args, key) is None:
-            setattr(args, key, config[key])
-    args.net = config["net"]
-    if args.net == "dcgan32" and not args.dry_run and not any(a.startswith("--image-size") for a in given):
-        args.image_size = 32
+def config_defaults(args):
+    """The paper's configuration for the dataset: its codes, nets and (for the 32x32 nets) image size."""
+    name = args.config
+    if name == "auto":
+        name = args.dataset if args.dataset in ("svhn", "celeba") else "mnist"
+    config = CONFIGS[name]
+    size = {"image_size": 32} if config["net"] == "dcgan32" and not args.dry_run else {}
+    return {"config": name, **{k: config[k] for k in ("noise_dim", "n_cat", "cat_dim", "n_cont", "leak")}, **size}
+
+
+def check_config(args):
+    if args.config == "auto":  # given explicitly
+        args.config = config_defaults(args)["config"]
+    args.net = CONFIGS[args.config]["net"]
     if min(args.noise_dim, args.n_cat, args.n_cont) < 0 or args.n_cat + args.n_cont == 0:
         raise runlib.UsageError("InfoGAN needs at least one latent code (--n-cat / --n-cont) and no negative counts")
     if args.n_cat and args.cat_dim < 2:
@@ -307,10 +317,15 @@ def cluster_error(pred, labels, num_values):
 
 
 @torch.no_grad()
-def predict_code(D, images, args, device, value_range, batch=500):
-    """argmax_k Q(c1 = k | x) for uint8 images."""
+def predict_code(D, images, args, device, value_range, batch=500, batch_stats=False):
+    """argmax_k Q(c1 = k | x) for uint8 images. BN uses its running averages (eval mode), or with
+    batch_stats the statistics of each batch of `batch` real images (train mode, on a copy of D so
+    that its running averages are not touched)."""
     was_training = D.training
-    D.eval()
+    if batch_stats:
+        D = copy.deepcopy(D).train()
+    else:
+        D.eval()
     preds = []
     for chunk in images.split(batch):
         _, q = D(datasets.to_range(chunk.to(device), value_range, True))
@@ -375,9 +390,9 @@ def train(args):
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
     q_params = list(d_raw.q_head.parameters())
     shared = [p for n, p in d_raw.named_parameters() if not n.startswith("q_head.")]
-    opt_d = torch.optim.Adam([{"params": shared, "lr": args.lr_d}, {"params": q_params, "lr": args.lr_q}],
+    opt_d = torch.optim.Adam([{"params": shared, "lr": args.d_lr}, {"params": q_params, "lr": args.q_lr}],
                              betas=(args.beta1, 0.999))
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, 0.999))
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.beta1, 0.999))
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device, value_range=value_range,
@@ -429,7 +444,9 @@ def train(args):
                 g_raw.train()
         if scored is not None and (r.every(step, args.eval_every) or step == args.steps):
             pred = predict_code(d_raw, scored[0], args, device, value_range)
-            r.log(step, {"metric/c1_error": cluster_error(pred, scored[1], args.cat_dim)}, force=True)
+            pred_bs = predict_code(d_raw, scored[0], args, device, value_range, batch_stats=True)
+            r.log(step, {"metric/c1_error": cluster_error(pred, scored[1], args.cat_dim),
+                         "metric/c1_error_batch_stats": cluster_error(pred_bs, scored[1], args.cat_dim)}, force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
                                      "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},

@@ -38,7 +38,7 @@ Usage:
     python sngan.py --arch cnn --cuda                       # the standard CNN (setting C)
     python sngan.py --dataset stl10 --cuda                  # STL-10 at 48x48 (Table 5 ResNet)
     python sngan.py --arch cnn --no-sn --lr 1e-3 ...        # ablation: the same D without SN
-    python sngan.py --sample runs/sngan/cifar10-.../ckpt.pt [--eval]     # grids (and IS / FID)
+    python sngan.py --sample runs/sngan/cifar10-.../ckpt.pt [--eval]     # grids (and IS / FID, Table 2 protocol)
 
 Differences from the paper:
 - One power iteration per D update: D scores the real and the generated batch in one forward pass, and
@@ -76,7 +76,7 @@ ARCH_DEFAULTS = {
     "cnn": {"beta1": 0.5, "beta2": 0.999, "n_dis": 1},
     "resnet": {"beta1": 0.0, "beta2": 0.9, "n_dis": 5},
 }
-WIDTHS = {"cnn": (512, 64), "resnet": (256, 128), "resnet48": (512, 64)}   # (g_ch, d_ch)
+WIDTHS = {"cnn": (512, 64), "resnet": (256, 128), "resnet48": (512, 64)}   # (g_width, d_width)
 
 
 def parse_args(argv=None):
@@ -88,9 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--sn", action=argparse.BooleanOptionalAction, default=True,
                    help="spectral normalisation on every D layer (--no-sn: the unnormalised ablation)")
     p.add_argument("--z-dim", type=int, default=128, help="noise dimension, z ~ N(0, I)")
-    p.add_argument("--g-ch", type=int, default=None,
+    p.add_argument("--g-width", type=int, default=None,
                    help="G width: cnn 512 (first feature map), resnet 256 (every block; 512 at 48x48)")
-    p.add_argument("--d-ch", type=int, default=None,
+    p.add_argument("--d-width", type=int, default=None,
                    help="D width: cnn 64 (first conv), resnet 128 (every block; 64 first block at 48x48)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (G and D)")
     p.add_argument("--beta1", type=float, default=None, help="Adam beta1: resnet 0, cnn 0.5")
@@ -102,16 +102,16 @@ def parse_args(argv=None):
                     sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=5000, metrics="fid,is")
     p.set_defaults(image_size=None)   # 32, or 48 for stl10 (resolved below)
     args = runlib.parse(p, argv, dry_run_defaults={
-        "dataset": "fake", "image_size": 16, "g_ch": 16, "d_ch": 8, "z_dim": 16})
+        "dataset": "fake", "image_size": 16, "g_width": 16, "d_width": 8, "z_dim": 16})
     if args.image_size is None:
         args.image_size = 48 if args.dataset == "stl10" else 32
     for key, value in ARCH_DEFAULTS[args.arch].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.g_ch is None or args.d_ch is None:
+    if args.g_width is None or args.d_width is None:
         g_ch, d_ch = WIDTHS[width_key(args.arch, args.image_size)]
-        args.g_ch = args.g_ch or g_ch
-        args.d_ch = args.d_ch or d_ch
+        args.g_width = args.g_width or g_ch
+        args.d_width = args.d_width or d_ch
     if args.n_dis < 1:
         raise runlib.UsageError("--n-dis must be >= 1")
     return args
@@ -268,16 +268,16 @@ def check_shape(shape):
 def build_generator(args, shape):
     channels, size = shape[0], shape[-1]
     if args.arch == "cnn":
-        return CNNGenerator(args.z_dim, channels, size, args.g_ch)
-    return ResNetGenerator(args.z_dim, channels, size, resnet_widths(size, args.g_ch, args.d_ch)[0])
+        return CNNGenerator(args.z_dim, channels, size, args.g_width)
+    return ResNetGenerator(args.z_dim, channels, size, resnet_widths(size, args.g_width, args.d_width)[0])
 
 
 def build_discriminator(args, shape):
     channels, size = shape[0], shape[-1]
     if args.arch == "cnn":
-        D = CNNDiscriminator(channels, size, args.d_ch)
+        D = CNNDiscriminator(channels, size, args.d_width)
     else:
-        _, widths, downs = resnet_widths(size, args.g_ch, args.d_ch)
+        _, widths, downs = resnet_widths(size, args.g_width, args.d_width)
         D = ResNetDiscriminator(channels, widths, downs)
     return apply_spectral_norm(D) if args.sn else D
 
@@ -337,6 +337,8 @@ def evaluate(G, args, device, real_stats):
 def train(args):
     data = datasets.load(args)
     check_shape(data.shape)
+    if args.metrics:
+        metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     r = runlib.setup(args, SCRIPT)
     device = r.device
     real_stats = None
@@ -421,12 +423,10 @@ def sample(args):
     step = state["step"]
     grid = G(sample_noise(100, targs.z_dim, "cpu", g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
-    ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
-    t = torch.linspace(0, 1, 10)[None, :, None]
-    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
+    line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
     result = dict(paths)
-    if args.eval and args.metrics:   # --eval: score the checkpoint (50k samples unless --eval-samples)
+    if args.eval and args.metrics:   # --eval: Table 2's protocol, 5k samples (--eval-samples) vs 10k real images
         real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, max_images=10000,
                                        weights=args.inception_weights)
         scores = metrics.evaluate(lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, real,

@@ -34,7 +34,10 @@ Usage:
     python wgan.py --dataset ring8 --steps 20000       # 8 Gaussians with the MLP nets (a CPU run)
     python wgan.py --sample runs/wgan/cifar10-.../ckpt.pt [--eval]
 FID / IS (`--metrics`) need the FID Inception weights (see common/metrics.py); `--metrics none` trains
-without them.
+without them. The paper reports no FID / IS; the WGAN numbers others publish for CIFAR-10 (e.g. the
+weight-clipping curves of WGAN-GP's Fig. 3) are at 32x32: scores at the default 64x64 are NOT
+comparable with them (Inception sees upsampled images); use `--image-size 32` to compare.
+`--sample CKPT --eval` scores 50k samples.
 
 Differences from the paper:
 - Default data: CIFAR-10 resized to 64x64 (the official code's `cifar10` option); the paper trains on
@@ -49,7 +52,7 @@ Differences from the paper:
   as the official code clips all critic parameters.
 - "4-layer ReLU-MLP with 512 hidden units" is read as the official MLP_G: four linear layers, i.e.
   three hidden ReLU layers of 512 units, linear output. The MLP critic uses the same width
-  (`--mlp-units`); the official MLP_D takes its width from --ndf (64 unless given).
+  (`--mlp-units`); the official MLP_D takes its width from --ndf (64 unless given; our --d-width).
 - The critic scores each example and the losses average them (the official nets average inside
   forward); same gradients.
 - `--arch nobn` drops BatchNorm from G only (official main.py); the critic keeps it. The paper's Fig. 6
@@ -82,8 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=["dcgan", "nobn", "mlp-g", "mlp"], default=None,
                    help="networks (see the docstring); default: dcgan for images, mlp for ring8/grid25")
     p.add_argument("--z-dim", type=int, default=100, help="noise dimension, z ~ N(0, I)")
-    p.add_argument("--ngf", type=int, default=64, help="DCGAN G width (G starts at ngf * image_size / 8 channels)")
-    p.add_argument("--ndf", type=int, default=64, help="DCGAN critic width (first layer)")
+    p.add_argument("--g-width", type=int, default=64, help="DCGAN G width (G starts at g_width * image_size / 8 channels; official --ngf)")
+    p.add_argument("--d-width", type=int, default=64, help="DCGAN critic width (first layer; official --ndf)")
     p.add_argument("--mlp-units", type=int, default=512, help="units in each hidden layer of the MLP nets")
     p.add_argument("--clip", type=float, default=0.01, help="c: critic weights are clipped to [-c, c]")
     p.add_argument("--n-critic", type=int, default=5, help="critic steps per G iteration (Algorithm 1)")
@@ -94,8 +97,8 @@ def parse_args(argv=None):
     runlib.add_args(p, dataset="cifar10", image_size=64, batch_size=64, steps=100_000, log_every=100,
                     sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=10000, metrics="fid,is")
     args = runlib.parse(p, argv, dry_run_defaults={
-        "dataset": "fake", "image_size": 8, "ngf": 4, "ndf": 4, "mlp_units": 16, "z_dim": 8,
-        "boost_critic": False})
+        "dataset": "fake", "image_size": 8, "g_width": 4, "d_width": 4, "mlp_units": 16, "z_dim": 8,
+        "boost_critic": False}, defaults=lambda a: {"eval_samples": 50000} if a.sample and a.eval else {})   # --sample --eval: 50k samples
     if args.arch is None:
         args.arch = "mlp" if args.dataset in TOYS else "dcgan"
     if args.clip <= 0 or args.n_critic < 1:
@@ -190,7 +193,7 @@ def check_shape(arch, shape):
 def build_generator(args, shape):
     if args.arch in ("mlp-g", "mlp"):
         return MLPGenerator(args.z_dim, shape, args.mlp_units)
-    G = DCGANGenerator(args.z_dim, shape[0], shape[-1], args.ngf, batchnorm=args.arch != "nobn")
+    G = DCGANGenerator(args.z_dim, shape[0], shape[-1], args.g_width, batchnorm=args.arch != "nobn")
     dcgan_init_(G)
     return G
 
@@ -199,7 +202,7 @@ def build_critic(args, shape):
     if args.arch == "mlp":
         D = MLPCritic(shape, args.mlp_units)      # official: default (PyTorch) init for the MLP critic
     else:
-        D = DCGANCritic(shape[0], shape[-1], args.ndf)
+        D = DCGANCritic(shape[0], shape[-1], args.d_width)
         dcgan_init_(D)
     clip_weights_(D, args.clip)
     return D
@@ -283,6 +286,8 @@ def evaluate(G, args, device, data, real_stats):
 def train(args):
     data = datasets.load(args)
     check_shape(args.arch, data.shape)
+    if data.kind == "image" and args.metrics:
+        metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     r = runlib.setup(args, SCRIPT)
     device = r.device
     real_stats = None
@@ -360,17 +365,11 @@ def sample(args):
         points = G(sample_noise(2500, targs.z_dim, "cpu", g).to(device))
         paths = runlib.write_samples(out, step, {"samples": runlib.scatter_image(points)[None]}, (0, 1), nrow=1)
         return {**paths, **score_checkpoint(G, args, targs, device)}
-    grid = G(sample_noise(64, targs.z_dim, "cpu", g).to(device))
+    grid = G(sample_noise(100, targs.z_dim, "cpu", g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
-    ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
-    t = torch.linspace(0, 1, 10)[None, :, None]
-    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
-    paths = {"samples": out / f"samples-{step:07d}.png", "interpolation": out / f"interpolation-{step:07d}.png"}
-    runlib.save_grid(grid, paths["samples"], nrow=8)
-    runlib.save_grid(G(line), paths["interpolation"], nrow=10)
-    for p in paths.values():
-        print(f"wrote {p}")
-    return {**{k: str(v) for k, v in paths.items()}, **score_checkpoint(G, args, targs, device)}
+    line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
+    paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
+    return {**paths, **score_checkpoint(G, args, targs, device)}
 
 
 def score_checkpoint(G, args, targs, device):

@@ -40,7 +40,7 @@ overfitting); modes captured and % high-quality samples for the toys.
 Usage:
     python wgan_gp.py --cuda                                    # CIFAR-10 ResNet, 100k G iterations
     python wgan_gp.py --dataset ring8 --steps 20000             # 8 Gaussians, gan_toy.py's nets (CPU)
-    python wgan_gp.py --dataset mnist --steps 2000 --dim 64     # a quick CPU image run (28 → 32 pixels)
+    python wgan_gp.py --dataset mnist --steps 2000 --g-width 64 --d-width 64    # a quick CPU image run (28 → 32 pixels)
     python wgan_gp.py --sample runs/wgan_gp/cifar10-.../ckpt.pt [--eval]   # grids (and IS / FID on 50k)
 
 Differences from the paper:
@@ -77,7 +77,7 @@ SCRIPT = "wgan_gp"
 TOYS = ("ring8", "grid25")
 
 # gan_toy.py's settings, the defaults whenever --dataset is a 2D toy (explicit flags still win)
-TOY_DEFAULTS = {"z_dim": 2, "dim": 512, "lr": 1e-4, "beta1": 0.5, "lr_decay": "none", "gp_lambda": 0.1,
+TOY_DEFAULTS = {"z_dim": 2, "g_width": 512, "d_width": 512, "lr": 1e-4, "beta1": 0.5, "lr_decay": "none", "gp_lambda": 0.1,
                 "g_batch_mult": 1, "batch_size": 256, "metrics": "none"}
 
 
@@ -85,7 +85,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="WGAN-GP (Gulrajani et al. 2017)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--z-dim", type=int, default=128, help="noise dimension, z ~ N(0, I) (toys: 2)")
-    p.add_argument("--dim", type=int, default=128, help="ResNet channels in G and D (toys: MLP width 512)")
+    p.add_argument("--g-width", type=int, default=128, help="G's ResNet channels, DIM of the code (toys: MLP width 512)")
+    p.add_argument("--d-width", type=int, default=128, help="D's ResNet channels, DIM of the code (toys: MLP width 512)")
     p.add_argument("--gp-lambda", type=float, default=10.0, help="gradient penalty weight lambda (toys: 0.1)")
     p.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D (toys: 1e-4)")
@@ -97,9 +98,8 @@ def parse_args(argv=None):
                    help="G's batch is this multiple of the critic's --batch-size (toys: 1)")
     runlib.add_args(p, dataset="cifar10", image_size=32, batch_size=64, steps=100_000, log_every=100,
                     sample_every=1000, ckpt_every=1000, eval_every=10000, eval_samples=50000, metrics="is,fid")
-    if p.parse_known_args(argv)[0].dataset in TOYS:  # the toy configuration's defaults
-        p.set_defaults(**TOY_DEFAULTS)
-    return runlib.parse(p, argv, dry_run_defaults={"dataset": "fake", "dim": 16})
+    return runlib.parse(p, argv, dry_run_defaults={"dataset": "fake", "g_width": 16, "d_width": 16},
+                        defaults=lambda a: TOY_DEFAULTS if a.dataset in TOYS else {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,11 +172,11 @@ class FirstCriticBlock(nn.Module):
 
 
 def resnet_depth(image_size):
-    """Up-blocks of G (3 for 32x32); UsageError if the ResNet cannot make this size."""
+    """Up-blocks of G (3 for 32x32); ValueError if the ResNet cannot make this size."""
     n = int(round(math.log2(image_size))) - 2 if image_size > 0 else -1
     if image_size < 16 or 2 ** (n + 2) != image_size:
-        raise runlib.UsageError(f"wgan_gp.py's ResNet makes square images whose side is a power of two, "
-                                f"at least 16 (the paper's CIFAR-10 model: 32); got --image-size {image_size}")
+        raise ValueError(f"wgan_gp.py's ResNet makes square images whose side is a power of two, "
+                         f"at least 16 (the paper's CIFAR-10 model: 32); got --image-size {image_size}")
     return n
 
 
@@ -243,8 +243,8 @@ class ToyCritic(nn.Module):
 def build(args, shape):
     """(G, D) for the data: the toy MLPs for 2D points, the ResNet for images."""
     if len(shape) == 1:
-        return ToyGenerator(args.z_dim, args.dim), ToyCritic(args.dim)
-    return ResNetGenerator(args.z_dim, args.dim, shape), ResNetCritic(args.dim, shape)
+        return ToyGenerator(args.z_dim, args.g_width), ToyCritic(args.d_width)
+    return ResNetGenerator(args.z_dim, args.g_width, shape), ResNetCritic(args.d_width, shape)
 
 
 def sample_noise(n, z_dim, device, generator=None):
@@ -324,7 +324,8 @@ def evaluate(G, D, args, device, data, test, real_stats):
 
 def train(args):
     if args.dataset not in TOYS:
-        resnet_depth(args.image_size)  # an impossible size fails before any data is read
+        with runlib.as_usage_error():
+            resnet_depth(args.image_size)  # an impossible size fails before any data is read
     data = datasets.load(args)
     test = datasets.load(args, split="test").images if args.dataset in datasets.IN_MEMORY else None
     if args.metrics:
@@ -422,9 +423,7 @@ def sample(args):
         return runlib.write_samples(out, step, {"samples": img[None]}, (0, 1), nrow=1)
     grid = G(sample_noise(100, targs.z_dim, "cpu", g).to(device))
     # interpolation strip: 8 rows, each a straight line in z between two random codes
-    ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
-    t = torch.linspace(0, 1, 10)[None, :, None]
-    line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)
+    line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
     result = dict(paths)
     if args.eval and args.metrics:  # --eval: IS / FID of the checkpoint (50k samples unless --eval-samples)

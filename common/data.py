@@ -213,6 +213,27 @@ def read_idx_folder(path):
     return images, labels
 
 
+def split_held_out(args, data, n_valid, shuffle=False):
+    """(train, valid, test) of an in-memory image set, for likelihood estimates: `n_valid` training
+    images are held out as the validation split (the last ones, or a fixed random draw with
+    `shuffle`); test is the dataset's test split, or the second half of the held-out images when the
+    source has none (a folder of idx files). valid and test are uint8 image tensors."""
+    import dataclasses
+    n = len(data)
+    n_valid = n_valid if n > 2 * n_valid else max(n // 5, 2)
+    if shuffle:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        keep, held = perm[n_valid:], perm[:n_valid]
+    else:
+        keep, held = torch.arange(n - n_valid), torch.arange(n - n_valid, n)
+    train = dataclasses.replace(data, images=data.images[keep], labels=data.labels[keep])
+    valid = data.images[held]
+    test = load(args, split="test").images if args.dataset in IN_MEMORY else None
+    if test is None:
+        valid, test = valid[: n_valid // 2], valid[n_valid // 2:]
+    return train, valid, test
+
+
 # Batches
 
 def to_range(x_uint8_or_unit, value_range, from_uint8):

@@ -32,9 +32,10 @@ class NonFiniteLoss(Exception):
 # Command line
 
 def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, sample_every=1000,
-             ckpt_every=1000, eval_every=0, eval_samples=10000, metrics=None):
+             ckpt_every=1000, eval_every=0, eval_samples=10000, metrics=None, streamed=True):
     """Add the flags every script shares; the script passes its paper's defaults. Image models pass
-    `metrics` (e.g. "fid,is") to get --metrics, --inception-weights and --eval (see common.metrics)."""
+    `metrics` (e.g. "fid,is") to get --metrics, --inception-weights and --eval (see common.metrics);
+    scripts that hold all their data in memory pass streamed=False (no --workers)."""
     g = parser.add_argument_group("run (shared by every script)")
     g.add_argument("--dataset", default=dataset,
                    help="mnist, fashion-mnist, cifar10, cifar100, svhn, stl10, celeba, lsun:<category>[,..], "
@@ -61,7 +62,8 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
     g.add_argument("--eval-samples", type=int, default=eval_samples, help="samples per evaluation (default: %(default)s)")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers for datasets not held in memory")
+    if streamed:
+        g.add_argument("--workers", type=int, default=4, help="DataLoader workers for datasets not held in memory")
     g.add_argument("--sample", default=None, metavar="CKPT", help="write samples from a checkpoint and exit")
     g.add_argument("--dry-run", action="store_true",
                    help="a few steps on small synthetic data with small nets (explicit flags still win)")
@@ -75,40 +77,76 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
     return parser
 
 
-def parse(parser, argv, dry_run_defaults):
-    """Parse argv; with --dry-run, apply `dry_run_defaults` to every flag the user did not give."""
+def parse(parser, argv, dry_run_defaults=None, defaults=None):
+    """Parse argv. The one place where defaults depend on other flags; explicit flags always win:
+    1. `dry_run_defaults` (a dict) replaces every default the user did not give when --dry-run is set;
+    2. `defaults(args)` (a function of the parsed args, e.g. of --dataset or --arch) returns the
+       defaults of one configuration, e.g. {"lr": 1e-4} on the 2D toys; it is applied to the flags the
+       user did not give, then called again with the result until its values settle, so one default
+       may depend on another (the optimizer's lr on the optimizer). `args.explicit` lists the flags
+       the user gave. Nothing else scans argv."""
     args = parser.parse_args(argv)
+    given = explicit_flags(parser, argv, args)
+    args.explicit = sorted(given)   # the flags the user gave (defaults() may read it; kept in args.json)
     if args.dry_run:
-        given = _given_dests(parser, argv if argv is not None else sys.argv[1:])
         base = {"steps": 4, "batch_size": 8, "log_every": 2, "sample_every": 2, "ckpt_every": 2,
-                "eval_every": 0, "eval_samples": 64, "workers": 0}
-        for key, value in {**base, "metrics": "none", **dry_run_defaults}.items():
-            if key not in given and hasattr(args, key):
-                setattr(args, key, value)
+                "eval_every": 0, "eval_samples": 64, "workers": 0, "metrics": "none"}
+        _apply(args, {**{k: v for k, v in base.items() if hasattr(args, k)}, **(dry_run_defaults or {})}, given)
+    for _ in range(3):
+        if defaults is None or not _apply(args, defaults(args), given):
+            break
     if isinstance(getattr(args, "metrics", None), str):
         args.metrics = [m for m in args.metrics.split(",") if m and m != "none"]
         if set(args.metrics) - {"fid", "is", "kid", "pr"}:
             raise UsageError(f"--metrics takes fid, is, kid, pr or none, got {','.join(args.metrics)}")
-        if args.sample and args.eval and "eval_samples" not in _given_dests(parser, argv if argv is not None else sys.argv[1:]):
-            args.eval_samples = 50000   # the papers' protocol for a finished model
+        if getattr(args, "eval", False) and not args.sample:
+            raise UsageError("--eval scores a checkpoint and needs --sample CKPT "
+                             "(training runs evaluate every --eval-every steps)")
     check_args(args)
     return args
 
 
-def _given_dests(parser, argv):
-    given = set()
-    for action in parser._actions:  # argparse keeps no record of explicit flags; read argv instead
-        for opt in action.option_strings:
-            if any(a == opt or a.startswith(opt + "=") for a in argv):
-                given.add(action.dest)
-    return given
+def explicit_flags(parser, argv, args):
+    """The destinations of the flags given on the command line: parse again into a namespace that
+    already holds a marker for every flag (argparse fills in defaults only where nothing is set)."""
+    unset = object()
+    marked = parser.parse_args(argv, argparse.Namespace(**{dest: unset for dest in vars(args)}))
+    return {dest for dest, value in vars(marked).items() if value is not unset}
+
+
+def _apply(args, values, given):
+    """Set the values of flags not in `given`; True if anything changed."""
+    changed = False
+    for key, value in values.items():
+        if not hasattr(args, key):
+            raise KeyError(f"default for unknown flag {key!r}")   # a mistake in the script
+        if key not in given and getattr(args, key) != value:
+            setattr(args, key, value)
+            changed = True
+    return changed
 
 
 def check_args(args):
+    """Start-up checks of the shared flags (and of every learning rate), before anything is written."""
     for name, least in (("steps", 1), ("batch_size", 1), ("log_every", 0), ("sample_every", 0),
                         ("ckpt_every", 0), ("eval_every", 0), ("eval_samples", 0)):
         if getattr(args, name) < least:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    for name, value in vars(args).items():
+        if (name == "lr" or name.endswith("_lr")) and value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is an existing file; give a directory")
+
+
+@contextlib.contextmanager
+def as_usage_error():
+    """Paper code raises plain ValueErrors (it copies without common); at start-up a script checks the
+    user's settings inside this context, which turns them into the one-line UsageError."""
+    try:
+        yield
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 @contextlib.contextmanager
@@ -252,6 +290,9 @@ class Run:
         """Call after models, optimizers and data are built, right before the loop."""
         if self.resume_state is not None:
             ckpt_io.set_rng_state(self.resume_state["rng"], self.rank)
+        # the progress line's first rate is measured from here
+        self._step_first = self._step_last = self.resume_state["step"] if self.resume_state else 0
+        self._t_first = self._t_last = time.perf_counter()
 
     # -- end ------------------------------------------------------------------------------------
     def finish(self, step, **extra):
@@ -377,6 +418,14 @@ def write_samples(out, step, grids, value_range=(-1, 1), nrow=10):
         save_grid(x, paths[name], nrow, value_range)
         print(f"wrote {paths[name]}")
     return paths
+
+
+def latent_walks(noise, rows=8, steps=10):
+    """Codes for an interpolation strip: `rows` straight lines in latent space, each between two codes
+    drawn by noise(n) -> (n, dim); returns (rows * steps, dim), row by row."""
+    ends = noise(2 * rows).view(rows, 2, -1)
+    t = torch.linspace(0, 1, steps)[None, :, None]
+    return (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1)
 
 
 def unwrap(model):

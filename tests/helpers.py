@@ -101,3 +101,13 @@ def expect_usage_error(script, argv, capsys, match):
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert match in err, err
     return err
+
+
+def assert_mode_metrics(metrics, num_modes, num_samples=None):
+    """The toy metrics (PacGAN protocol) of an evaluation: a whole number of modes, captured only
+    through high-quality samples, and HQ a fraction of the samples drawn."""
+    modes, hq = metrics["metric/modes"], metrics["metric/hq"]
+    assert modes == int(modes) and 0 <= modes <= num_modes, modes
+    assert (modes > 0) == (hq > 0), (modes, hq)   # a mode counts only if a high-quality sample is on it
+    if num_samples:
+        assert abs(hq * num_samples - round(hq * num_samples)) < 1e-6, hq

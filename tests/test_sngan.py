@@ -133,7 +133,7 @@ def test_paper_settings_and_networks():
     assert convs == [64, 64, 128, 128, 256, 256, 512]
     # both 48x48 nets run end to end (narrow widths to keep this quick)
     for arch in ("resnet", "cnn"):
-        small = sngan.parse_args(["--dataset", "stl10", "--arch", arch, "--g-ch", "32", "--d-ch", "4"])
+        small = sngan.parse_args(["--dataset", "stl10", "--arch", arch, "--g-width", "32", "--d-width", "4"])
         G, D = sngan.build_generator(small, (3, 48, 48)), sngan.build_discriminator(small, (3, 48, 48))
         assert G(z).shape == (2, 3, 48, 48) and D(G(z)).shape == (2,)
 

@@ -18,22 +18,22 @@ def test_dry_run(tmp_path):
 
 def test_dry_run_toy(tmp_path):
     out, summary, state = helpers.dry_run(wgan_gp, tmp_path, "--dataset", "ring8")
-    assert 0 <= summary["metrics"]["metric/modes"] <= 8
+    helpers.assert_mode_metrics(summary["metrics"], 8, 2500)   # the PacGAN protocol: 2500 samples
     assert 0 <= summary["metrics"]["metric/hq"] <= 1
 
 
 def test_toy_defaults_follow_gan_toy_py():
     args = wgan_gp.parse_args(["--dataset", "grid25"])
     assert (args.gp_lambda, args.batch_size, args.lr, args.beta1, args.beta2) == (0.1, 256, 1e-4, 0.5, 0.9)
-    assert (args.dim, args.z_dim, args.n_critic, args.lr_decay) == (512, 2, 5, "none")
+    assert (args.g_width, args.d_width, args.z_dim, args.n_critic, args.lr_decay) == (512, 512, 2, 5, "none")
     assert wgan_gp.parse_args(["--dataset", "grid25", "--gp-lambda", "10"]).gp_lambda == 10  # explicit wins
     args = wgan_gp.parse_args([])
     assert (args.gp_lambda, args.batch_size, args.g_batch_mult, args.lr, args.beta1) == (10, 64, 2, 2e-4, 0.0)
-    assert (args.dim, args.z_dim, args.steps, args.lr_decay) == (128, 128, 100_000, "linear")
+    assert (args.g_width, args.z_dim, args.steps, args.lr_decay) == (128, 128, 100_000, "linear")
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):
-    helpers.assert_resume_exact(wgan_gp, tmp_path, monkeypatch, ["--dim", "8"], state_keys=("models", "optimizers"))
+    helpers.assert_resume_exact(wgan_gp, tmp_path, monkeypatch, ["--g-width", "8", "--d-width", "8"], state_keys=("models", "optimizers"))
 
 
 def test_resume_is_exact_toy(tmp_path, monkeypatch):
@@ -42,7 +42,7 @@ def test_resume_is_exact_toy(tmp_path, monkeypatch):
 
 
 def test_sample(tmp_path):
-    out, _, _ = helpers.dry_run(wgan_gp, tmp_path, "--dim", "8")
+    out, _, _ = helpers.dry_run(wgan_gp, tmp_path, "--g-width", "8", "--d-width", "8")
     written = helpers.sample_from(wgan_gp, out / "ckpt.pt", tmp_path)
     assert set(written) == {"samples", "interpolation"}
 
