@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from common.run import UsageError, friendly_errors
@@ -324,9 +325,18 @@ def evaluate(generate_fn, n, real, device="cpu", batch_size=100, metrics=("fid",
         real = reference_stats(real, data_root, device, batch_size, mode=mode, net=net, weights=weights)
     if str(real.get("mode", mode)) != mode:
         raise UsageError(f"the reference statistics were computed in {real['mode']} mode, not {mode}")
-    sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+    # under torchrun every rank scores its share of the n samples and the features are gathered, so
+    # all ranks log the number one process would, in 1/world_size of the time
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    share = -(-n // world)
+    mine = min(share, n - rank * share)
+    if mine < 1:
+        raise UsageError(f"--eval-samples {n} is too few for {world} processes")
+    sizes = [min(batch_size, mine - i) for i in range(0, mine, batch_size)]
     with torch.no_grad():
         pool3, logits = inception_features((to_uint8(generate_fn(b)) for b in sizes), device, mode, net, weights)
+    if world > 1:
+        pool3, logits = _gather_rows(pool3, share, n), _gather_rows(logits, share, n)
     out = {}
     if "fid" in metrics:
         out["metric/fid"] = frechet_distance(*gaussian_stats(pool3), real["mu"], real["sigma"])
@@ -341,6 +351,15 @@ def evaluate(generate_fn, n, real, device="cpu", batch_size=100, metrics=("fid",
         if "pr" in metrics:
             out["metric/precision"], out["metric/recall"] = precision_recall(ref, pool3)
     return out
+
+
+def _gather_rows(x, share, n):
+    """Concatenate every rank's rows (rank r holds rows r*share ... of n) on every rank."""
+    padded = x.new_zeros(share, *x.shape[1:])
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n]
 
 
 # --------------------------------------------------------------------------------------------
