@@ -64,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -108,7 +109,8 @@ def parse_args(argv=None):
     c.add_argument("--width", type=int, default=64, help="channels at the highest resolution (doubling inward)")
     c.add_argument("--embed-dim", type=int, default=50, help="G's label embedding size")
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=100, steps=150_000,
-                    log_every=500, sample_every=5000, ckpt_every=5000, eval_every=10000, eval_samples=10000)
+                    log_every=500, sample_every=5000, ckpt_every=5000, eval_every=10000, eval_samples=10000,
+                    metrics="none", inception=False, digits=True)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 8, "g_z_units": 16, "g_y_units": 16, "g_units": 32,
         "d_x_units": 16, "d_y_units": 8, "d_units": 16, "width": 8, "embed_dim": 4, "valid_size": 32},
@@ -314,16 +316,24 @@ def generate(G, n, num_classes, args, device, batch=1000, generator=None):
                       for i in range(0, n, batch)])
 
 
-def evaluate(G, args, device, num_classes, valid, test):
-    """Parzen log-likelihood of the test images under samples of all classes (Sec. 4.1, Table 1)."""
+def evaluate(G, args, device, num_classes, valid, test, data=None, clf=None):
+    """Parzen log-likelihood of the test images under samples of all classes (Sec. 4.1, Table 1; MLP runs);
+    the digit metrics of --metrics (common/digits.py; agree: the share classified as the label given to G)."""
     G.eval()
     samples = generate(G, args.eval_samples, num_classes, args, device)
     G.train()
-    as_unit = lambda u8: u8.to(device).float() / 255  # noqa: E731
-    # sigma is chosen on the first 1,000 validation images (the GAN code's parzen_ll.py --limit_size 1000)
-    result = metrics.parzen_evaluate(samples.flatten(1), as_unit(valid[:PARZEN_SIGMA_IMAGES]).flatten(1),
-                                     as_unit(test).flatten(1))
-    return {"metric/parzen_ll": result["ll"], "metric/parzen_se": result["se"], "metric/parzen_sigma": result["sigma"]}
+    out = {}
+    if valid is not None:
+        as_unit = lambda u8: u8.to(device).float() / 255  # noqa: E731
+        # sigma is chosen on the first 1,000 validation images (the GAN code's parzen_ll.py --limit_size 1000)
+        result = metrics.parzen_evaluate(samples.flatten(1), as_unit(valid[:PARZEN_SIGMA_IMAGES]).flatten(1),
+                                         as_unit(test).flatten(1))
+        out = {"metric/parzen_ll": result["ll"], "metric/parzen_se": result["se"], "metric/parzen_sigma": result["sigma"]}
+    if clf is not None:   # generate() gives the labels 0, 1, ..., K - 1, 0, 1, ...
+        labels = torch.arange(len(samples)) % num_classes
+        out.update(digits.score(clf, samples, data, args.digit_metrics, labels,
+                                value_range=(0, 1) if args.arch == "mlp" else (-1, 1)))
+    return out
 
 
 def class_grid(num_classes, columns, args, device, generator=None):
@@ -342,8 +352,10 @@ def train(args):
     valid = test = None
     if args.arch == "mlp" and data.images is not None:
         data, valid, test = datasets.split_held_out(args, data, args.valid_size)
+    clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     value_range = (0, 1) if args.arch == "mlp" else (-1, 1)
     K = data.num_classes
 
@@ -403,9 +415,9 @@ def train(args):
                 g_raw.eval()
                 r.images("samples", g_raw(fixed_z, fixed_y), step, nrow=10, value_range=value_range)
                 g_raw.train()
-        if valid is not None and (r.every(step, args.eval_every) or step == args.steps):
+        if (valid is not None or clf is not None) and (r.every(step, args.eval_every) or step == args.steps):
             with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, K, valid, test), force=True)
+                r.log(step, evaluate(g_raw, args, device, K, valid, test, data, clf), force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
                                      "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
@@ -435,6 +447,14 @@ def sample(args):
     t = torch.linspace(0, 1, 10)[:, None]
     line = (ends[:1] * (1 - t) + ends[1:] * t).repeat(K, 1).to(device)
     paths = runlib.write_samples(out, step, {"samples": G(z, y), "interpolation": G(line, y)}, value_range=value_range)
+    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
+        data = datasets.load(targs)
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root, conditional=True).to(device)
+        labels = lambda n: torch.arange(n, device=device) % K  # noqa: E731
+        scores = digits.evaluate(clf, lambda n: (G(sample_noise(n, targs.z_dim, targs.noise, device), labels(n)),
+                                                 labels(n)), args.eval_samples, data, args.digit_metrics, value_range)
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        paths.update(scores)
     return paths
 
 

@@ -65,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -85,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="L2 penalty on all weights (official code)")
     runlib.add_args(p, dataset="cifar10", image_size=64, batch_size=128, steps=9750, log_every=100,
-                    sample_every=500, ckpt_every=1000, eval_every=0, eval_samples=10000, metrics="fid,is")
+                    sample_every=500, ckpt_every=1000, eval_every=0, eval_samples=10000, metrics="fid,is",
+                    digits=True)
     return runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "g_width": 8, "d_width": 8},
         defaults=lambda a: {"eval_samples": 50000} if a.sample and a.eval else {})   # --sample --eval: the 50k samples of the IS / FID numbers cited
@@ -218,10 +220,12 @@ def generate(G, n, args, device, batch=500, generator=None):
     return torch.cat([G(sample_noise(min(batch, n - i), args.z_dim, device, generator)) for i in range(0, n, batch)])
 
 
-def evaluate(G, args, device, held, real_stats):
+def evaluate(G, args, device, held, real_stats, data=None, clf=None):
     G.eval()
     fake = generate(G, args.eval_samples, args, device)
     out = {"metric/nnd": nearest_neighbour_distance(to_unit_range(held).to(device), fake)}
+    if clf is not None:  # --metrics cfid, modes: on a digit classifier (common/digits.py)
+        out.update(digits.score(clf, fake, data, args.digit_metrics))
     if args.metrics:
         out.update(metrics.evaluate(lambda b: G(sample_noise(b, args.z_dim, device)), args.eval_samples,
                                     real_stats, device, metrics=args.metrics, weights=args.inception_weights))
@@ -246,10 +250,12 @@ def train(args):
         raise runlib.UsageError(f"dcgan.py trains convolutional nets on images; {args.dataset} is 2D toy data "
                                 "(try gan.py or wgan_gp.py)")
     held = held_out_images(args, data, args.eval_samples)
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     real_stats = None
     if args.metrics:  # Inception statistics of the training images (computed once, cached under --data-root)
         real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
@@ -294,7 +300,7 @@ def train(args):
                 g_raw.train()
         if r.every(step, args.eval_every) or step == args.steps:
             with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, held, real_stats), force=True)
+                r.log(step, evaluate(g_raw, args, device, held, real_stats, data, clf), force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
                                      "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
@@ -325,6 +331,13 @@ def sample(args):
         real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, weights=args.inception_weights)
         scores = metrics.evaluate(lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, real,
                                   device, metrics=args.metrics, weights=args.inception_weights)
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        result.update(scores)
+    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint (common/digits.py)
+        data = datasets.load(targs)
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
+        scores = digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, data,
+                                 args.digit_metrics)
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         result.update(scores)
     return result

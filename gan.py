@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -89,7 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--valid-size", type=int, default=10000,
                    help="training images held out as the validation split (Parzen sigma selection)")
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=100, steps=150_000,
-                    log_every=500, sample_every=5000, ckpt_every=5000, eval_every=10000, eval_samples=10000)
+                    log_every=500, sample_every=5000, ckpt_every=5000, eval_every=10000, eval_samples=10000,
+                    metrics="none", inception=False, digits=True)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 8, "g_hidden": 32, "d_units": 16, "valid_size": 32},
         defaults=lambda a: {"optimizer": "adam" if a.dataset in ("ring8", "grid25") else "sgd",
@@ -204,8 +206,9 @@ def generate(G, n, args, device, batch=1000, generator=None):
                       for i in range(0, n, batch)])
 
 
-def evaluate(G, args, device, data, valid, test):
-    """Parzen log-likelihood for images (Sec. 5), mode coverage for the 2D toys."""
+def evaluate(G, args, device, data, valid, test, clf=None):
+    """Parzen log-likelihood for images (Sec. 5), mode coverage for the 2D toys; the digit metrics of
+    --metrics (common/digits.py) with their classifier `clf`."""
     G.eval()
     if data.kind == "toy":
         result = metrics.mode_coverage(generate(G, 2500, args, device), data.centers, data.std)
@@ -216,6 +219,8 @@ def evaluate(G, args, device, data, valid, test):
         # sigma is chosen on the first 1,000 validation images (parzen_ll.py --limit_size 1000)
         result = metrics.parzen_evaluate(samples, as_unit(valid[:PARZEN_SIGMA_IMAGES]), as_unit(test))
         out = {"metric/parzen_ll": result["ll"], "metric/parzen_se": result["se"], "metric/parzen_sigma": result["sigma"]}
+        if clf is not None:
+            out.update(digits.score(clf, samples, data, args.digit_metrics, value_range=(0, 1)))
     G.train()
     return out
 
@@ -236,8 +241,10 @@ def train(args):
     valid = test = None
     if data.kind == "image":
         data, valid, test = datasets.split_held_out(args, data, args.valid_size)
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
 
     G, D = build(args, data.shape)
     if data.kind == "image":
@@ -309,7 +316,7 @@ def train(args):
                 g_raw.train()
         if r.every(step, args.eval_every) or step == args.steps:
             with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, data, valid, test), force=True)
+                r.log(step, evaluate(g_raw, args, device, data, valid, test, clf), force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
                                      "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
@@ -338,6 +345,13 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, targs.noise, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
+    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
+        data = datasets.load(targs)
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
+        scores = digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, targs.noise, device)),
+                                 args.eval_samples, data, args.digit_metrics, value_range=(0, 1))
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        paths.update(scores)
     return paths
 
 

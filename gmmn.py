@@ -77,6 +77,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -124,7 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--valid-size", type=int, default=5000,
                    help="training images held out as the validation split (Parzen sigma selection)")
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=1000, steps=40_000,
-                    log_every=100, sample_every=2000, ckpt_every=2000, eval_every=10_000, eval_samples=10_000)
+                    log_every=100, sample_every=2000, ckpt_every=2000, eval_every=10_000, eval_samples=10_000,
+                    metrics="none", inception=False, digits=True)
     return runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 8, "g_hidden": [8, 16, 16, 32], "ae_hidden": 16, "code_dim": 4,
         "ae_steps": 2, "ae_batch_size": 8, "valid_size": 32})
@@ -296,8 +298,9 @@ def generate(G, ae, n, device, batch=1000, generator=None):
     return torch.cat(out)
 
 
-def evaluate(G, ae, args, device, data, valid, test):
-    """Parzen log-likelihood for images (the paper's Table 1), mode coverage for the 2D toys."""
+def evaluate(G, ae, args, device, data, valid, test, clf=None):
+    """Parzen log-likelihood for images (the paper's Table 1), mode coverage for the 2D toys; the digit
+    metrics of --metrics (common/digits.py) with their classifier `clf`."""
     G.eval()
     if ae is not None:
         ae.eval()
@@ -309,6 +312,8 @@ def evaluate(G, ae, args, device, data, valid, test):
         as_unit = lambda u8: u8.to(device).float() / 255  # noqa: E731
         result = metrics.parzen_evaluate(samples, as_unit(valid), as_unit(test), sigmas=PARZEN_SIGMAS)
         out = {"metric/parzen_ll": result["ll"], "metric/parzen_se": result["se"], "metric/parzen_sigma": result["sigma"]}
+        if clf is not None:
+            out.update(digits.score(clf, samples, data, args.digit_metrics, value_range=(0, 1)))
     G.train()
     return out
 
@@ -350,12 +355,14 @@ def train(args):
     valid = test = None
     if data.kind == "image":
         data, valid, test = datasets.split_held_out(args, data, args.valid_size, shuffle=True)
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     # The step counter runs over the whole command: 3 autoencoder phases first (--mode ae), then the GMMN.
     ae_total = 3 * args.ae_steps if args.mode == "ae" else 0
     lr = args.lr if args.lr is not None else 0.05 if data.kind == "toy" else 2.0
     args = argparse.Namespace(**{**vars(args), "lr": lr, "gmmn_steps": args.steps, "steps": ae_total + args.steps})
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     bandwidths = kernel_bandwidths(args, data)
 
     G, ae = build(args, data.shape, data.kind)
@@ -451,7 +458,7 @@ def train(args):
                     g_raw.train()
             if r.every(t, args.eval_every) or last:
                 with r.side_rng():
-                    r.log(step, evaluate(g_raw, ae, args, device, data, valid, test), force=True)
+                    r.log(step, evaluate(g_raw, ae, args, device, data, valid, test, clf), force=True)
         if r.checkpoint_due(step):
             models = {"G": g_raw.state_dict()}
             optimizers = {"G": opt_g.state_dict()}
@@ -492,6 +499,13 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": to_data(G(line))}, value_range=(0, 1))
+    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
+        data = datasets.load(targs)
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
+        scores = digits.evaluate(clf, lambda n: to_data(G(sample_noise(n, targs.z_dim, device))), args.eval_samples,
+                                 data, args.digit_metrics, value_range=(0, 1))
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        paths.update(scores)
     return paths
 
 

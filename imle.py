@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -81,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--valid-size", type=int, default=5000,
                    help="training images held out as the validation split (Parzen sigma selection)")
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=64, steps=85_900, streamed=False,
-                    log_every=100, sample_every=2000, ckpt_every=2000, eval_every=10_000, eval_samples=10_000)
+                    log_every=100, sample_every=2000, ckpt_every=2000, eval_every=10_000, eval_samples=10_000,
+                    metrics="none", inception=False, digits=True)
     return runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "g_widths": [32, 16, 8], "mlp_hidden": [16, 16], "factor": 2, "z_dim": 8,
         "toy_points": 64, "valid_size": 32})
@@ -193,8 +195,9 @@ def generate(G, n, device, batch=1000, generator=None):
                       for i in range(0, n, batch)])
 
 
-def evaluate(G, args, device, data, valid, test):
-    """Parzen log-likelihood for images, mode coverage for the 2D toys (G in eval mode)."""
+def evaluate(G, args, device, data, valid, test, clf=None):
+    """Parzen log-likelihood for images, mode coverage for the 2D toys (G in eval mode); the digit metrics
+    of --metrics (common/digits.py) with their classifier `clf`."""
     G.eval()
     if data.kind == "toy":
         result = metrics.mode_coverage(generate(G, 2500, device), data.centers, data.std)
@@ -204,6 +207,8 @@ def evaluate(G, args, device, data, valid, test):
         as_unit = lambda u8: u8.to(device).float() / 255  # noqa: E731
         result = metrics.parzen_evaluate(samples, as_unit(valid), as_unit(test))
         out = {"metric/parzen_ll": result["ll"], "metric/parzen_se": result["se"], "metric/parzen_sigma": result["sigma"]}
+        if clf is not None:
+            out.update(digits.score(clf, samples, data, args.digit_metrics, value_range=(0, 1)))
     G.train()
     return out
 
@@ -237,6 +242,7 @@ def train(args):
     valid = test = None
     if data.kind == "image":
         data, valid, test = datasets.split_held_out(args, data, args.valid_size, shuffle=True)
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     n = args.toy_points if data.kind == "toy" else len(data)
     if n < args.batch_size:
         raise runlib.UsageError(f"the training set ({n} points) is smaller than --batch-size {args.batch_size}")
@@ -246,6 +252,7 @@ def train(args):
     args = argparse.Namespace(**{**vars(args), "z_dim": z_dim, "lr": lr})
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     points = training_set(args, data, device)
     b = args.batch_size
     epoch_steps = n // b                  # minibatches per epoch
@@ -293,7 +300,7 @@ def train(args):
                 g_raw.train()
         if r.every(step, args.eval_every) or step == args.steps:
             with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, data, valid, test), force=True)
+                r.log(step, evaluate(g_raw, args, device, data, valid, test, clf), force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {"models": {"G": g_raw.state_dict()}, "optimizers": {"G": opt.state_dict()},
                                      "matching": {"z": z_matched, "perm": perm, "nn_dist": nn_dist},
@@ -322,6 +329,13 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: torch.randn(n, targs.z_dim, generator=g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
+    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
+        data = datasets.load(targs)
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
+        scores = digits.evaluate(clf, lambda n: G(torch.randn(n, targs.z_dim, device=device)), args.eval_samples,
+                                 data, args.digit_metrics, value_range=(0, 1))
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        paths.update(scores)
     return paths
 
 

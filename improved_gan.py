@@ -104,6 +104,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import data as datasets
+from common import digits
 from common import metrics as inception
 from common import run as runlib
 
@@ -171,7 +172,7 @@ def parse_args(argv=None):
     n.add_argument("--g-width", type=int, default=512, help="conv G: channels at size/8 (halved per upsampling)")
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=100, steps=180_000,
                     log_every=100, sample_every=5000, ckpt_every=5000, eval_every=5000, eval_samples=10000,
-                    metrics="none")
+                    metrics="none", digits=True)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "labels": 20, "test_size": 64, "decay_epochs": 0,
         "d_hidden": "32,16", "g_hidden": 16, "d_width": 8, "g_width": 16, "mb_kernels": 8, "mb_dim": 3,
@@ -577,6 +578,9 @@ def train(args):
     data, test_images, test_labels = split_test(args, data)
     if args.metrics:
         inception.load_fid_inception(args.inception_weights)  # missing weights: an error before anything is written
+    if args.digit_metrics and args.no_gan:
+        raise runlib.UsageError("--metrics cfid/modes score G's samples, and --no-gan trains no G")
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     labelled = select_labelled(args, data) if args.labels else None
     steps_per_epoch = len(data) / args.batch_size
     if args.epochs > 0:
@@ -584,6 +588,7 @@ def train(args):
     decay_steps = min(round(args.decay_epochs * steps_per_epoch), args.steps)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     gan = not args.no_gan
     conv = args.arch == "conv"
     value_range = value_range_of(args.arch)
@@ -698,6 +703,10 @@ def train(args):
                     lambda n: (g_raw(sample_noise(n, args.z_dim, device)) - lo) / (hi - lo) * 2 - 1,
                     args.eval_samples, data, device, metrics=args.metrics, weights=args.inception_weights,
                     data_root=args.data_root), force=True)
+        if gan and clf is not None and (r.every(step, args.eval_every) or step == args.steps):
+            with r.side_rng():  # --metrics cfid, modes: on a digit classifier (common/digits.py)
+                r.log(step, digits.evaluate(clf, lambda n: g_raw(sample_noise(n, args.z_dim, device)), args.eval_samples,
+                                            data, args.digit_metrics, value_range), force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {
                 "models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
@@ -729,12 +738,19 @@ def sample(args):
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=value_range)
     if args.eval:  # Table 3's Inception Score of the checkpoint's samples (50k samples unless --eval-samples)
-        if not args.metrics:
-            raise runlib.UsageError("--eval scores Inception metrics: give --metrics is (or fid,is)")
+        if not args.metrics and not args.digit_metrics:
+            raise runlib.UsageError("--eval scores the --metrics: give --metrics is (or fid,is; cfid on digits)")
         lo, hi = value_range
-        scores = inception.evaluate(lambda n: (G(sample_noise(n, targs.z_dim, device)) - lo) / (hi - lo) * 2 - 1,
-                                    args.eval_samples, datasets.load(targs), device, metrics=args.metrics,
-                                    weights=args.inception_weights, data_root=targs.data_root)
+        scores = {}
+        if args.metrics:
+            scores = inception.evaluate(lambda n: (G(sample_noise(n, targs.z_dim, device)) - lo) / (hi - lo) * 2 - 1,
+                                        args.eval_samples, datasets.load(targs), device, metrics=args.metrics,
+                                        weights=args.inception_weights, data_root=targs.data_root)
+        if args.digit_metrics:  # the digit metrics (common/digits.py)
+            data = datasets.load(targs)
+            clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
+            scores.update(digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples,
+                                          data, args.digit_metrics, value_range))
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         return {**paths, **scores}
     return paths

@@ -83,6 +83,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import run as runlib
 
 SCRIPT = "infogan"
@@ -119,7 +120,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", type=float, default=2.0, help="continuous codes are swept over [-sweep, sweep] "
                    "in the --sample figures (the paper goes beyond the training range [-1, 1])")
     runlib.add_args(p, dataset="mnist", image_size=28, batch_size=128, steps=5000,
-                    log_every=100, sample_every=500, ckpt_every=1000, eval_every=1000, eval_samples=10000)
+                    log_every=100, sample_every=500, ckpt_every=1000, eval_every=1000, eval_samples=10000,
+                    metrics="none", inception=False, digits=True)
     args = runlib.parse(p, argv, dry_run_defaults={"dataset": "fake", "image_size": 8, "width": 8},
                         defaults=config_defaults)
     check_config(args)
@@ -380,8 +382,10 @@ def train(args):
     if data.kind != "image":
         raise runlib.UsageError("infogan trains on images (mnist, svhn, celeba, ...), not on 2D toy data")
     scored = eval_split(args, data)
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     value_range = (0, 1) if args.net == "mnist" else (-1, 1)
     entropy = code_entropy(args)
 
@@ -447,6 +451,12 @@ def train(args):
             pred_bs = predict_code(d_raw, scored[0], args, device, value_range, batch_stats=True)
             r.log(step, {"metric/c1_error": cluster_error(pred, scored[1], args.cat_dim),
                          "metric/c1_error_batch_stats": cluster_error(pred_bs, scored[1], args.cat_dim)}, force=True)
+        if clf is not None and (r.every(step, args.eval_every) or step == args.steps):  # --metrics cfid, modes
+            with r.side_rng():
+                g_raw.eval()
+                r.log(step, digits.evaluate(clf, lambda b: g_raw(latent_vector(*sample_latent(b, args, device), args.cat_dim)),
+                                            args.eval_samples, data, args.digit_metrics, value_range), force=True)
+                g_raw.train()
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
                                      "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
@@ -476,7 +486,15 @@ def sample(args):
         paths[name] = out / f"{name}-{step:07d}.png"
         runlib.save_grid(G(latent.to(device)), paths[name], nrow=columns, value_range=value_range)
         print(f"wrote {paths[name]}")
-    return {k: str(v) for k, v in paths.items()}
+    result = {k: str(v) for k, v in paths.items()}
+    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
+        data = datasets.load(targs)
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
+        scores = digits.evaluate(clf, lambda n: G(latent_vector(*sample_latent(n, targs, device), targs.cat_dim)),
+                                 args.eval_samples, data, args.digit_metrics, value_range)
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        result.update(scores)
+    return result
 
 
 def main(argv=None):

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -99,7 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-decay", choices=["none", "linear"], default="none",
                    help="linear: lr decays to 0 over --steps (the sngan_projection config)")
     runlib.add_args(p, dataset="cifar10", image_size=32, batch_size=64, steps=100_000, log_every=100,
-                    sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=5000, metrics="fid,is")
+                    sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=5000, metrics="fid,is",
+                    digits=True)
     p.set_defaults(image_size=None)   # 32, or 48 for stl10 (resolved below)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "g_width": 16, "d_width": 8, "z_dim": 16})
@@ -326,10 +328,16 @@ LOSSES = {"hinge": (d_loss_hinge, g_loss_hinge), "nonsaturating": (d_loss_nonsat
 # Training
 # ------------------------------------------------------------------------------------------------
 
-def evaluate(G, args, device, real_stats):
+def evaluate(G, args, device, real_stats, data=None, clf=None):
+    """--metrics: the Inception ones; on digits cfid, modes with the classifier `clf` (common/digits.py)."""
     G.eval()
-    scores = metrics.evaluate(lambda b: G(sample_noise(b, args.z_dim, device)), args.eval_samples,
-                              real_stats, device, metrics=args.metrics, weights=args.inception_weights)
+    scores = {}
+    if args.metrics:
+        scores = metrics.evaluate(lambda b: G(sample_noise(b, args.z_dim, device)), args.eval_samples,
+                                  real_stats, device, metrics=args.metrics, weights=args.inception_weights)
+    if clf is not None:
+        scores.update(digits.evaluate(clf, lambda b: G(sample_noise(b, args.z_dim, device)), args.eval_samples,
+                                      data, args.digit_metrics))
     G.train()
     return scores
 
@@ -339,8 +347,10 @@ def train(args):
     check_shape(data.shape)
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     real_stats = None
     if args.metrics:   # Table 2's protocol: 10k real images
         real_stats = metrics.reference_stats(data, args.data_root, device, max_images=10000,
@@ -397,9 +407,9 @@ def train(args):
                 g_raw.eval()
                 r.images("samples", g_raw(fixed_z), step, nrow=10)
                 g_raw.train()
-        if args.metrics and (r.every(step, args.eval_every) or step == args.steps):
+        if (args.metrics or clf is not None) and (r.every(step, args.eval_every) or step == args.steps):
             with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, real_stats), force=True)
+                r.log(step, evaluate(g_raw, args, device, real_stats, data, clf), force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
                                      "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
@@ -431,6 +441,13 @@ def sample(args):
                                        weights=args.inception_weights)
         scores = metrics.evaluate(lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, real,
                                   device, metrics=args.metrics, weights=args.inception_weights)
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        result.update(scores)
+    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint (common/digits.py)
+        data = datasets.load(targs)
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
+        scores = digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, data,
+                                 args.digit_metrics)
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         result.update(scores)
     return result

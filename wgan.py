@@ -70,6 +70,7 @@ import torch
 import torch.nn as nn
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -95,7 +96,8 @@ def parse_args(argv=None):
                         f"{BOOST_EVERY}th (official code)")
     p.add_argument("--lr", type=float, default=5e-5, help="RMSProp learning rate (critic and G)")
     runlib.add_args(p, dataset="cifar10", image_size=64, batch_size=64, steps=100_000, log_every=100,
-                    sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=10000, metrics="fid,is")
+                    sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=10000, metrics="fid,is",
+                    digits=True)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 8, "g_width": 4, "d_width": 4, "mlp_units": 16, "z_dim": 8,
         "boost_critic": False}, defaults=lambda a: {"eval_samples": 50000} if a.sample and a.eval else {})   # --sample --eval: 50k samples
@@ -265,16 +267,20 @@ def generate(G, n, z_dim, device, batch=500, generator=None):
     return torch.cat([G(sample_noise(min(batch, n - i), z_dim, device, generator)) for i in range(0, n, batch)])
 
 
-def evaluate(G, args, device, data, real_stats):
-    """Mode coverage (PacGAN protocol) on the 2D toys; --metrics (FID, IS, ...) on images."""
+def evaluate(G, args, device, data, real_stats, clf=None):
+    """Mode coverage (PacGAN protocol) on the 2D toys; --metrics (FID, IS, ...; on digits cfid, modes with
+    the classifier `clf` of common/digits.py) on images."""
     out = {}
     G.eval()
+    generate_fn = lambda b: G(sample_noise(b, args.z_dim, device)).clamp(-1, 1)  # noqa: E731
     if data.kind == "toy":
         result = metrics.mode_coverage(generate(G, 2500, args.z_dim, device), data.centers, data.std)
         out = {"metric/modes": result["modes"], "metric/hq": result["hq"]}
     elif args.metrics:
-        out = metrics.evaluate(lambda b: G(sample_noise(b, args.z_dim, device)).clamp(-1, 1), args.eval_samples,
+        out = metrics.evaluate(generate_fn, args.eval_samples,
                                real_stats, device, metrics=args.metrics, weights=args.inception_weights)
+    if clf is not None:
+        out.update(digits.evaluate(clf, generate_fn, args.eval_samples, data, args.digit_metrics))
     G.train()
     return out
 
@@ -288,8 +294,10 @@ def train(args):
     check_shape(args.arch, data.shape)
     if data.kind == "image" and args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     real_stats = None
     if data.kind == "image" and args.metrics:
         real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
@@ -336,7 +344,7 @@ def train(args):
                 g_raw.train()
         if r.every(step, args.eval_every) or step == args.steps:
             with r.side_rng():
-                scores = evaluate(g_raw, args, device, data, real_stats)
+                scores = evaluate(g_raw, args, device, data, real_stats, clf)
             if scores:
                 r.log(step, scores, force=True)
         if r.checkpoint_due(step):
@@ -378,11 +386,12 @@ def score_checkpoint(G, args, targs, device):
         return {}
     data = datasets.load(targs)
     real = None
-    if data.kind == "image":
+    if data.kind == "image" and args.metrics:
         real = metrics.reference_stats(data, targs.data_root, device, weights=args.inception_weights)
+    clf = digits.prepare(args.digit_metrics, data, targs.data_root)
     eval_args = argparse.Namespace(**{**vars(targs), "metrics": args.metrics, "eval_samples": args.eval_samples,
-                                      "inception_weights": args.inception_weights})
-    scores = evaluate(G, eval_args, device, data, real)
+                                      "inception_weights": args.inception_weights, "digit_metrics": args.digit_metrics})
+    scores = evaluate(G, eval_args, device, data, real, clf.to(device) if clf is not None else None)
     print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     return scores
 

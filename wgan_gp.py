@@ -70,6 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -97,7 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--g-batch-mult", type=int, default=2,
                    help="G's batch is this multiple of the critic's --batch-size (toys: 1)")
     runlib.add_args(p, dataset="cifar10", image_size=32, batch_size=64, steps=100_000, log_every=100,
-                    sample_every=1000, ckpt_every=1000, eval_every=10000, eval_samples=50000, metrics="is,fid")
+                    sample_every=1000, ckpt_every=1000, eval_every=10000, eval_samples=50000, metrics="is,fid",
+                    digits=True)
     return runlib.parse(p, argv, dry_run_defaults={"dataset": "fake", "g_width": 16, "d_width": 16},
                         defaults=lambda a: TOY_DEFAULTS if a.dataset in TOYS else {})
 
@@ -297,9 +299,10 @@ def mean_score(D, x, batch=500):
     return torch.cat([D(x[i:i + batch]) for i in range(0, len(x), batch)]).float().mean()
 
 
-def evaluate(G, D, args, device, data, test, real_stats):
+def evaluate(G, D, args, device, data, test, real_stats, clf=None):
     """Toys: modes captured and % high-quality samples (PacGAN protocol) on 2500 samples. Images: the
-    Wasserstein estimate E D(x) − E D(G(z)) on training and test images, and the Inception metrics."""
+    Wasserstein estimate E D(x) − E D(G(z)) on training and test images, the Inception metrics, and on digits
+    those of common/digits.py (--metrics cfid, modes) with their classifier `clf`."""
     G.eval()
     if data.kind == "toy":
         result = metrics.mode_coverage(generate(G, 2500, args, device), data.centers, data.std)
@@ -314,6 +317,9 @@ def evaluate(G, D, args, device, data, test, real_stats):
     if args.metrics:
         out.update(metrics.evaluate(lambda b: G(sample_noise(b, args.z_dim, device)), args.eval_samples,
                                     real_stats, device, metrics=args.metrics, weights=args.inception_weights))
+    if clf is not None:
+        out.update(digits.evaluate(clf, lambda b: G(sample_noise(b, args.z_dim, device)), args.eval_samples,
+                                   data, args.digit_metrics))
     G.train()
     return out
 
@@ -330,8 +336,10 @@ def train(args):
     test = datasets.load(args, split="test").images if args.dataset in datasets.IN_MEMORY else None
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     real_stats = None
     if args.metrics:  # Inception statistics of the training images (computed once, cached under --data-root)
         real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
@@ -394,7 +402,7 @@ def train(args):
                 g_raw.train()
         if r.every(step, args.eval_every) or step == args.steps:
             with r.side_rng():
-                r.log(step, evaluate(g_raw, d_raw, args, device, data, test, real_stats), force=True)
+                r.log(step, evaluate(g_raw, d_raw, args, device, data, test, real_stats, clf), force=True)
         if r.checkpoint_due(step):
             r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
                                      "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
@@ -430,6 +438,13 @@ def sample(args):
         real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, weights=args.inception_weights)
         scores = metrics.evaluate(lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, real,
                                   device, metrics=args.metrics, weights=args.inception_weights)
+        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        result.update(scores)
+    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint (common/digits.py)
+        data = datasets.load(targs)
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
+        scores = digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, data,
+                                 args.digit_metrics)
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         result.update(scores)
     return result

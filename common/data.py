@@ -70,6 +70,8 @@ def load(args, split="train"):
     if name == "fake" or name.startswith("fake:"):  # "fake:1" for one channel
         channels = int(name.split(":")[1]) if ":" in name else 3
         return _fake(size, seed=getattr(args, "seed", 0), channels=channels)
+    if name == "stacked-mnist" or name.startswith("stacked:"):
+        return _stacked(args, name.split(":", 1)[1] if ":" in name else "mnist", split)
     if name in IN_MEMORY:
         images, labels = _torchvision_tensors(name, root, split, download)
         return _in_memory(name, images, labels, size)
@@ -92,6 +94,23 @@ def _in_memory(name, images, labels, size):
         images = resize_uint8(images, size)
     num_classes = int(labels.max()) + 1 if labels is not None and len(labels) else 0
     return Data(name, "image", tuple(images.shape[1:]), num_classes, images=images.contiguous(), labels=labels)
+
+
+def _stacked(args, source, split, n=128000):
+    """Stacked MNIST (VEEGAN; PacGAN's protocol): n = 128,000 images (PacGAN's VEEGAN_experiment/config.py),
+    each channel a digit of `source` drawn uniformly and independently (seeded by args.seed); label = the
+    mode 100 d0 + 10 d1 + d2 of 1000."""
+    import argparse
+    digits = load(argparse.Namespace(**{**vars(args), "dataset": source}), split)
+    if digits.images is None or digits.shape[0] != 1 or digits.num_classes != 10:
+        raise UsageError(f"stacked:{source}: the source must be a labelled one-channel digit set (mnist, "
+                         "fashion-mnist or a folder of MNIST idx files)")
+    g = torch.Generator().manual_seed(getattr(args, "seed", 0) * 2 + (split != "train"))
+    idx = torch.randint(len(digits.images), (n, 3), generator=g)
+    images = digits.images[:, 0][idx]                                     # (n, 3, H, W)
+    labels = digits.labels[idx] @ torch.tensor([100, 10, 1])
+    name = "stacked-mnist" if source == "mnist" else f"stacked:{source}"
+    return Data(name, "image", tuple(images.shape[1:]), 1000, images=images, labels=labels)
 
 
 def resize_uint8(images, size, chunk=4096):
@@ -274,3 +293,152 @@ def iterate(data, batch_size, device, value_range=(-1, 1), rank=0, world_size=1,
             yield (to_range(x.to(device, non_blocking=True), value_range, False),
                    torch.as_tensor(y).to(device, non_blocking=True))
         epoch += 1
+
+
+# ================================================================================================
+# Image-to-image translation (pix2pix.py, cyclegan.py): the standard archives and folder layouts
+# ================================================================================================
+# URLs and names as the official datasets/download_pix2pix_dataset.sh and download_cyclegan_dataset.sh
+# (junyanz/pytorch-CycleGAN-and-pix2pix); cityscapes is not downloadable (its licence).
+PAIRED_URL = "http://efrosgans.eecs.berkeley.edu/pix2pix/datasets/{}.tar.gz"
+UNPAIRED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
+PAIRED_SETS = ("facades", "maps", "edges2shoes", "edges2handbags", "night2day")
+UNPAIRED_SETS = ("apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo", "cezanne2photo",
+                 "ukiyoe2photo", "vangogh2photo", "maps", "facades", "iphone2dslr_flower", "ae_photos")
+
+
+@dataclass
+class Translation:
+    """Two image domains, uint8 (N, C, S, S) CPU tensors, and their file names. Paired: b[i] is a[i]'s target."""
+    name: str
+    a: torch.Tensor
+    b: torch.Tensor
+    paired: bool
+    names: list
+    names_b: list
+
+
+def _layout(root, split, paired):
+    """The folders holding `split` in the standard layout (a paired set without test/ tests on val/), or None."""
+    options = ([["train"]] if split == "train" else [["test"], ["val"]]) if paired else [[split + "A", split + "B"]]
+    for option in options:
+        if all((root / d).is_dir() for d in option):
+            return [root / d for d in option]
+    return None
+
+
+def load_translation(args, split, paired, size):
+    """The "train" or "test" split of args.dataset at size x size, A and B swapped for --direction BtoA.
+    Paired: <dataset>/{train,val,test}/ images with A | B side by side (pix2pix layout); unpaired:
+    <dataset>/{trainA,trainB,testA,testB}/ (CycleGAN layout). Standard names download on first use."""
+    name = args.dataset
+    expect = "{train,val,test}/ with A and B side by side in each image" if paired else "{trainA,trainB,testA,testB}/"
+    if name == "fake" or name.startswith("fake:"):  # synthetic; paired: B is A upside down
+        channels, seed = int(name.split(":")[1]) if ":" in name else 3, 0 if split == "train" else 1
+        a = _fake(size, seed=seed, n=32 if split == "train" else 8, channels=channels).images
+        b = a.flip(-2) if paired else _fake(size, seed=seed + 2, n=len(a) * 3 // 4, channels=channels).images
+        data = Translation(name, a, b, paired, *([f"{i:04d}.png" for i in range(len(x))] for x in (a, b)))
+    else:
+        if name == "cityscapes":
+            raise UsageError("cityscapes cannot be downloaded (licence): get it from cityscapes-dataset.com, "
+                             "prepare it with the official datasets/prepare_cityscapes_dataset.py, then --dataset PATH")
+        standard = name in (PAIRED_SETS if paired else UNPAIRED_SETS)
+        root = Path(args.data_root) / name if standard else Path(name).expanduser()
+        if standard and _layout(root, split, paired) is None and getattr(args, "download", True):
+            _download((PAIRED_URL if paired else UNPAIRED_URL).format(name), name, Path(args.data_root))
+        if not standard and not root.is_dir():
+            if os.sep in name or name.startswith("."):
+                raise UsageError(f"dataset folder {name} does not exist (expected the layout PATH/{expect})")
+            raise UsageError(f"unknown dataset {name!r}: give one of {', '.join(PAIRED_SETS if paired else UNPAIRED_SETS)}"
+                             f" or a folder PATH/{expect}")
+        folders = _layout(root, split, paired)
+        if folders is None:
+            raise UsageError(f"{root} has no {split} split (no images in {root}/{expect})")
+        if paired:
+            a, b, names = read_image_folder(folders[0], size, pairs=True)
+            names_b = names
+        else:
+            (a, names), (b, names_b) = (read_image_folder(f, size) for f in folders)
+        data = Translation(str(name), a, b, paired, names, names_b)
+    if getattr(args, "direction", "AtoB") == "BtoA":
+        data.a, data.b, data.names, data.names_b = data.b, data.a, data.names_b, data.names
+    return data
+
+
+def read_image_folder(folder, size, pairs=False, channels=None):
+    """The images directly in `folder` resized to size x size (bicubic, as the official code): uint8
+    (N, C, size, size) and the file names. C is 1 when all are grey, else 3, unless `channels` is given.
+    pairs=True splits each image into its left (A) and right (B) square: returns A, B, names."""
+    import numpy as np
+    from PIL import Image
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UsageError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    images = []
+    for f in files:
+        with Image.open(f) as img:
+            img.load()
+        if pairs and img.width != 2 * img.height:
+            raise UsageError(f"{f} is {img.width}x{img.height}: a paired image holds A and B side by side, "
+                             "so its width must be twice its height")
+        h = img.height
+        halves = [img.crop((0, 0, h, h)), img.crop((h, 0, 2 * h, h))] if pairs else [img]
+        images.append([x.resize((size, size), Image.BICUBIC) for x in halves])
+    if channels is None:
+        channels = 1 if all(x.mode in ("L", "1", "I", "I;16", "F") for pair in images for x in pair) else 3
+    stacks = [torch.from_numpy(np.stack([np.asarray(pair[k].convert("L" if channels == 1 else "RGB"), np.uint8)
+                                         for pair in images])).reshape(len(files), size, size, channels)
+              .permute(0, 3, 1, 2).contiguous() for k in range(len(images[0]))]
+    return (*stacks, [f.name for f in files])
+
+
+def _download(url, name, root):
+    """Fetch and unpack a standard archive into root/ (root/name/ afterwards), as the official scripts."""
+    import shutil
+    import tarfile
+    import urllib.request
+    import zipfile
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / f".{name}-{os.getpid()}.download"
+    try:
+        print(f"downloading {url} into {root}", flush=True)
+        with urllib.request.urlopen(url) as response, open(archive, "wb") as f:
+            shutil.copyfileobj(response, f)
+        if url.endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(root)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(root, filter="data")
+    except Exception as e:  # offline, moved URL, truncated archive
+        raise _missing(name, root, f"{url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def translation_batches(data, batch_size, device, crop, flip=True, rank=0, world_size=1):
+    """Infinite (a, b) batches in [-1, 1] on `device`: random images (paired: b is a's target), each cut by a
+    random crop x crop window and flipped left-right with p = 0.5 (unless flip=False). A pair gets the same
+    window and flip; unpaired images get their own (official data/base_dataset.py)."""
+    a_all, b_all = data.a[rank::world_size].to(device), data.b[rank::world_size].to(device)
+    n, window = torch.arange(batch_size, device=device), torch.arange(crop, device=device)
+
+    def cutter(size):  # a random window and flip per image: (B, C, size, size) -> (B, C, crop, crop)
+        top, left = torch.randint(size - crop + 1, (2, batch_size, 1), device=device)
+        flipped = (torch.rand(batch_size, 1, device=device) < 0.5) & flip
+        rows, cols = top + window, torch.where(flipped, left + crop - 1 - window, left + window)
+        return lambda x: x[n[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    while True:
+        i = torch.randint(len(a_all), (batch_size,), device=device)
+        j = i if data.paired else torch.randint(len(b_all), (batch_size,), device=device)
+        cut_a = cutter(a_all.shape[-1])
+        cut_b = cut_a if data.paired else cutter(b_all.shape[-1])
+        yield to_range(cut_a(a_all[i]), (-1, 1), True), to_range(cut_b(b_all[j]), (-1, 1), True)
+
+
+def save_images(x, folder, names):
+    """Write each image of x (N, C, H, W) in [-1, 1] as folder/<name stem>.png."""
+    import torchvision.utils as vutils
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for img, name in zip(x, names):
+        vutils.save_image(img.float().cpu() * 0.5 + 0.5, Path(folder) / (Path(name).stem + ".png"))

@@ -6,6 +6,8 @@
       real = metrics.reference_stats(data, args.data_root, r.device)   # cached in <data_root>/fid_stats/
       r.log(step, metrics.evaluate(lambda b: G(torch.randn(b, nz, device=r.device)), n, real, r.device), force=True)
   Command line: python -m common.metrics fid|kid|pr A B, is A (folders of images or .npz), stats DATASET.
+- Digit metrics on a small MNIST classifier (classifier FID, class agreement, Stacked MNIST modes): common/digits.py,
+  python -m common.metrics cfid A B | agree A | modes A --classifier DATASET.
 - mode_coverage: modes captured and % high-quality samples on the 2D mixtures (PacGAN protocol).
 - parzen_log_likelihood: the Gaussian Parzen-window estimate of the GAN paper (Goodfellow et al. 2014).
 """
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.run import UsageError, friendly_errors
+from common.run import UsageError, as_usage_error, friendly_errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,11 +441,63 @@ def _read_input(path, args):
     return {"features": pool3, "logits": logits}
 
 
+def _read_digits(path, channels):
+    """uint8 (N, C, H, W) images and labels (None if absent) of an .npz ("images" (N, [C,] H, W), uint8 or in
+    [-1, 1]; optional "labels"), a folder of MNIST idx files, or a folder of images (labels: subfolders 0/, 1/...)."""
+    from PIL import Image
+    from common import data as datasets
+    path = Path(path)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as f:
+            if "images" not in f.files:
+                raise UsageError(f"{path} holds no 'images' array")
+            x, y = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]) if "labels" in f.files else None
+        x = x if x.dtype == torch.uint8 else to_uint8(x)
+        return (x[:, None] if x.dim() == 3 else x), y
+    if not path.is_dir():
+        raise UsageError(f"{path} is neither a folder of images nor an .npz file of samples")
+    if sorted(path.glob("*images-idx3-ubyte*")):
+        return datasets.read_idx_folder(path)
+    subdirs = sorted((d for d in path.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    files = [(f, int(d.name)) for d in subdirs for f in sorted(d.iterdir())] or [(f, -1) for f in sorted(path.iterdir())]
+    files = [(f, y) for f, y in files if f.suffix.lower() in datasets.IMAGE_EXTENSIONS]
+    if not files:
+        raise UsageError(f"{path} holds no images ({', '.join(datasets.IMAGE_EXTENSIONS)})")
+    arrays = []
+    for f, _ in files:
+        with Image.open(f) as img:
+            arrays.append(np.asarray(img.convert("L" if channels == 1 else "RGB")))
+    if len({a.shape for a in arrays}) > 1:
+        raise UsageError(f"the images in {path} differ in size; resize them first")
+    x = torch.from_numpy(np.stack(arrays))
+    return (x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)).contiguous(), \
+        (torch.tensor([y for _, y in files]) if subdirs else None)
+
+
+def _digit_command(args):
+    from common import digits
+    clf = digits.classifier(args.classifier, args.data_root, args.device)
+    sets = [_read_digits(p, 3 if args.command == "modes" else 1) for p in args.inputs]
+    with as_usage_error():
+        if args.command == "cfid":
+            print(f"classifier FID (digit-classifier features, not Inception): "
+                  f"{digits.classifier_fid(clf, sets[0][0], sets[1][0]):.6f}")
+        elif args.command == "agree":
+            images, labels = sets[0]
+            if labels is None or (labels < 0).any():
+                raise UsageError("agree needs labels: an .npz with a 'labels' array, or class subfolders 0/ ... 9/")
+            print(f"class agreement: {digits.class_agreement(clf, images, labels):.6f}")
+        else:
+            modes, kl = digits.stacked_mnist_modes(clf, sets[0][0])
+            print(f"stacked MNIST modes: {modes} / 1000\nKL(p_model || uniform): {kl:.6f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m common.metrics", description="FID, IS, KID and precision/recall "
                                 "of folders of images or .npz statistics, and cached reference statistics of datasets")
-    p.add_argument("command", choices=("fid", "is", "kid", "pr", "stats"),
-                   help="fid A B | is A | kid A B | pr REAL FAKE | stats DATASET (compute and cache its statistics)")
+    p.add_argument("command", choices=("fid", "is", "kid", "pr", "stats", "cfid", "agree", "modes"),
+                   help="fid A B | is A | kid A B | pr REAL FAKE | stats DATASET (compute and cache its statistics); "
+                        "digit metrics: cfid A B (classifier FID) | agree A (labelled) | modes A (Stacked MNIST)")
     p.add_argument("inputs", nargs="+", help="folders of images or .npz statistics; a dataset name for stats")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=50)
@@ -454,13 +508,17 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=32, help="stats: the size the scripts train at (default: 32)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="stats: the split (default: train)")
     p.add_argument("--max-images", type=int, default=50000, help="stats: at most this many images (default: 50000)")
+    p.add_argument("--classifier", default="mnist", metavar="DATASET", help="cfid, agree, modes: the digits the "
+                   "classifier is trained on (mnist, fashion-mnist, a folder of MNIST idx files) (default: mnist)")
     args = p.parse_args(argv)
     with friendly_errors():
-        wanted = {"fid": 2, "is": 1, "kid": 2, "pr": 2, "stats": 1}[args.command]
+        wanted = {"fid": 2, "is": 1, "kid": 2, "pr": 2, "stats": 1, "cfid": 2, "agree": 1, "modes": 1}[args.command]
         if len(args.inputs) != wanted:
             raise UsageError(f"{args.command} takes {wanted} input(s), got {len(args.inputs)}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("--device cuda was given but CUDA is not available")
+        if args.command in ("cfid", "agree", "modes"):
+            return _digit_command(args)
         if args.command == "stats":
             from common import data as data_mod
             data = data_mod.load(argparse.Namespace(**vars(args), dataset=args.inputs[0], seed=0), split=args.split)

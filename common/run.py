@@ -32,20 +32,28 @@ class NonFiniteLoss(Exception):
 # Command line
 
 def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, sample_every=1000,
-             ckpt_every=1000, eval_every=0, eval_samples=10000, metrics=None, streamed=True):
+             ckpt_every=1000, eval_every=0, eval_samples=10000, metrics=None, streamed=True, inception=True,
+             digits=False, images=True):
     """Add the flags every script shares; the script passes its paper's defaults. Image models pass
     `metrics` (e.g. "fid,is") to get --metrics, --inception-weights and --eval (see common.metrics);
-    scripts that hold all their data in memory pass streamed=False (no --workers)."""
+    digits=True adds the digit metrics cfid, agree, modes (common/digits.py), inception=False drops the
+    Inception ones and --inception-weights;
+    scripts that hold all their data in memory pass streamed=False (no --workers); a script without images
+    (gail.py, which names its data with --env) passes images=False: no --dataset, --download, --image-size,
+    --eval-samples, --amp, --compile, --workers."""
     g = parser.add_argument_group("run (shared by every script)")
-    g.add_argument("--dataset", default=dataset,
-                   help="mnist, fashion-mnist, cifar10, cifar100, svhn, stl10, celeba, lsun:<category>[,..], "
-                        "fake[:channels], ring8, grid25, or a path (image folder, or a folder of MNIST idx files) "
-                        "(default: %(default)s)")
+    if images:
+        g.add_argument("--dataset", default=dataset,
+                       help="mnist, fashion-mnist, stacked-mnist (three random digits as RGB: 1000 modes), "
+                            "stacked:PATH (the same from a folder of MNIST idx files), cifar10, cifar100, svhn, stl10, "
+                            "celeba, lsun:<category>[,..], fake[:channels], ring8, grid25, or a path (image folder, "
+                            "or a folder of MNIST idx files) (default: %(default)s)")
     g.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"),
                    help="where datasets are stored / downloaded; $GAN_DATA_ROOT sets the default (default: %(default)s)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="download missing torchvision datasets (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=image_size, help="image side in pixels (default: %(default)s)")
+    if images:
+        g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                       help="download missing torchvision datasets (default: %(default)s)")
+        g.add_argument("--image-size", type=int, default=image_size, help="image side in pixels (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help="global batch size, split over torchrun processes (default: %(default)s)")
     g.add_argument("--steps", type=int, default=steps, help="training steps, see the docstring (default: %(default)s)")
@@ -59,19 +67,24 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
     g.add_argument("--sample-every", type=int, default=sample_every, help="sample grids (default: %(default)s)")
     g.add_argument("--ckpt-every", type=int, default=ckpt_every, help="checkpoints (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=eval_every, help="evaluation, 0 = only at the end (default: %(default)s)")
-    g.add_argument("--eval-samples", type=int, default=eval_samples, help="samples per evaluation (default: %(default)s)")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    if streamed:
+    if images:
+        g.add_argument("--eval-samples", type=int, default=eval_samples, help="samples per evaluation (default: %(default)s)")
+        g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+        g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    if streamed and images:
         g.add_argument("--workers", type=int, default=4, help="DataLoader workers for datasets not held in memory")
     g.add_argument("--sample", default=None, metavar="CKPT", help="write samples from a checkpoint and exit")
     g.add_argument("--dry-run", action="store_true",
                    help="a few steps on small synthetic data with small nets (explicit flags still win)")
     if metrics is not None:
-        g.add_argument("--metrics", default=metrics,
-                       help="Inception metrics at evaluation: comma-separated fid, is, kid, pr, or none (default: %(default)s)")
-        g.add_argument("--inception-weights", default=None, metavar="PATH",
-                       help="the FID Inception weights file; $FID_INCEPTION_WEIGHTS or the torch hub cache when not given")
+        parser.metric_names = (("fid", "is", "kid", "pr") if inception else ()) + (("cfid", "agree", "modes") if digits else ())
+        g.add_argument("--metrics", default=metrics, help="metrics at evaluation, comma-separated, or none: "
+                       + ("Inception fid, is, kid, pr" if inception else "") + ("; " if inception and digits else "")
+                       + ("on digits (MNIST family, common/digits.py) cfid (classifier FID), agree (class agreement), "
+                          "modes (Stacked MNIST)" if digits else "") + " (default: %(default)s)")
+        if inception:
+            g.add_argument("--inception-weights", default=None, metavar="PATH",
+                           help="the FID Inception weights file; $FID_INCEPTION_WEIGHTS or the torch hub cache when not given")
         g.add_argument("--eval", action="store_true",
                        help="with --sample: also score the checkpoint on --eval-samples samples (default 50000 then)")
     return parser
@@ -96,9 +109,12 @@ def parse(parser, argv, dry_run_defaults=None, defaults=None):
         if defaults is None or not _apply(args, defaults(args), given):
             break
     if isinstance(getattr(args, "metrics", None), str):
-        args.metrics = [m for m in args.metrics.split(",") if m and m != "none"]
-        if set(args.metrics) - {"fid", "is", "kid", "pr"}:
-            raise UsageError(f"--metrics takes fid, is, kid, pr or none, got {','.join(args.metrics)}")
+        wanted = [m for m in args.metrics.split(",") if m and m != "none"]
+        digit = ("cfid", "agree", "modes")   # split off: args.metrics keeps the Inception ones
+        names = parser.metric_names
+        if set(wanted) - set(names):
+            raise UsageError(f"--metrics takes {', '.join(names)} or none, got {','.join(wanted)}")
+        args.metrics, args.digit_metrics = [m for m in wanted if m not in digit], [m for m in wanted if m in digit]
         if getattr(args, "eval", False) and not args.sample:
             raise UsageError("--eval scores a checkpoint and needs --sample CKPT "
                              "(training runs evaluate every --eval-every steps)")
@@ -130,7 +146,7 @@ def check_args(args):
     """Start-up checks of the shared flags (and of every learning rate), before anything is written."""
     for name, least in (("steps", 1), ("batch_size", 1), ("log_every", 0), ("sample_every", 0),
                         ("ckpt_every", 0), ("eval_every", 0), ("eval_samples", 0)):
-        if getattr(args, name) < least:
+        if hasattr(args, name) and getattr(args, name) < least:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     for name, value in vars(args).items():
         if (name == "lr" or name.endswith("_lr")) and value is not None and not value > 0:
@@ -188,13 +204,13 @@ class Run:
         if ddp and self.distributed and any(p.requires_grad for p in model.parameters()):
             from torch.nn.parallel import DistributedDataParallel
             model = DistributedDataParallel(model, device_ids=[self.device] if self.cuda else None)
-        if compile and self.args.compile:
+        if compile and getattr(self.args, "compile", False):
             model = torch.compile(model)
         return model
 
     def autocast(self):
         """bfloat16 autocast when --amp is given (no GradScaler is needed for bfloat16)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=getattr(self.args, "amp", False))
 
     # -- logging ------------------------------------------------------------------------------
     def every(self, step, interval):
@@ -301,7 +317,7 @@ class Run:
         mean_it_s = float("nan")
         if self._step_first is not None and self._step_last > self._step_first:
             mean_it_s = (self._step_last - self._step_first) / (self._t_last - self._t_first)
-        summary = {"script": self.script, "dataset": self.args.dataset, "step": step, "steps": self.args.steps,
+        summary = {"script": self.script, "dataset": data_name(self.args), "step": step, "steps": self.args.steps,
                    "interrupted": self.stop_requested, "it_per_s": mean_it_s, "wall_s": wall,
                    "losses": self.last_scalars, "metrics": self.metrics, **extra}
         if self.is_main:
@@ -314,6 +330,15 @@ class Run:
         return summary
 
 
+def pin_cpu_threads(args):
+    """Same seed, same weights on CPU: how many threads split a reduction (oneDNN's convolution weight
+    gradient, ATen and MKL sums) changes its last bits, and that number comes from the environment
+    (OMP_NUM_THREADS, the cores a job may use, a caller's torch.set_num_threads). One thread leaves
+    nothing to vary, whatever the machine's load (tests/test_determinism.py)."""
+    if not args.cuda:
+        torch.set_num_threads(1)
+
+
 def setup(args, script):
     """Device, seeds, torchrun, output directory (args.json), TensorBoard writer, signal handlers."""
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
@@ -321,6 +346,7 @@ def setup(args, script):
     if args.cuda and not torch.cuda.is_available():
         raise UsageError("--cuda was given but CUDA is not available (no GPU or a CPU-only PyTorch build)")
     device = torch.device(f"cuda:{local_rank}" if args.cuda else "cpu")
+    pin_cpu_threads(args)
     if args.cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -361,11 +387,17 @@ def setup(args, script):
     return r
 
 
+def data_name(args):
+    """What a run trains on: --dataset, or gail.py's --env."""
+    return getattr(args, "dataset", None) or args.env
+
+
 def resolve_out(args, script):
     if args.out:
         return Path(args.out)
     base = Path("runs") / script
-    name = Path(args.dataset).name if os.sep in args.dataset else args.dataset.replace(":", "-").replace(",", "+")
+    dataset = data_name(args)
+    name = Path(dataset).name if os.sep in dataset else dataset.replace(":", "-").replace(",", "+")
     if args.resume == "auto":  # continue the newest run of this script on this dataset
         previous = sorted(p.parent for p in base.glob(f"{name}-*/ckpt.pt"))
         if previous:
@@ -395,7 +427,8 @@ def load_for_sampling(args, script):
     state = ckpt_io.load(args.sample, script)
     if args.cuda and not torch.cuda.is_available():
         raise UsageError("--cuda was given but CUDA is not available")
-    train_args = argparse.Namespace(**{**state["args"], "cuda": args.cuda, "amp": args.amp, "compile": False})
+    train_args = argparse.Namespace(**{**state["args"], "cuda": args.cuda, "amp": getattr(args, "amp", False),
+                                       "compile": False})
     device = torch.device("cuda" if args.cuda else "cpu")
     out = Path(args.out) if args.out else Path(args.sample).resolve().parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
