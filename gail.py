@@ -1,0 +1,984 @@
+"""Generative Adversarial Imitation Learning — Jonathan Ho, Stefano Ermon, 2016. arXiv:1606.03476.
+
+The idea: learn a policy from an expert's state-action pairs alone, without the expert's reward and
+without first recovering it (inverse RL). A discriminator D(s, a) tells the policy's pairs from the
+expert's, and the policy is trained by reinforcement learning to fool it: occupancy-measure matching
+under the GAN divergence (Sec. 5). With D(s, a) the probability that (s, a) came from the policy π,
+
+    min_π max_D  E_π[log D(s, a)] + E_πE[log(1 − D(s, a))] − λ H(π)                     (Eq. 16)
+
+Algorithm 1, one iteration: sample trajectories of π; take an Adam step on D to increase the objective
+(policy pairs labelled 1, expert pairs 0); take a TRPO step on π with the cost log D(s, a), i.e. the
+reward r(s, a) = −log D(s, a) (the causal entropy H(π) enters as a bonus −λ log π(a|s) in the reward,
+as the official code does; λ = 0 as the paper, except Reacher). Environments whose episodes end on
+success (MountainCar, Acrobot) get r = log(1 − D) instead (the official `favor_zero_expert_reward`),
+so that ending early is not penalised; every other environment gets −log D, which keeps the survival
+bias of a positive reward (see "Verification" below).
+
+TRPO (Schulman et al. 2015), as the paper's Appendix B and the official policyopt/rl.py, optim.py:
+maximise the surrogate L(θ) = mean[π_θ(a|s)/π_old(a|s) · Â] subject to mean KL(π_old ‖ π_θ) ≤ 0.01: the
+natural gradient x = (F + 0.1 I)⁻¹ g by 10 conjugate-gradient steps on Fisher-vector products (the
+Hessian of the mean KL, by double backward, on a random 10% of the batch), scaled to the KL bound,
+then a backtracking line search (halving, ≤ 10 times) that accepts the first step with KL ≤ 0.01 and a
+surrogate gain ≥ 0.1 × the linear prediction. Advantages Â by GAE(γ = 0.995, λ = 0.97), standardised.
+The value network is refitted every iteration on the discounted returns, itself with a trust region
+(mean squared change of its normalised output ≤ 0.01, damping 0.1; official rl.ValueFunc).
+
+Networks (official scripts/imitate_mj.py SIMPLE_ARCHITECTURE): policy, value and D are 2 × 100 tanh
+MLPs; Glorot-uniform hidden layers and zero output layers (official nn.AffineLayer); a softmax policy for
+discrete actions, a Gaussian with a state-independent log σ (initially 0) for continuous ones. D scores
+every discrete action of a state (its output picks a's score) or takes (s, a) concatenated for
+continuous actions. Observations are standardised by running statistics initialised with the expert
+data (official `--obsnorm_mode expertdata`, nn.Standardizer): the policy's are updated with each batch
+after its step, D's with the policy and expert pairs it is fitted on, the value net's on its fit.
+D: Adam lr 0.01, 1 step per iteration on the iteration's policy pairs and as many expert pairs drawn with
+replacement, each class's loss averaged, minus 0.001 × the mean Bernoulli entropy of D's output (official
+TransitionClassifier). Per iteration 5000 state-action pairs (whole episodes until ≥ 5000), 300
+iterations (classic control; the paper's MuJoCo runs use 50000 × 500).
+
+Experts and data (official pipelines/im_classic_pipeline.yaml, im_pipeline.yaml, scripts/im_pipeline.py):
+experts are TRPO policies on the true reward (`--mode expert`); 10 stochastic expert trajectories are
+saved; a run uses the first `--num-trajs` of them, each subsampled to every k-th pair from a random
+offset (k = 10 CartPole, 5 MountainCar and Acrobot, 20 MuJoCo). Behavioural cloning (`--mode bc`, the
+baseline): maximum likelihood of the expert's actions, Adam lr 1e-3, minibatch 128, 1001 updates (20001
+for MuJoCo in the paper), 70/30 train/validation split, keeping the policy with the best validation loss
+of those checked every 100 updates. Evaluation: the mean true return of the learned policy acting
+deterministically (argmax / mean action) over 50 episodes, also scaled so that the expert's mean return
+(over its trajectories) is 1 and a uniformly random policy's is 0 (the paper's Fig. 1).
+
+Expert trajectory file (.npz, written by `--mode expert`, read by `--expert PATH`):
+    env        str            gymnasium id, e.g. "CartPole-v1"
+    obs        (N, T, obs_dim) float32   observations, right-padded with zeros to T = the longest episode
+    actions    (N, T) int64 (discrete) or (N, T, act_dim) float32 (continuous), padded likewise
+    rewards    (N, T) float32  true rewards;   lengths (N,) int64;   returns (N,) float32 (sums of rewards)
+    random_return  ()  float32  optional: a random policy's mean return (computed when absent)
+A file of full trajectories; subsampling happens when a run loads it.
+
+Usage:
+    python gail.py                                   # CartPole-v1, 1 expert trajectory (Table 3); trains
+                                                     # and caches the expert under <data-root>/gail first
+    python gail.py --mode pipeline --num-trajs 1 4 7 10   # expert, BC and GAIL per count (Fig. 1), a table
+    python gail.py --env Acrobot-v1 --mode pipeline --num-trajs 1 4 --steps 100   # a quicker CPU run
+    python gail.py --mode expert --env Pendulum-v1   # just an expert and its trajectories (expert.npz)
+    python gail.py --mode bc --expert runs/gail/CartPole-v1-.../expert.npz --num-trajs 4
+    python gail.py --env Hopper-v5 --num-trajs 4     # MuJoCo: 50000 pairs x 500 iterations, the paper's
+                                                     # Hopper row (pip install "gymnasium[mujoco]")
+    python gail.py --sample runs/gail/CartPole-v1-.../ckpt.pt   # evaluate a checkpoint's policy
+
+`--steps` counts TRPO iterations and `--batch-size` the state-action pairs per iteration (gail, expert);
+BC has its own `--bc-steps`, `--bc-batch-size`, `--bc-lr`. A flag of another mode is a start-up error. `--sample CKPT` rolls out the checkpoint's policy
+(deterministically, `--eval-episodes` episodes), prints and writes its mean return (scaled when the
+checkpoint knows its expert) to evaluation.json and draws the first episode's observations over time
+(rollout-*.png). Resume is exact: every iteration collects whole episodes, each started from a seed drawn
+from torch's RNG, so no environment state lives across iterations (the checkpoint holds the networks,
+their normalisers, D's optimiser, the RNG and the learning curve).
+
+Differences from the paper (and its official code):
+- gymnasium's CartPole-v1 (500 steps), Acrobot-v1, MountainCar-v0 and Pendulum-v1 instead of gym's
+  CartPole-v0 (200 steps), Acrobot-v0, MountainCar-v0; MuJoCo -v5 tasks instead of -v1.
+- Order within an iteration as Algorithm 1 (D's step, then the TRPO step on the new D's reward); the
+  official code steps π on the previous D's reward and fits D afterwards.
+- The line search's KL wall is the bound itself (KL ≤ 0.01); the official one rejects only KL > 0.02.
+  When no step passes, π is left unchanged (the official code takes the last, 2⁻¹⁰ step).
+- GAE treats episodes cut by the time limit as truncated (bootstrapped with V of the last state) and
+  only real terminations as terminal; the official code ends every trajectory with 0 and instead feeds
+  the time step t/T to its value net, which has no time input here.
+- Experts: TRPO with the same 2 × 100 nets and `--steps`/`--batch-size` as GAIL (the official classic
+  experts are 64-64 nets, 101 iterations × 5000 pairs); the normalisers start from one extra batch of the
+  untrained policy (official SamplingPolicyOptimizer).
+- BC is validated every 100 updates from update 1 and at the end, on the validation loss (official: the
+  same, "valacc" = −validation loss; the squared error of the mean for continuous actions).
+- Pendulum-v1 is not in the paper: its subsampling (10) and reward form (−log D) are our choice.
+- Not offered: MuJoCo's Reacher (λ > 0 in the paper), the official linear-reward baselines (FEM, GTAL),
+  torchrun (one process), --amp/--compile (TRPO's conjugate gradient needs float32).
+
+The expert is cached per environment: a later run reuses <data-root>/gail/<env>/expert/expert.npz whatever
+its --steps (delete the folder to retrain); a dry run trains a throw-away expert inside its own run folder.
+
+Measured here (CPU, seed 0, `--mode pipeline --num-trajs 1 4 10 --steps 60 --eval-episodes 20`, i.e. 60
+iterations instead of 300): CartPole-v1 expert 500, random 17; GAIL 500 / 500 / 195 with 1 / 4 / 10
+trajectories (scaled 1.00 / 1.00 / 0.37: the 10-trajectory run had not settled after 60 iterations), BC
+465 / 458 / 492. On CartPole any positive reward keeps the pole up (survival bias), so a return near the
+expert's shows little. An expert with a habit (TRPO with a bonus for |x − 1| < 0.3, 40 iterations; its
+mean cart position x = 1.01, against 0.14 for TRPO on CartPole's constant reward) is copied: GAIL's
+policies keep x = 1.17 / 1.07 (return 353 / 500 with 1 / 4 trajectories, 40 iterations), BC's x = 1.06 /
+1.00 but return 305 / 231. Acrobot-v1 (r = log(1 − D), 30 iterations): expert −91, random −500; GAIL −89 /
+−86 (scaled 1.00 / 1.01) with 1 / 4 trajectories, BC −226 / −86 (0.67 / 1.01).
+"""
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Categorical, Independent, Normal, kl_divergence
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from common import checkpoint as ckpt_io
+from common import run as runlib
+
+SCRIPT = "gail"
+CLASSIC = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1")
+MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
+ENVS = CLASSIC + MUJOCO
+# Every k-th expert pair is kept (official im_classic_pipeline.yaml, im_pipeline.yaml; Pendulum: ours).
+SUBSAMPLE = {"CartPole-v1": 10, "Acrobot-v1": 5, "MountainCar-v0": 5, "Pendulum-v1": 10, **{e: 20 for e in MUJOCO}}
+# Environments cut off on success get r = log(1 − D) (official cuts_off_on_success → favor_zero_expert_reward).
+REWARD = {"Acrobot-v1": "log(1-D)", "MountainCar-v0": "log(1-D)"}
+BC_VALID_EVERY = 100   # official --bclone_eval_freq in im_classic_pipeline.yaml
+EVAL_SEED = 10_000     # evaluation episodes start from seeds EVAL_SEED + seed + i, the same for every policy
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generative Adversarial Imitation Learning (Ho & Ermon 2016)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--env", default="CartPole-v1", help=f"gymnasium environment: {', '.join(ENVS)}")
+    p.add_argument("--mode", choices=["gail", "bc", "expert", "pipeline"], default="gail",
+                   help="gail: Algorithm 1; bc: behavioural cloning; expert: TRPO on the true reward, then save "
+                        "trajectories; pipeline: expert (cached), then BC and GAIL for each --num-trajs")
+    p.add_argument("--expert", default=None, metavar="NPZ",
+                   help="expert trajectories (see the docstring); default: the cached expert of --env under "
+                        "<data-root>/gail/<env>/, trained first if missing")
+    p.add_argument("--num-trajs", type=int, nargs="+", default=[1],
+                   help="expert trajectories used (one count; several with --mode pipeline, e.g. 1 4 7 10)")
+    p.add_argument("--expert-trajs", type=int, default=10, help="trajectories saved by --mode expert (official 10)")
+    p.add_argument("--subsample", type=int, default=None,
+                   help="keep every k-th expert pair (default: 10 CartPole, 5 Acrobot/MountainCar, 20 MuJoCo)")
+    p.add_argument("--reward", choices=["-log(D)", "log(1-D)"], default=None,
+                   help="policy reward from D (default: log(1-D) for Acrobot and MountainCar, else -log(D))")
+    p.add_argument("--entropy-lambda", type=float, default=0.0, help="causal entropy weight λ (Eq. 16)")
+    p.add_argument("--g-width", type=int, default=100, help="hidden units of the policy and value nets (2 layers)")
+    p.add_argument("--d-width", type=int, default=100, help="hidden units of D (2 layers)")
+    p.add_argument("--max-kl", type=float, default=0.01, help="TRPO's bound on the mean KL per step")
+    p.add_argument("--cg-damping", type=float, default=0.1, help="damping added to the Fisher matrix")
+    p.add_argument("--vf-max-kl", type=float, default=0.01, help="value net's trust region (mean squared change)")
+    p.add_argument("--gamma", type=float, default=0.995, help="discount")
+    p.add_argument("--gae-lambda", type=float, default=0.97, help="GAE λ")
+    p.add_argument("--d-lr", type=float, default=0.01, help="D's Adam learning rate")
+    p.add_argument("--d-steps", type=int, default=1, help="D's Adam steps per iteration")
+    p.add_argument("--d-entropy", type=float, default=1e-3, help="D's entropy bonus weight")
+    p.add_argument("--bc-steps", type=int, default=1001, help="behavioural cloning updates")
+    p.add_argument("--bc-lr", type=float, default=1e-3, help="behavioural cloning Adam learning rate")
+    p.add_argument("--bc-batch-size", type=int, default=128, help="behavioural cloning minibatch")
+    p.add_argument("--eval-episodes", type=int, default=50, help="episodes per evaluation (official 50)")
+    runlib.add_args(p, dataset=None, image_size=None, batch_size=5000, steps=300, log_every=10,
+                    sample_every=50, ckpt_every=20, eval_every=0, images=False)
+    args = runlib.parse(p, argv, dry_run_defaults={
+        "g_width": 8, "d_width": 8, "expert_trajs": 3, "eval_episodes": 2, "bc_steps": 4, "bc_batch_size": 8},
+        defaults=env_defaults)
+    check_args(args)
+    return args
+
+
+def env_defaults(args):
+    """The settings that depend on the environment (official pipelines): subsampling, the reward form and,
+    for MuJoCo, 50000 pairs x 500 iterations, 50 expert trajectories and 20001 BC updates. A dry run keeps
+    every expert pair (its untrained expert's episodes are short)."""
+    if args.env not in ENVS:
+        return {}
+    d = {"subsample": 1 if args.dry_run else SUBSAMPLE[args.env], "reward": REWARD.get(args.env, "-log(D)")}
+    if args.env in MUJOCO and not args.dry_run:
+        d.update(steps=500, batch_size=50_000, expert_trajs=50, bc_steps=20_001)
+    return d
+
+
+def check_args(args):
+    """Everything that can be checked from the command line alone (nothing is written before this)."""
+    if args.env not in ENVS:
+        raise runlib.UsageError(f"unknown environment {args.env!r}; choose one of {', '.join(ENVS)}")
+    positive = ("g_width", "d_width", "max_kl", "cg_damping", "vf_max_kl", "d_lr", "bc_steps", "bc_lr",
+                "bc_batch_size", "eval_episodes", "expert_trajs")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise runlib.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.d_steps < 0 or args.entropy_lambda < 0 or args.d_entropy < 0:
+        raise runlib.UsageError("--d-steps, --entropy-lambda and --d-entropy must be >= 0")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        raise runlib.UsageError("--gamma must be in (0, 1] and --gae-lambda in [0, 1]")
+    if min(args.num_trajs) < 1 or (args.subsample is not None and args.subsample < 1):
+        raise runlib.UsageError("--num-trajs and --subsample must be >= 1")
+    if len(args.num_trajs) > 1 and args.mode != "pipeline":
+        raise runlib.UsageError(f"--mode {args.mode} takes one --num-trajs (several only with --mode pipeline)")
+    if args.mode == "expert" and args.expert:
+        raise runlib.UsageError("--mode expert trains an expert; --expert cannot act there")
+    # No flag that does nothing: flags of another mode are an error when given explicitly.
+    d_flags = {"d_lr", "d_steps", "d_entropy", "d_width", "reward"}
+    bc_flags = {"bc_steps", "bc_lr", "bc_batch_size"}
+    rl_flags = {"steps", "batch_size", "max_kl", "cg_damping", "vf_max_kl", "gamma", "gae_lambda", "entropy_lambda"}
+    idle = {"expert": d_flags | bc_flags | {"num_trajs", "subsample"}, "gail": bc_flags,
+            "bc": d_flags | (rl_flags if args.expert else set()), "pipeline": set()}[args.mode]
+    if args.expert:
+        idle |= {"expert_trajs"}
+    given = sorted(set(getattr(args, "explicit", ())) & idle)
+    if given:
+        raise runlib.UsageError(f"--{given[0].replace('_', '-')} cannot act with --mode {args.mode}"
+                                + (" and --expert" if args.expert and args.mode != "expert" else ""))
+    if not args.expert and max(args.num_trajs) > args.expert_trajs and args.mode != "expert":
+        raise runlib.UsageError(f"--num-trajs {max(args.num_trajs)} is more than the {args.expert_trajs} "
+                                "trajectories the expert saves (--expert-trajs)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+class RunningNorm(nn.Module):
+    """x ↦ (x − mean) / (std + 1e-6) with the mean and std of every point seen so far (official
+    nn.Standardizer: a count-weighted running mean of x and x²; the identity until the first update)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("meansq", torch.ones(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x):
+        x = x.reshape(-1, self.mean.numel()).double()
+        a = self.count / (self.count + len(x))
+        self.mean.mul_(a).add_((1 - a) * x.mean(0))
+        self.meansq.mul_(a).add_((1 - a) * x.pow(2).mean(0))
+        self.count += len(x)
+
+    def std(self):
+        return (self.meansq - self.mean.pow(2)).clamp_min(0).sqrt()
+
+    def forward(self, x):
+        return ((x - self.mean) / (self.std() + self.eps)).to(x.dtype)
+
+    def inverse(self, y):
+        return (y * (self.std() + self.eps) + self.mean).to(y.dtype)
+
+
+def mlp(n_in, width, n_out):
+    """n_in → width → width → n_out with tanh, Glorot-uniform hidden layers and a zero output layer
+    (official nn.FeedforwardNet / AffineLayer with SIMPLE_ARCHITECTURE)."""
+    layers = [nn.Linear(n_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, n_out)]
+    for layer in layers[:-1:2]:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    nn.init.zeros_(layers[-1].weight)
+    nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
+
+
+class Policy(nn.Module):
+    """π(a|s): a softmax over `n_actions` (discrete) or a Gaussian N(μ(s), diag σ²) with a state-independent
+    log σ (continuous), on standardised observations. `params(obs)` gives the distribution's parameters
+    (logits, or μ and log σ side by side) and `distribution(params)` builds it: TRPO keeps the old
+    parameters to measure the KL of a step."""
+
+    def __init__(self, obs_dim, act_dim, discrete, width=100):
+        super().__init__()
+        self.discrete, self.act_dim = discrete, act_dim
+        self.norm = RunningNorm(obs_dim)
+        self.net = mlp(obs_dim, width, act_dim)
+        self.log_std = None if discrete else nn.Parameter(torch.zeros(act_dim))
+
+    def params(self, obs):
+        out = self.net(self.norm(obs))
+        return out if self.discrete else torch.cat([out, self.log_std.expand_as(out)], -1)
+
+    def distribution(self, params):
+        if self.discrete:
+            return Categorical(logits=params)
+        mean, log_std = params.chunk(2, -1)
+        return Independent(Normal(mean, log_std.exp()), 1)
+
+    def log_prob(self, obs, actions):
+        return self.distribution(self.params(obs)).log_prob(actions)
+
+    @torch.no_grad()
+    def act(self, obs, deterministic=False):
+        """One action for one observation; sampled by inverse CDF / reparameterisation from torch's RNG."""
+        p = self.params(obs[None])[0]
+        if self.discrete:
+            if deterministic:
+                return p.argmax()
+            cdf = p.softmax(-1).cumsum(-1)
+            return torch.searchsorted(cdf, torch.rand(1, device=p.device) * cdf[-1]).clamp_max(len(cdf) - 1)[0]
+        mean, log_std = p.chunk(2)
+        return mean if deterministic else mean + log_std.exp() * torch.randn(self.act_dim, device=p.device)
+
+
+class ValueNet(nn.Module):
+    """V(s) on standardised observations, predicting standardised returns (official rl.ValueFunc's
+    obsnorm and vnorm); `forward` returns values in return units."""
+
+    def __init__(self, obs_dim, width=100):
+        super().__init__()
+        self.norm, self.target_norm = RunningNorm(obs_dim), RunningNorm(1)
+        self.net = mlp(obs_dim, width, 1)
+
+    def raw(self, obs):
+        return self.net(self.norm(obs))[..., 0]
+
+    def forward(self, obs):
+        return self.target_norm.inverse(self.raw(obs)[..., None])[..., 0]
+
+
+class Discriminator(nn.Module):
+    """The logit of D(s, a), the probability that (s, a) is the policy's (the paper's convention). For
+    discrete actions the net scores every action of a standardised state and a's score is picked; for
+    continuous ones it reads the standardised concatenation (s, a) (official TransitionClassifier)."""
+
+    def __init__(self, obs_dim, act_dim, discrete, width=100):
+        super().__init__()
+        self.discrete = discrete
+        n_in = obs_dim if discrete else obs_dim + act_dim
+        self.norm = RunningNorm(n_in)
+        self.net = mlp(n_in, width, act_dim if discrete else 1)
+
+    def inputs(self, obs, actions):
+        return obs if self.discrete else torch.cat([obs, actions], -1)
+
+    def forward(self, obs, actions):
+        scores = self.net(self.norm(self.inputs(obs, actions)))
+        if self.discrete:
+            return scores.gather(-1, actions.long()[..., None])[..., 0]
+        return scores[..., 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses and TRPO
+# ------------------------------------------------------------------------------------------------
+
+def bernoulli_entropy(logits):
+    """Entropy of Bernoulli(sigmoid(l)) in nats: softplus(−l) + (1 − σ(l)) l."""
+    return F.softplus(-logits) + (1 - torch.sigmoid(logits)) * logits
+
+
+def discriminator_loss(logits_policy, logits_expert, entropy_weight=1e-3):
+    """D ascends E_π log D + E_πE log(1 − D) (Eq. 16): a cross-entropy with the policy's pairs labelled 1
+    and the expert's 0, each class averaged, minus the official entropy bonus on D's outputs."""
+    loss_p = F.binary_cross_entropy_with_logits(logits_policy, torch.ones_like(logits_policy))
+    loss_e = F.binary_cross_entropy_with_logits(logits_expert, torch.zeros_like(logits_expert))
+    entropy = bernoulli_entropy(logits_policy).mean() + bernoulli_entropy(logits_expert).mean()
+    return loss_p + loss_e - entropy_weight * entropy
+
+
+def policy_reward(logits, form="-log(D)"):
+    """The policy's reward from D's logit: −log D (the cost log D of Algorithm 1), or log(1 − D) for
+    environments that end on success (official favor_zero_expert_reward)."""
+    if form == "-log(D)":
+        return F.softplus(-logits)       # −log σ(l)
+    if form == "log(1-D)":
+        return -F.softplus(logits)       # log(1 − σ(l))
+    raise ValueError(f"unknown reward form {form!r}")
+
+
+def gae(rewards, values, last_value, gamma, lam):
+    """GAE(γ, λ) of one episode (Schulman et al. 2016): δ_t = r_t + γ V(s_{t+1}) − V(s_t) with V(s_T) =
+    `last_value` (0 when the episode terminated, V of the final state when it was truncated),
+    Â_t = Σ_k (γλ)^k δ_{t+k}. Returns (Â, discounted returns R_t = Σ_k γ^k r_{t+k} + γ^{T−t} last_value)."""
+    r, v = rewards.tolist(), values.tolist() + [float(last_value)]
+    adv, ret = [0.0] * len(r), [0.0] * len(r)
+    a, g = 0.0, float(last_value)
+    for t in reversed(range(len(r))):
+        a = r[t] + gamma * v[t + 1] - v[t] + gamma * lam * a     # Â_t = δ_t + γλ Â_{t+1}
+        g = r[t] + gamma * g
+        adv[t], ret[t] = a, g
+    return torch.tensor(adv), torch.tensor(ret)
+
+
+def flat_grad(y, params, **kwargs):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(y, params, **kwargs)])
+
+
+def conjugate_gradient(matvec, b, iters=10, tol=1e-10):
+    """Solve A x = b for symmetric positive definite A given only x ↦ A x (Hestenes–Stiefel)."""
+    x, r = torch.zeros_like(b), b.clone()
+    p, rr = r.clone(), r @ r
+    for _ in range(iters):
+        Ap = matvec(p)
+        alpha = rr / (p @ Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        rr_new = r @ r
+        if rr_new < tol:
+            break
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def fisher_vector_product(kl, params, damping):
+    """v ↦ (∇²_θ KL + damping I) v by double backward; `kl` is the mean KL(π_old ‖ π_θ) as a function of θ
+    at θ = θ_old, where its Hessian is the Fisher information matrix."""
+    grad_kl = flat_grad(kl, params, create_graph=True)
+
+    def fvp(v):
+        return flat_grad(grad_kl @ v, params, retain_graph=True) + damping * v
+    return fvp
+
+
+def trust_region_step(params, surrogate, kl, max_kl, damping, kl_for_fvp=None, cg_iters=10,
+                      accept_ratio=0.1, backtracks=10):
+    """One TRPO step on `params` (Appendix B): maximise surrogate() subject to kl() ≤ max_kl. The natural
+    gradient x ≈ (F + damping I)⁻¹ g by conjugate gradient, the full step x·sqrt(2 max_kl / xᵀ(F + dI)x)
+    (the quadratic model's KL at max_kl), then backtracking (halving) until the KL bound holds and the
+    surrogate gains ≥ accept_ratio × its linear prediction; if no step does, params stay where they were.
+    `kl_for_fvp` (default `kl`) may use a subsample of the batch for the Fisher-vector products."""
+    params = list(params)
+    theta0 = parameters_to_vector(params).detach().clone()
+    info = {"kl": 0.0, "improvement": 0.0, "backtracks": 0, "accepted": False}
+    L0 = surrogate()
+    g = flat_grad(L0, params)
+    L0 = float(L0.detach())
+    if g.abs().max() < 1e-6:  # official grad_stop_tol
+        return info
+    fvp = fisher_vector_product((kl_for_fvp or kl)(), params, damping)
+    x = conjugate_gradient(fvp, g, cg_iters)
+    step = x * torch.sqrt(2 * max_kl / (x @ fvp(x)).clamp_min(1e-12)).detach()
+    expected = float(g @ step)
+    with torch.no_grad():
+        for k in range(backtracks):
+            t = 0.5 ** k
+            vector_to_parameters(theta0 + t * step, params)
+            gain, d = float(surrogate()) - L0, float(kl())
+            if d <= max_kl and gain >= accept_ratio * t * expected and gain > 0:
+                info.update(kl=d, improvement=gain, backtracks=k, accepted=True)
+                return info
+        vector_to_parameters(theta0, params)
+    info["backtracks"] = backtracks
+    return info
+
+
+def policy_step(policy, obs, actions, advantages, max_kl, damping, fvp_fraction=0.1):
+    """TRPO on the policy: surrogate mean[exp(log π_θ − log π_old) Â], KL(π_old ‖ π_θ) ≤ max_kl, Fisher-vector
+    products on a random `fvp_fraction` of the batch (official subsample_hvp_frac)."""
+    with torch.no_grad():
+        old = policy.params(obs)
+        old_logp = policy.distribution(old).log_prob(actions)
+    sub = torch.randint(len(obs), (max(1, int(fvp_fraction * len(obs))),))
+
+    def surrogate():
+        return (torch.exp(policy.log_prob(obs, actions) - old_logp) * advantages).mean()
+
+    def kl(idx=slice(None)):
+        return kl_divergence(policy.distribution(old[idx]), policy.distribution(policy.params(obs[idx]))).mean()
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return trust_region_step(params, surrogate, kl, max_kl, damping, kl_for_fvp=lambda: kl(sub))
+
+
+def value_step(value, obs, returns, max_kl, damping, fvp_fraction=0.1):
+    """Refit V on this batch's returns with a trust region (official rl.ValueFunc.fit): update the
+    normalisers, then maximise −mean (V_raw − R_std)² subject to mean (V_raw − V_raw_old)² ≤ max_kl."""
+    value.norm.update(obs)
+    value.target_norm.update(returns[:, None])
+    target = value.target_norm(returns[:, None])[:, 0]
+    with torch.no_grad():
+        old = value.raw(obs)
+    sub = torch.randint(len(obs), (max(1, int(fvp_fraction * len(obs))),))
+
+    def surrogate():
+        return -(value.raw(obs) - target).pow(2).mean()
+
+    def kl(idx=slice(None)):
+        return (value.raw(obs[idx]) - old[idx]).pow(2).mean()
+
+    info = trust_region_step(list(value.parameters()), surrogate, kl, max_kl, damping, kl_for_fvp=lambda: kl(sub))
+    return info, -float(surrogate().detach())
+
+
+def bc_loss(policy, obs, actions):
+    """Behavioural cloning: the negative log-likelihood of the expert's actions."""
+    return -policy.log_prob(obs, actions).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Environments, rollouts, expert data
+# ------------------------------------------------------------------------------------------------
+
+def make_env(env_id):
+    import gymnasium as gym
+    if env_id not in ENVS:
+        raise runlib.UsageError(f"unknown environment {env_id!r}; choose one of {', '.join(ENVS)}")
+    if env_id in MUJOCO:
+        try:
+            import mujoco  # noqa: F401
+        except ImportError:
+            raise runlib.UsageError(f'{env_id} needs MuJoCo: pip install "gymnasium[mujoco]"') from None
+    return gym.make(env_id)
+
+
+def env_spec(env):
+    """(obs_dim, act_dim, discrete); act_dim is the number of actions when discrete."""
+    discrete = hasattr(env.action_space, "n")
+    act_dim = int(env.action_space.n) if discrete else int(env.action_space.shape[0])
+    return int(env.observation_space.shape[0]), act_dim, discrete
+
+
+def rollout(env, act, min_steps=0, episodes=0, seeds=None, device="cpu"):
+    """Whole episodes until there are ≥ `min_steps` pairs and ≥ `episodes` episodes. Each episode starts
+    from `seeds[i]`, or from a seed drawn from torch's RNG, so a run's randomness is torch's alone.
+    Returns a dict of stacked tensors (on `device`) and one list entry per episode."""
+    obs_l, act_l, rew_l, lengths, terminated, final_obs, returns = [], [], [], [], [], [], []
+    low = torch.as_tensor(env.action_space.low) if not hasattr(env.action_space, "n") else None
+    high = torch.as_tensor(env.action_space.high) if low is not None else None
+    while sum(lengths) < min_steps or len(lengths) < episodes:
+        seed = seeds[len(lengths)] if seeds is not None else int(torch.randint(2 ** 31 - 1, ()))
+        o, _ = env.reset(seed=seed)
+        n, total = 0, 0.0
+        while True:
+            o = torch.as_tensor(o, dtype=torch.float32, device=device)
+            a = act(o)
+            env_a = int(a) if low is None else torch.maximum(torch.minimum(a.cpu(), high), low).numpy()
+            o_next, r, term, trunc, _ = env.step(env_a)
+            obs_l.append(o)
+            act_l.append(a)
+            rew_l.append(float(r))
+            n, total, o = n + 1, total + float(r), o_next
+            if term or trunc:
+                break
+        lengths.append(n)
+        terminated.append(bool(term))
+        final_obs.append(torch.as_tensor(o, dtype=torch.float32, device=device))
+        returns.append(total)
+    return {"obs": torch.stack(obs_l), "actions": torch.stack(act_l), "rewards": torch.tensor(rew_l, device=device),
+            "lengths": lengths, "terminated": terminated, "final_obs": torch.stack(final_obs),
+            "returns": torch.tensor(returns)}
+
+
+def evaluate(env, act, episodes, seed, device="cpu"):
+    """Mean return over `episodes` episodes from fixed seeds (the same for every policy), and the mean
+    observation (e.g. CartPole's cart position is dimension 0)."""
+    b = rollout(env, act, episodes=episodes, seeds=[EVAL_SEED + seed + i for i in range(episodes)], device=device)
+    return {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
+            "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist(), "batch": b}
+
+
+def random_policy(env):
+    gen = torch.Generator().manual_seed(0)
+    if hasattr(env.action_space, "n"):
+        return lambda o: torch.randint(int(env.action_space.n), (), generator=gen)
+    low, high = torch.as_tensor(env.action_space.low), torch.as_tensor(env.action_space.high)
+    return lambda o: low + (high - low) * torch.rand(low.shape, generator=gen)
+
+
+def save_expert(path, env_id, batch, random_return):
+    n, T = len(batch["lengths"]), max(batch["lengths"])
+    obs = torch.zeros(n, T, batch["obs"].shape[1])
+    acts = torch.zeros(n, T, *batch["actions"].shape[1:], dtype=batch["actions"].dtype)
+    rews = torch.zeros(n, T)
+    start = 0
+    for i, l in enumerate(batch["lengths"]):
+        obs[i, :l], acts[i, :l], rews[i, :l] = (batch[k][start:start + l] for k in ("obs", "actions", "rewards"))
+        start += l
+    np.savez(path, env=np.array(env_id), obs=obs.numpy(), actions=acts.numpy(), rewards=rews.numpy(),
+             lengths=np.array(batch["lengths"], dtype=np.int64), returns=batch["returns"].numpy(),
+             random_return=np.float32(random_return))
+
+
+def load_expert(path, env_id, env):
+    """Read and check an expert file (see the docstring): a UsageError names what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise runlib.UsageError(f"expert file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise runlib.UsageError(f"{path} is not a readable .npz of expert trajectories: {e}") from None
+    missing = {"env", "obs", "actions", "lengths", "returns"} - set(data)
+    if missing:
+        raise runlib.UsageError(f"{path} lacks {', '.join(sorted(missing))} (see gail.py's docstring for the format)")
+    if str(data["env"]) != env_id:
+        raise runlib.UsageError(f"{path} holds trajectories of {data['env']}, not {env_id} (--env)")
+    obs_dim, act_dim, discrete = env_spec(env)
+    n, T = data["lengths"].shape[0], data["obs"].shape[1] if data["obs"].ndim == 3 else -1
+    act_shape = (n, T) if discrete else (n, T, act_dim)
+    if data["obs"].shape != (n, T, obs_dim) or data["actions"].shape != act_shape or data["returns"].shape != (n,):
+        want = "(N, T)" if discrete else f"(N, T, {act_dim})"
+        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), actions {want} and returns (N,) for "
+                                f"{env_id}, got obs {data['obs'].shape}, actions {data['actions'].shape}, "
+                                f"returns {data['returns'].shape}")
+    if discrete and data["actions"].dtype.kind not in "iu":
+        raise runlib.UsageError(f"{path}: {env_id} has discrete actions; the file's are {data['actions'].dtype}")
+    if data["lengths"].ndim != 1 or (data["lengths"] < 1).any() or (data["lengths"] > T).any():
+        raise runlib.UsageError(f"{path}: lengths must be in [1, {T}]")
+    return data
+
+
+def expert_pairs(data, num_trajs, every):
+    """The first `num_trajs` trajectories, each subsampled to every `every`-th pair from a random offset
+    (official load_dataset: offsets from a fixed seed 0). Returns (obs, actions) tensors."""
+    offsets = torch.randint(every, (num_trajs,), generator=torch.Generator().manual_seed(0))
+    obs, acts = [], []
+    for i in range(num_trajs):
+        keep = slice(int(offsets[i]), int(data["lengths"][i]), every)
+        obs.append(torch.as_tensor(data["obs"][i][keep], dtype=torch.float32))
+        acts.append(torch.as_tensor(data["actions"][i][keep]))
+    acts = torch.cat(acts)
+    return torch.cat(obs), acts.long() if acts.dtype in (torch.int32, torch.int64) else acts.float()
+
+
+def expert_cache(args):
+    """Where the expert of --env is cached: <data-root>/gail/<env>/expert/ (a --mode expert run directory);
+    a dry run keeps its throw-away expert inside its own run directory."""
+    return Path(args.out) / "expert-dry" if args.dry_run else Path(args.data_root) / "gail" / args.env / "expert"
+
+
+def resolve_expert(args, env):
+    """The expert data: --expert, or the cached expert of --env (trained now if missing)."""
+    path = Path(args.expert) if args.expert else expert_cache(args) / "expert.npz"
+    if not args.expert and not path.is_file():
+        print(f"no cached expert for {args.env}: training one in {path.parent} (--mode expert)", flush=True)
+        sub = argparse.Namespace(**{**vars(args), "mode": "expert", "out": str(path.parent), "resume": "auto",
+                                    "entropy_lambda": 0.0})
+        summary = train(sub)
+        if summary.get("interrupted"):
+            return None
+    data = load_expert(path, args.env, env)
+    if max(args.num_trajs) > len(data["lengths"]):
+        raise runlib.UsageError(f"--num-trajs {max(args.num_trajs)} but {path} holds "
+                                f"{len(data['lengths'])} trajectories")
+    if "random_return" not in data:
+        data["random_return"] = np.float32(evaluate(env, random_policy(env), args.eval_episodes, args.seed)["return"])
+    return data
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures (a line plot drawn with torch alone: no plotting dependency)
+# ------------------------------------------------------------------------------------------------
+
+COLORS = [(0.1, 0.3, 0.9), (0.9, 0.2, 0.1), (0.1, 0.6, 0.2), (0.6, 0.2, 0.7), (0.9, 0.6, 0.0), (0.3, 0.3, 0.3)]
+
+
+def line_plot(curves, size=(240, 400)):
+    """curves: list of 1-D sequences (a constant level may be a single value); returns (3, H, W) in [0, 1].
+    Each curve in its own colour (COLORS order), x from 0 to the longest curve's end, y over all values."""
+    H, W = size
+    curves = [torch.as_tensor(c, dtype=torch.float32).detach().cpu().reshape(-1) for c in curves if len(c)]
+    img = torch.ones(3, H, W)
+    if not curves:
+        return img
+    n = max(len(c) for c in curves)
+    lo = min(float(c.min()) for c in curves)
+    hi = max(float(c.max()) for c in curves)
+    hi = hi if hi > lo else lo + 1
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    for k, c in enumerate(curves):
+        if len(c) == 1:   # a level: across the whole width
+            x, y = torch.linspace(0, W - 1, 4 * W), c.expand(4 * W)
+        else:             # x = index, interpolated linearly between points
+            src = torch.linspace(0, len(c) - 1, 4 * W)
+            x = src / max(n - 1, 1) * (W - 1)
+            i0 = src.floor().long().clamp_max(len(c) - 1)
+            i1 = (i0 + 1).clamp_max(len(c) - 1)
+            y = c[i0] + (c[i1] - c[i0]) * (src - i0)
+        row = ((hi - y) / (hi - lo) * (H - 1)).round().long().clamp(0, H - 1)
+        col = x.round().long().clamp(0, W - 1)
+        for dr in (-1, 0, 1):
+            for ch in range(3):
+                img[ch, (row + dr).clamp(0, H - 1), col] = COLORS[k % len(COLORS)][ch]
+    img[:, [0, -1], :] = 0.5
+    img[:, :, [0, -1]] = 0.5
+    return img
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def build(spec, args):
+    obs_dim, act_dim, discrete = spec
+    policy = Policy(obs_dim, act_dim, discrete, args.g_width)
+    value = ValueNet(obs_dim, args.g_width)
+    D = Discriminator(obs_dim, act_dim, discrete, args.d_width)
+    return policy, value, D
+
+
+def train(args):
+    if args.resume not in (None, "auto"):   # read it before an expert may be trained and written
+        ckpt_io.load(args.resume, SCRIPT)
+    if args.out is None:   # fixed now: a dry run's expert lives inside it
+        args.out = str(runlib.resolve_out(args, SCRIPT))
+    if args.mode == "pipeline":
+        return pipeline(args)
+    env = make_env(args.env)
+    spec = env_spec(env)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise runlib.UsageError("gail.py runs in one process (no torchrun)")
+    data = None
+    if args.mode != "expert":
+        data = resolve_expert(args, env)
+        if data is None:
+            return {"interrupted": True}
+    if args.mode == "bc":
+        args = argparse.Namespace(**{**vars(args), "steps": args.bc_steps})
+    r = runlib.setup(args, SCRIPT)
+    if r.distributed:
+        raise runlib.UsageError("gail.py runs in one process (no torchrun)")
+    if args.mode == "bc":
+        return train_bc(args, r, env, spec, data)
+    return train_rl(args, r, env, spec, data)
+
+
+def scaled(ret, data):
+    """The paper's Fig. 1 scale: random policy 0, expert 1."""
+    expert, rand = float(np.mean(data["returns"])), float(data["random_return"])
+    return (ret - rand) / (expert - rand) if expert != rand else float("nan")
+
+
+def final_evaluation(r, env, policy, args, data, step):
+    with r.side_rng():
+        ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, r.device)
+    metrics = {"metric/return": ev["return"], "metric/length": ev["length"]}
+    if data is not None:
+        metrics["metric/scaled_return"] = scaled(ev["return"], data)
+        metrics["metric/expert_return"] = float(np.mean(data["returns"]))
+        metrics["metric/random_return"] = float(data["random_return"])
+    r.log(step, metrics, force=True)
+    return ev
+
+
+def train_rl(args, r, env, spec, data):
+    """Algorithm 1 (--mode gail), or TRPO on the true reward (--mode expert)."""
+    policy, value, D = build(spec, args)
+    policy, value, D = (r.prepare(m, compile=False, ddp=False) for m in (policy, value, D))
+    d_opt = torch.optim.Adam(D.parameters(), lr=args.d_lr)
+    reward_form = args.reward
+    ex_obs = ex_act = None
+    if data is not None:
+        ex_obs, ex_act = expert_pairs(data, args.num_trajs[0], args.subsample)
+        ex_obs, ex_act = ex_obs.to(r.device), ex_act.to(r.device)
+        for norm in (policy.norm, value.norm):   # official --obsnorm_mode expertdata
+            norm.update(ex_obs)
+        D.norm.update(D.inputs(ex_obs, ex_act))
+    start = r.resume({"policy": policy, "value": value, "D": D}, {"D": d_opt})
+    history = list(r.resume_state["history"]) if r.resume_state else []
+    if start == 0 and data is None:   # expert: an extra batch of the untrained policy starts the normalisers
+        b0 = rollout(env, policy.act, min_steps=args.batch_size, device=r.device)
+        policy.norm.update(b0["obs"])
+        value.norm.update(b0["obs"])
+    r.restore_rng()
+    step, ev = start, None
+    for step in range(start + 1, args.steps + 1):
+        batch = rollout(env, policy.act, min_steps=args.batch_size, device=r.device)
+        obs, actions = batch["obs"], batch["actions"]
+        scalars = {"return/true": batch["returns"].mean(), "episode/length": float(np.mean(batch["lengths"]))}
+        if data is not None:
+            # ---- D: Adam step(s) on policy pairs (label 1) vs as many expert pairs (label 0)
+            idx = torch.randint(len(ex_obs), (len(obs),))
+            e_obs, e_act = ex_obs[idx], ex_act[idx]
+            D.norm.update(torch.cat([D.inputs(obs, actions), D.inputs(e_obs, e_act)]))
+            for _ in range(args.d_steps):
+                loss_d = discriminator_loss(D(obs, actions), D(e_obs, e_act), args.d_entropy)
+                d_opt.zero_grad(set_to_none=True)
+                loss_d.backward()
+                d_opt.step()
+            with torch.no_grad():
+                logit_p, logit_e = D(obs, actions), D(e_obs, e_act)
+                rewards = policy_reward(logit_p, reward_form)                       # r = −log D (Alg. 1)
+            scalars.update({"loss/D": loss_d, "D/accuracy_policy": (logit_p > 0).float().mean(),
+                            "D/accuracy_expert": (logit_e < 0).float().mean(),
+                            "return/imitation": rewards.sum() / len(batch["lengths"])})
+        else:
+            rewards = batch["rewards"]
+        if args.entropy_lambda > 0:   # causal entropy H(π) = E[−log π(a|s)] (Eq. 16; official policy_ent_reg)
+            with torch.no_grad():
+                rewards = rewards - args.entropy_lambda * policy.log_prob(obs, actions)
+        # ---- advantages: GAE per episode, V bootstrapped only where the time limit cut the episode
+        with torch.no_grad():
+            values, last = value(obs), value(batch["final_obs"])
+        advs, rets, s = [], [], 0
+        for i, n in enumerate(batch["lengths"]):
+            boot = 0.0 if batch["terminated"][i] else float(last[i])
+            a, g = gae(rewards[s:s + n], values[s:s + n], boot, args.gamma, args.gae_lambda)
+            advs.append(a)
+            rets.append(g)
+            s += n
+        adv, ret = torch.cat(advs).to(r.device), torch.cat(rets).to(r.device)
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)     # official util.standardized
+        # ---- TRPO on π, then the normaliser update and the value fit (official order)
+        info = policy_step(policy, obs, actions, adv, args.max_kl, args.cg_damping)
+        policy.norm.update(obs)
+        vinfo, vloss = value_step(value, obs, ret, args.vf_max_kl, args.cg_damping)
+        with torch.no_grad():
+            entropy = policy.distribution(policy.params(obs)).entropy().mean()
+        history.append(float(batch["returns"].mean()))
+        scalars.update({"trpo/kl": info["kl"], "trpo/improvement": info["improvement"],
+                        "trpo/backtracks": info["backtracks"], "policy/entropy": entropy, "loss/value": vloss,
+                        "value/kl": vinfo["kl"]})
+        r.log(step, scalars)
+        last_step = step == args.steps
+        if r.every(step, args.sample_every) or last_step or r.stop_requested:
+            levels = [[float(np.mean(data["returns"]))], [float(data["random_return"])]] if data is not None else []
+            r.images("learning_curve", line_plot([history, *levels])[None], step, nrow=1, value_range=(0, 1))
+        if (args.eval_every and r.every(step, args.eval_every)) or last_step:
+            ev = final_evaluation(r, env, policy, args, data, step)
+        if r.checkpoint_due(step):
+            r.save_checkpoint(step, {"models": {"policy": policy.state_dict(), "value": value.state_dict(),
+                                                "D": D.state_dict()},
+                                     "optimizers": {"D": d_opt.state_dict()}, "history": history,
+                                     "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data)})
+        if r.stop_requested:
+            break
+    extra = {}
+    if args.mode == "expert" and not r.stop_requested:
+        # the expert's trajectories: stochastic policy (official deterministic_expert: false)
+        with r.side_rng():
+            trajs = rollout(env, policy.act, episodes=args.expert_trajs)
+            rand = evaluate(env, random_policy(env), args.eval_episodes, args.seed)["return"]
+        save_expert(r.out / "expert.npz", args.env, trajs, rand)
+        print(f"wrote {r.out / 'expert.npz'}: {args.expert_trajs} trajectories, mean return "
+              f"{float(trajs['returns'].mean()):.1f} (random policy {rand:.1f})", flush=True)
+        extra = {"expert_file": str(r.out / "expert.npz"), "expert_traj_return": float(trajs["returns"].mean()),
+                 "random_return": rand}
+    if ev is not None:
+        extra["eval_obs_mean"] = ev["obs_mean"]
+    return r.finish(step, mode=args.mode, env=args.env, num_trajs=args.num_trajs[0], history=history, **extra)
+
+
+def expert_stats(data):
+    if data is None:
+        return {}
+    return {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
+
+
+def train_bc(args, r, env, spec, data):
+    """Behavioural cloning on the subsampled expert pairs (official BehavioralCloningOptimizer)."""
+    policy = r.prepare(Policy(spec[0], spec[1], spec[2], args.g_width), compile=False, ddp=False)
+    obs, acts = expert_pairs(data, args.num_trajs[0], args.subsample)
+    obs, acts = obs.to(r.device), acts.to(r.device)
+    if len(obs) < 2:
+        raise runlib.UsageError(f"{len(obs)} expert pair after subsampling: BC needs at least 2 (train and validation)")
+    policy.norm.update(obs)                       # official --obsnorm_mode expertdata
+    perm = torch.randperm(len(obs), generator=torch.Generator().manual_seed(args.seed))
+    n_train = max(1, min(len(obs) - 1, int(0.7 * len(obs))))   # official --bclone_train_frac 0.7
+    tr, va = perm[:n_train], perm[n_train:]
+    opt = torch.optim.Adam(policy.parameters(), lr=args.bc_lr)
+    start = r.resume({"policy": policy}, {"policy": opt})
+    state = r.resume_state
+    best = state["best"] if state else {"loss": float("inf"), "step": 0, "policy": copy.deepcopy(policy.state_dict())}
+    r.restore_rng()
+    step, ev = start, None
+    for step in range(start + 1, args.steps + 1):
+        idx = tr[torch.randint(len(tr), (args.bc_batch_size,))]
+        loss = bc_loss(policy, obs[idx], acts[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        scalars = {"loss/bc": loss}
+        if step == 1 or step % BC_VALID_EVERY == 0 or step == args.steps:
+            with torch.no_grad():
+                if spec[2]:
+                    val = float(bc_loss(policy, obs[va], acts[va]))
+                else:   # official "valacc" for continuous actions: squared error of the mean action
+                    val = float((policy.params(obs[va])[:, :spec[1]] - acts[va]).pow(2).sum(1).mean())
+            scalars["loss/bc_valid"] = val
+            if val < best["loss"]:
+                best = {"loss": val, "step": step, "policy": copy.deepcopy(policy.state_dict())}
+        r.log(step, scalars)
+        if step == args.steps:
+            final = Policy(spec[0], spec[1], spec[2], args.g_width).to(r.device)
+            final.load_state_dict(best["policy"])
+            ev = final_evaluation(r, env, final, args, data, step)
+            r.images("bc_rollout", rollout_plot(ev["batch"])[None], step, nrow=1, value_range=(0, 1))
+        if r.checkpoint_due(step):
+            r.save_checkpoint(step, {"models": {"policy": policy.state_dict(), "best": best["policy"]},
+                                     "optimizers": {"policy": opt.state_dict()}, "best": best,
+                                     "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data)})
+        if r.stop_requested:
+            break
+    extra = {"best_step": best["step"]}
+    if ev is not None:
+        extra["eval_obs_mean"] = ev["obs_mean"]
+    return r.finish(step, mode="bc", env=args.env, num_trajs=args.num_trajs[0], **extra)
+
+
+def rollout_plot(batch):
+    """The first episode's observations over time, one colour per dimension."""
+    n = batch["lengths"][0]
+    return line_plot([batch["obs"][:n, j] for j in range(min(batch["obs"].shape[1], len(COLORS)))])
+
+
+def pipeline(args):
+    """The whole experiment of one environment: the expert (cached), then BC and GAIL for each count of
+    expert trajectories, each a run of its own under <out>/ (resumed if interrupted), and a table."""
+    if args.resume not in (None, "auto"):
+        raise runlib.UsageError("--mode pipeline resumes its runs itself; give --resume auto or nothing")
+    env = make_env(args.env)
+    if args.expert:
+        load_expert(args.expert, args.env, env)   # check before anything is written
+    out = Path(args.out)
+    data = resolve_expert(args, env)
+    if data is None:
+        return {"interrupted": True}
+    results = {"env": args.env, "expert_return": float(np.mean(data["returns"])),
+               "random_return": float(data["random_return"]), "runs": []}
+    curves = []
+    for n in args.num_trajs:
+        for mode in ("bc", "gail"):
+            run_dir = out / f"{mode}-{n}traj"
+            done = run_dir / "summary.json"
+            if done.is_file() and not json.loads(done.read_text()).get("interrupted"):
+                summary = json.loads(done.read_text())
+            else:
+                expert = args.expert or str(expert_cache(args) / "expert.npz")
+                sub = argparse.Namespace(**{**vars(args), "mode": mode, "num_trajs": [n], "out": str(run_dir),
+                                            "resume": "auto", "expert": expert})
+                summary = train(sub)
+                if summary.get("interrupted"):
+                    return summary
+            m = summary["metrics"]
+            results["runs"].append({"mode": mode, "num_trajs": n, "return": m["metric/return"],
+                                    "scaled_return": m["metric/scaled_return"],
+                                    "obs_mean": summary.get("eval_obs_mean"), "out": str(run_dir)})
+            if mode == "gail":
+                curves.append(summary.get("history", []))
+    print(f"\n{args.env}: expert {results['expert_return']:.1f}, random {results['random_return']:.1f}")
+    print("trajs | BC return (scaled) | GAIL return (scaled)")
+    for n in args.num_trajs:
+        row = {x["mode"]: x for x in results["runs"] if x["num_trajs"] == n}
+        print(f"{n:5d} | {row['bc']['return']:8.1f} ({row['bc']['scaled_return']:5.2f}) | "
+              f"{row['gail']['return']:8.1f} ({row['gail']['scaled_return']:5.2f})")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    runlib.save_grid(line_plot([*curves, [results["expert_return"]], [results["random_return"]]])[None],
+                     out / "learning_curves.png", nrow=1, value_range=(0, 1))
+    print(f"wrote {out / 'results.json'} and {out / 'learning_curves.png'} (GAIL per count, expert, random)")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluating a checkpoint
+# ------------------------------------------------------------------------------------------------
+
+def sample(args):
+    state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
+    env = make_env(state["env"])
+    spec = tuple(state["spec"])
+    policy = Policy(spec[0], spec[1], spec[2], targs.g_width)
+    policy.load_state_dict(state["models"]["best" if "best" in state["models"] else "policy"])
+    policy.to(device).eval()
+    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device)
+    result = {"env": state["env"], "step": state["step"], "episodes": args.eval_episodes, "return": ev["return"],
+              "return_std": ev["return_std"], "length": ev["length"], "obs_mean": ev["obs_mean"]}
+    stats = state.get("expert_stats") or {}
+    if stats:
+        e, rnd = stats["expert_return"], stats["random_return"]
+        result["scaled_return"] = (ev["return"] - rnd) / (e - rnd) if e != rnd else float("nan")
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    written = runlib.write_samples(out, state["step"], {"rollout": rollout_plot(ev["batch"])[None]}, (0, 1), nrow=1)
+    shown = f" (scaled {result['scaled_return']:.2f})" if "scaled_return" in result else ""
+    print(f"{state['env']}: mean return {ev['return']:.1f} ± {ev['return_std']:.1f} over {args.eval_episodes} "
+          f"episodes{shown}; wrote {out / 'evaluation.json'}")
+    return {**result, **written}
+
+
+def main(argv=None):
+    with runlib.friendly_errors():
+        args = parse_args(argv)
+        return sample(args) if args.sample else train(args)
+
+
+if __name__ == "__main__":
+    main()
