@@ -1,0 +1,219 @@
+import argparse
+import random
+import zipfile
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import cyclegan
+from common import data as datasets
+from common import metrics
+from tests import helpers
+
+
+class StubInception(nn.Module):
+    """Stands in for the Inception network (its weights are not available offline): (features, logits)."""
+
+    def forward(self, x):
+        f = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+        return f, f[:, :10]
+
+
+def write_domain(folder, n, colour, size=(10, 10), mode="RGB"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new(mode, size, colour).save(folder / f"{i:03d}.png")
+
+
+def ns(path, direction="AtoB"):
+    return argparse.Namespace(dataset=str(path), data_root="unused", direction=direction, download=False)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def test_dry_run(tmp_path):
+    out, summary, state = helpers.dry_run(cyclegan, tmp_path)
+    assert summary["metrics"]["metric/cycle_l1"] > 0
+    assert {"loss/G_GAN", "loss/F_GAN", "loss/cycle_A", "loss/cycle_B", "loss/identity_A", "loss/D_A",
+            "loss/D_B", "loss/D_A_real", "loss/D_B_fake"} <= set(summary["losses"])
+    assert set(state["models"]) == {"G", "F", "D_A", "D_B"} and set(state["optimizers"]) == {"G", "D"}
+    assert len(state["pools"]["A"]) == 3   # full after 4 steps of 2 images
+    assert len(list((out / "samples").glob("test_A_to_B_to_A-*.png"))) == 2
+
+
+def test_fid_both_directions_is_logged(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "load_fid_inception", lambda weights=None, device="cpu": StubInception())
+    _, summary, _ = helpers.dry_run(cyclegan, tmp_path, "--metrics", "fid")
+    assert summary["metrics"]["metric/fid_AtoB"] > 0 and summary["metrics"]["metric/fid_BtoA"] > 0
+
+
+def test_resume_is_exact_with_the_image_pools(tmp_path, monkeypatch):
+    a, b = helpers.assert_resume_exact(cyclegan, tmp_path, monkeypatch, ["--pool-size", "4"],
+                                       state_keys=("models", "optimizers", "pools"))
+    assert len(a["pools"]["B"]) == 4
+
+
+def test_sample_both_directions_and_own_images(tmp_path):
+    out, _, _ = helpers.dry_run(cyclegan, tmp_path)
+    written = helpers.sample_from(cyclegan, out / "ckpt.pt", tmp_path, "--eval", "--metrics", "none")
+    assert written["metric/cycle_l1"] > 0
+    assert len(list((tmp_path / "sampled" / "AtoB").glob("*.png"))) == 8
+    assert len(list((tmp_path / "sampled" / "BtoA").glob("*.png"))) == 6
+    mine = tmp_path / "mine"
+    write_domain(mine, 1, (0, 200, 0), size=(41, 23))
+    Image.new("L", (5, 9), 30).save(mine / "grey.jpg")
+    for direction in ("AtoB", "BtoA"):
+        o = tmp_path / direction
+        result = cyclegan.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine), "--out", str(o),
+                                "--direction", direction])
+        assert result["translated"] == 2
+        with Image.open(o / "grey.png") as img:
+            assert img.size == (16, 16)
+
+
+def test_help(capsys):
+    text = helpers.help_text(cyclegan, capsys)
+    for flag in ("--lambda-cyc", "--lambda-identity", "--pool-size", "--direction", "--load-size", "--input"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--image-size", "18", "--load-size", "20"], "multiple of 4"),
+    (["--image-size", "16", "--d-layers", "4"], "PatchGAN"),
+    (["--input", "x"], "--sample"),
+    (["--lambda-cyc", "-1"], ">= 0"),
+])
+def test_bad_flags(tmp_path, capsys, argv, match):
+    out = tmp_path / "x"
+    helpers.expect_usage_error(cyclegan, ["--dry-run", "--out", str(out), *argv], capsys, match)
+    assert not out.exists()
+
+
+def test_bad_folders(tmp_path, capsys):
+    out = tmp_path / "x"
+    root = tmp_path / "set"
+    write_domain(root / "trainA", 3, (255, 0, 0))
+    helpers.expect_usage_error(cyclegan, ["--dry-run", "--dataset", str(root), "--out", str(out)], capsys,
+                               "{trainA,trainB,testA,testB}")
+    (root / "trainB").mkdir()
+    helpers.expect_usage_error(cyclegan, ["--dry-run", "--dataset", str(root), "--out", str(out)], capsys, "holds no images")
+    write_domain(root / "trainB", 2, 100, mode="L")
+    write_domain(root / "testA", 1, (255, 0, 0))
+    write_domain(root / "testB", 1, 100, mode="L")
+    helpers.expect_usage_error(cyclegan, ["--dry-run", "--dataset", str(root), "--out", str(out)], capsys,
+                               "--lambda-identity 0")   # grey <-> colour: no identity loss
+    assert not out.exists()
+    assert cyclegan.main(["--dry-run", "--dataset", str(root), "--out", str(out), "--lambda-identity", "0",
+                          "--steps", "1"])["step"] == 1
+
+
+# -- data -----------------------------------------------------------------------------------------------
+
+def test_unpaired_folders(tmp_path):
+    write_domain(tmp_path / "s" / "trainA", 3, (255, 0, 0))
+    write_domain(tmp_path / "s" / "trainB", 5, (0, 0, 255), size=(20, 14))
+    d = datasets.load_translation(ns(tmp_path / "s"), "train", paired=False, size=8)
+    assert not d.paired and d.a.shape == (3, 3, 8, 8) and d.b.shape == (5, 3, 8, 8)   # lengths differ
+    assert d.a[:, 0].min() == 255 and d.b[:, 2].min() == 255
+    back = datasets.load_translation(ns(tmp_path / "s", "BtoA"), "train", paired=False, size=8)
+    assert len(back.a) == 5 and len(back.b) == 3
+
+
+def test_unpaired_archive_is_downloaded(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    for name in ("trainA", "trainB", "testA", "testB"):
+        write_domain(src / name, 2, (9, 9, 9))
+    with zipfile.ZipFile(tmp_path / "horse2zebra.zip", "w") as z:
+        for f in src.rglob("*.png"):
+            z.write(f, f"horse2zebra/{f.relative_to(src)}")
+    monkeypatch.setattr(datasets, "UNPAIRED_URL", f"file://{tmp_path}/{{}}.zip")
+    args = argparse.Namespace(dataset="horse2zebra", data_root=str(tmp_path / "data"), direction="AtoB", download=True)
+    assert len(datasets.load_translation(args, "test", paired=False, size=8).b) == 2
+    assert (tmp_path / "data" / "horse2zebra" / "trainB").is_dir()
+
+
+# -- the paper's parts ----------------------------------------------------------------------------------
+
+def test_image_pool_mixes_history_and_new_images(monkeypatch):
+    pool = cyclegan.ImagePool(3)
+    first = torch.arange(3.0).view(3, 1, 1, 1)
+    assert torch.equal(pool.query(first), first)           # filling up: stored and returned as they are
+    assert len(pool.images) == 3
+    draws = iter([0.9, 0.1])   # 0.9 > 0.5: swap with a stored image; 0.1: return the new one
+    monkeypatch.setattr(random, "uniform", lambda a, b: next(draws))
+    monkeypatch.setattr(random, "randint", lambda a, b: 1)
+    out = pool.query(torch.tensor([10.0, 11.0]).view(2, 1, 1, 1))
+    assert out.flatten().tolist() == [1.0, 11.0]          # the stored image 1 came back; 11 passed through
+    assert [float(x) for x in pool.images] == [0.0, 10.0, 2.0]   # 10 took its place
+    monkeypatch.undo()
+    random.seed(0)
+    pool.query(torch.full((200, 1, 1, 1), -1.0))
+    assert all(float(x) == -1 for x in pool.images)          # new images replace the stored ones
+    empty = cyclegan.ImagePool(0)
+    assert torch.equal(empty.query(first), first) and empty.images == []
+
+
+def test_image_pool_returns_old_images_half_the_time():
+    random.seed(1)
+    pool = cyclegan.ImagePool(50)
+    pool.query(torch.zeros(50, 1, 1, 1))
+    hits = sum(float(pool.query(torch.full((1, 1, 1, 1), float(i + 1)))) != i + 1 for i in range(1000))
+    assert 430 < hits < 570
+
+
+def test_cycle_and_identity_losses_on_hand_made_tensors():
+    a, b = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    rec_a = torch.tensor([[[[0.5, 0.0], [0.0, 0.5]]]])        # |F(G(a)) − a| = 0.25
+    rec_b = torch.full((1, 1, 2, 2), 0.0)                     # |G(F(b)) − b| = 1
+    d_fake_b, d_fake_a = torch.full((1, 1, 3, 3), 1.0), torch.full((1, 1, 3, 3), 0.0)   # (D − 1)²: 0 and 1
+    total, terms = cyclegan.generator_loss(d_fake_b, d_fake_a, rec_a, a, rec_b, b, 10.0)
+    assert float(terms["cycle_A"]) == 0.25 and float(terms["cycle_B"]) == 1.0
+    assert float(terms["G_GAN"]) == 0 and float(terms["F_GAN"]) == 1
+    assert torch.isclose(total, torch.tensor(1 + 10 * 1.25))
+    idt_b, idt_a = b * 0.5, a + 0.1                            # ‖G(b) − b‖ = 0.5, ‖F(a) − a‖ = 0.1
+    total_id, terms = cyclegan.generator_loss(d_fake_b, d_fake_a, rec_a, a, rec_b, b, 10.0, 0.5, idt_b, idt_a)
+    assert torch.isclose(terms["identity_B"], torch.tensor(0.5)) and torch.isclose(terms["identity_A"], torch.tensor(0.1))
+    assert torch.isclose(total_id, total + 0.5 * 10 * 0.6)   # 0.5 · λ · L_identity
+    assert torch.isclose(cyclegan.d_loss(torch.full((4,), 0.5), torch.full((4,), 0.5)), torch.tensor(0.25))
+
+
+def test_generator_is_the_papers():
+    G = cyclegan.Generator(3, 3, 64, 9)
+    assert sum(isinstance(m, cyclegan.ResidualBlock) for m in G.modules()) == 9
+    assert sum(isinstance(m, nn.ReflectionPad2d) for m in G.modules()) == 2 + 2 * 9
+    norms = [m for m in G.modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert norms and not any(m.affine or m.track_running_stats for m in norms)
+    convs = [m for m in G.net if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert [m.out_channels for m in convs] == [64, 128, 256, 128, 64, 3]
+    assert convs[0].kernel_size == (7, 7) and convs[-1].kernel_size == (7, 7)
+    # the official code prints 11.378 M parameters for resnet_9blocks and 2.765 M for the PatchGAN
+    assert round(sum(p.numel() for p in G.parameters()) / 1e6, 3) == 11.378
+    assert round(sum(p.numel() for p in cyclegan.PatchGAN(3).parameters()) / 1e6, 3) == 2.765
+    x = torch.randn(1, 3, 32, 32)
+    assert cyclegan.Generator(3, 1, 8, 6)(x).shape == (1, 1, 32, 32)
+    assert cyclegan.parse_args(["--image-size", "128", "--load-size", "143"]).n_blocks == 6
+    assert cyclegan.parse_args([]).n_blocks == 9
+
+
+def test_patchgan_receptive_field_is_70():
+    torch.manual_seed(0)
+    D = cyclegan.PatchGAN(1, 4, 3)   # instance norm mixes positions: measure the patch with it removed
+    for i, m in enumerate(D.net):
+        if isinstance(m, nn.InstanceNorm2d):
+            D.net[i] = nn.Identity()
+    x = torch.randn(1, 1, 128, 128, requires_grad=True)
+    out = D(x)
+    out[0, 0, out.shape[-2] // 2, out.shape[-1] // 2].backward()
+    hit = x.grad[0, 0] != 0
+    rows, cols = hit.any(1).nonzero(), hit.any(0).nonzero()
+    assert (int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)) == (70, 70)
+    assert hit.sum() == 70 * 70
+
+
+def test_learning_rate_decays_linearly():
+    args = argparse.Namespace(steps=200, decay_fraction=0.5)
+    assert cyclegan.lr_factor(100, args) == 1.0
+    assert cyclegan.lr_factor(101, args) == pytest.approx(1 - 1 / 101)
+    assert cyclegan.lr_factor(200, args) == pytest.approx(1 / 101)
