@@ -1,0 +1,270 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vqgan
+from common import lpips as lpips_lib
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A stage-1 dry run (GAN on from step 3), shared by the stage-2 tests."""
+    tmp = tmp_path_factory.mktemp("stage1")
+    out, summary, state = helpers.dry_run(vqgan, tmp)
+    return out / "ckpt.pt", summary, state
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------------
+
+def test_stage1_dry_run(stage1):
+    _, summary, state = stage1
+    assert state["stage"] == 1 and state["data_shape"] == [3, 16, 16]
+    assert {"loss/rec", "loss/codebook", "loss/G", "loss/lambda", "loss/D"} <= set(summary["losses"])
+    m = summary["metrics"]
+    assert 0 < m["metric/usage"] <= 1 and 1 <= m["metric/perplexity"] <= 32 and m["metric/psnr"] > 0
+    assert 0 < m["metric/train_usage"] <= 1
+
+
+def test_stage2_dry_runs_and_sample(stage1, tmp_path):
+    ckpt, _, _ = stage1
+    out, summary, state = helpers.dry_run(vqgan, tmp_path, "--stage", "2", "--vqgan", str(ckpt))
+    assert state["stage"] == 2 and state["num_classes"] == 0 and "loss/ce" in summary["losses"]
+    written = helpers.sample_from(vqgan, out / "ckpt.pt", tmp_path)
+    assert set(written) == {"reconstructions", "samples"}
+    cond = tmp_path / "cond"
+    cond.mkdir()
+    out, summary, state = helpers.dry_run(vqgan, cond, "--stage", "2", "--vqgan", str(ckpt), "--conditional")
+    assert state["num_classes"] == 10
+    assert state["models"]["gpt"]["tok_emb.weight"].shape[0] == 32 + 10   # codes, then one token per class
+
+
+def test_stage1_sample(stage1, tmp_path):
+    written = helpers.sample_from(vqgan, stage1[0], tmp_path)
+    assert set(written) == {"reconstructions"}
+
+
+def test_resume_is_exact_stage1(tmp_path, monkeypatch):
+    # the GAN term starts at step 3: the split at step 3 resumes into the adversarial phase
+    helpers.assert_resume_exact(vqgan, tmp_path, monkeypatch, ["--disc-start", "3"],
+                                state_keys=("models", "optimizers"))
+
+
+def test_resume_is_exact_stage2(stage1, tmp_path, monkeypatch):
+    helpers.assert_resume_exact(vqgan, tmp_path, monkeypatch, ["--stage", "2", "--vqgan", str(stage1[0])],
+                                state_keys=("models", "optimizers"))
+
+
+class TwoLayers(nn.Module):
+    """A stand-in for VGG16: two feature maps of 4 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return [h, torch.relu(self.b(h))]
+
+
+def test_perceptual_term_is_trained_with_lpips(tmp_path, monkeypatch):
+    """--perceptual-weight 1 uses common.lpips (a stand-in backbone: the VGG weights are not here)."""
+    stub = lpips_lib.LPIPS(TwoLayers(), channels=(4, 4))
+    stub.heads.apply(lambda m: nn.init.uniform_(m.weight) if isinstance(m, nn.Conv2d) else None)
+    monkeypatch.setattr(lpips_lib, "load_lpips", lambda weights=None: stub)
+    _, summary, _ = helpers.dry_run(vqgan, tmp_path, "--perceptual-weight", "1")
+    assert summary["losses"]["loss/perceptual"] > 0
+
+
+def test_help(capsys):
+    text = helpers.help_text(vqgan, capsys)
+    for flag in ("--stage", "--vqgan", "--ch-mult", "--n-embed", "--disc-start", "--perceptual-weight",
+                 "--lpips-weights", "--top-k", "--temperature", "--conditional", "--beta-on"):
+        assert flag in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, match", [
+    (["--image-size", "18"], "not a multiple of 4"),                     # f = 4 cannot downsample 18
+    (["--image-size", "16", "--disc-layers", "3"], "PatchGAN needs images of at least 24"),
+    (["--norm-groups", "3"], "GroupNorm"),
+    (["--attn-resolutions", "5"], "not a resolution"),
+    (["--stage", "2"], "needs the VQGAN's checkpoint"),
+    (["--n-layer", "2"], "does not act in stage 1"),
+    (["--perceptual-weight", "0", "--lpips-weights", "x.pth"], "does nothing"),
+])
+def test_bad_input(tmp_path, capsys, argv, match):
+    out = tmp_path / "x"
+    helpers.expect_usage_error(vqgan, ["--dry-run", *argv, "--out", str(out)], capsys, match)
+    assert not out.exists()
+
+
+def test_stage2_refuses_other_checkpoints(stage1, tmp_path, capsys):
+    import dcgan
+    dcgan.main(["--dry-run", "--steps", "1", "--out", str(tmp_path / "d")])
+    capsys.readouterr()
+    out = tmp_path / "x"
+    helpers.expect_usage_error(vqgan, ["--dry-run", "--stage", "2", "--vqgan", str(tmp_path / "d" / "ckpt.pt"),
+                                       "--out", str(out)], capsys, "not vqgan.py")
+    ckpt2 = tmp_path / "s2"
+    vqgan.main(["--dry-run", "--stage", "2", "--vqgan", str(stage1[0]), "--steps", "1", "--out", str(ckpt2)])
+    capsys.readouterr()
+    helpers.expect_usage_error(vqgan, ["--dry-run", "--stage", "2", "--vqgan", str(ckpt2 / "ckpt.pt"),
+                                       "--out", str(out)], capsys, "stage-2 checkpoint")
+    helpers.expect_usage_error(vqgan, ["--dry-run", "--stage", "2", "--vqgan", str(stage1[0]), "--image-size", "32",
+                                       "--out", str(out)], capsys, "trained at 16 px")
+    helpers.expect_usage_error(vqgan, ["--dry-run", "--stage", "2", "--vqgan", str(stage1[0]), "--disc-start", "5",
+                                       "--out", str(out)], capsys, "does not act in stage 2")
+    assert not out.exists()
+
+
+def test_missing_lpips_weights_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))   # nothing cached, no network
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    out = tmp_path / "x"
+    helpers.expect_usage_error(vqgan, ["--dry-run", "--perceptual-weight", "1", "--out", str(out)], capsys,
+                               "--perceptual-weight 0")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's math
+# ------------------------------------------------------------------------------------------------
+
+def test_quantiser_picks_nearest_code_and_passes_gradients_straight_through():
+    torch.manual_seed(0)
+    q = vqgan.VectorQuantizer(16, 3)
+    nn.init.normal_(q.codebook.weight)
+    z = torch.randn(2, 3, 4, 5, requires_grad=True)
+    z_q, _, idx = q(z)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 3)
+    nearest = torch.cdist(flat, q.codebook.weight.detach()).argmin(1)
+    assert torch.equal(idx.flatten(), nearest)
+    assert torch.allclose(z_q.detach().permute(0, 2, 3, 1).reshape(-1, 3), q.codebook.weight.detach()[nearest])
+    w = torch.randn_like(z)
+    (z_q * w).sum().backward()        # the straight-through estimator: ∂L/∂z = ∂L/∂z_q
+    assert torch.equal(z.grad, w)
+
+
+@pytest.mark.parametrize("beta_on", ["codebook", "commitment"])
+def test_codebook_and_commitment_terms(beta_on):
+    """z = (1, 0) with codes (0, 0), (3, 3): z_q = (0, 0), ‖z − z_q‖² / 2 = 0.5 per element mean.
+    The codebook term moves only the codes, the commitment term only the encoder output."""
+    q = vqgan.VectorQuantizer(2, 2, beta=0.25, beta_on=beta_on)
+    with torch.no_grad():
+        q.codebook.weight.copy_(torch.tensor([[0.0, 0.0], [3.0, 3.0]]))
+    z = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).requires_grad_()
+    _, loss, idx = q(z)
+    assert idx.item() == 0
+    assert math.isclose(loss.item(), 1.25 * 0.5)      # (1 + β) · mean((z − z_q)²), both terms have the same value
+    loss.backward()
+    enc_weight, code_weight = (1.0, 0.25) if beta_on == "codebook" else (0.25, 1.0)
+    # d/dz mean((z − sg z_q)²) = 2 (z − z_q) / 2 elements
+    assert torch.allclose(z.grad.flatten(), enc_weight * torch.tensor([1.0, 0.0]))
+    assert torch.allclose(q.codebook.weight.grad[0], code_weight * torch.tensor([-1.0, 0.0]))
+    assert torch.equal(q.codebook.weight.grad[1], torch.zeros(2))
+
+
+def test_adaptive_weight_on_a_tiny_decoder():
+    """λ = ‖∇_W L_rec‖ / (‖∇_W L_GAN‖ + 1e-4) for a one-layer decoder y = W h, computed by hand."""
+    torch.manual_seed(0)
+    h = torch.randn(5, 3)
+    last = nn.Linear(3, 2, bias=False)
+    x, d = torch.randn(5, 2), torch.randn(2)
+    y = last(h)
+    rec = (x - y).abs().mean()
+    gan = -(y @ d).mean()
+    lam = vqgan.adaptive_weight(rec, gan, last.weight)
+    rec_grad = -(torch.sign(x - y.detach())).T @ h / 10       # ∂ mean|x − Wh| / ∂W
+    gan_grad = -d[:, None] * h.mean(0)[None, :]               # ∂ −mean(dᵀ W h) / ∂W
+    assert torch.isclose(lam, rec_grad.norm() / (gan_grad.norm() + 1e-4))
+    assert not lam.requires_grad
+    big = vqgan.adaptive_weight(1e3 * rec, 1e-12 * gan, last.weight)
+    assert big.item() == 1e4                                  # clamped as the code
+
+
+def test_hinge_d_loss():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-3.0, 0.0, 1.0])
+    expected = 0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3)
+    assert math.isclose(vqgan.hinge_d_loss(real, fake).item(), expected, rel_tol=1e-6)
+
+
+def test_codebook_usage():
+    used, ppl = vqgan.codebook_usage(torch.tensor([5.0, 5.0, 0.0, 0.0]))
+    assert used.item() == 0.5 and math.isclose(ppl.item(), 2.0, rel_tol=1e-9)
+    used, ppl = vqgan.codebook_usage(torch.tensor([7.0, 0.0, 0.0, 0.0]))
+    assert used.item() == 0.25 and math.isclose(ppl.item(), 1.0)
+
+
+def test_autoencoder_shapes_and_architecture():
+    vq = vqgan.VQGAN(3, 32, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, n_embed=16, embed_dim=4, groups=4)
+    x = torch.randn(2, 3, 32, 32)
+    x_rec, loss, idx = vq(x)
+    assert x_rec.shape == x.shape and idx.shape == (2, 8, 8) and vq.side == 8     # f = 4
+    assert loss.dim() == 0
+    attn = [m for m in vq.encoder if isinstance(m, vqgan.AttnBlock)]
+    assert len(attn) == 2   # one after the lowest-resolution block, one in the middle block
+    assert sum(isinstance(m, vqgan.Downsample) for m in vq.encoder) == 2
+    assert sum(isinstance(m, vqgan.ResnetBlock) for m in vq.decoder) == 2 + 3 * 2   # middle + (blocks + 1) per level
+    assert vq.last_layer() is vq.decoder[-1].weight and vq.decoder[-1].out_channels == 3
+    assert torch.equal(vq.decode_indices(idx), vq.decode(vq.quantizer.lookup(idx)))
+    cb = vq.quantizer.codebook.weight
+    assert cb.abs().max() <= 1 / 16       # U(−1/K, 1/K), quantize.py
+
+
+def test_patch_discriminator_matches_pix2pix():
+    D = vqgan.PatchDiscriminator(3, ndf=8, n_layers=3)
+    convs = [m for m in D if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [8, 16, 32, 64, 1]
+    assert [m.stride[0] for m in convs] == [2, 2, 2, 1, 1]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in D) == 3
+    assert D(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6) and vqgan.patch_output_side(64, 3) == 6
+
+
+def test_gpt_is_causal():
+    torch.manual_seed(0)
+    gpt = vqgan.GPT(vocab=12, n_codes=10, block_size=8, n_layer=2, n_head=2, n_embd=16).eval()
+    tokens = torch.randint(10, (3, 8))
+    changed = tokens.clone()
+    changed[:, 5] = (tokens[:, 5] + 1) % 10
+    a, b = gpt(tokens), gpt(changed)
+    assert a.shape == (3, 8, 10)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6)   # no logit before position 5 sees token 5
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_gpt_loss_is_next_code_cross_entropy():
+    torch.manual_seed(0)
+    gpt = vqgan.GPT(vocab=11, n_codes=10, block_size=4, n_layer=1, n_head=1, n_embd=8)
+    codes = torch.randint(10, (2, 4))
+    first = torch.full((2,), 10)
+    logits = gpt(torch.tensor([[10, *codes[0, :3]], [10, *codes[1, :3]]]))
+    expected = F.cross_entropy(logits.reshape(-1, 10), codes.reshape(-1))
+    assert torch.isclose(vqgan.gpt_loss(gpt, first, codes), expected)
+
+
+def test_top_k_never_samples_outside_the_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    top = logits.topk(5, dim=1).indices
+    filtered = vqgan.top_k_filter(logits, 5)
+    assert (filtered > float("-inf")).sum(1).tolist() == [5] * 4
+    draws = torch.multinomial(filtered.softmax(-1), 2000, replacement=True)
+    assert all(set(draws[i].tolist()) <= set(top[i].tolist()) for i in range(4))
+
+    class Fixed(nn.Module):      # a "GPT" whose next-code logits are always `logits[0]`
+        def forward(self, tokens):
+            return logits[:1].expand(len(tokens), tokens.shape[1], -1)
+    codes = vqgan.sample_codes(Fixed(), torch.zeros(64, dtype=torch.long), 6, top_k=3, temperature=0.5)
+    assert set(codes.flatten().tolist()) <= set(logits[0].topk(3).indices.tolist())
