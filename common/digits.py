@@ -26,7 +26,7 @@ from common.run import UsageError
 
 HOLDOUT = 2000        # a folder of idx files: its last 2000 images measure the accuracy
 MIN_ACCURACY = 0.97   # digits; Fashion-MNIST (about 90% for a net this size) needs 0.85
-VERSION = 1           # part of the cache key: bump when the net or its training changes
+VERSION = 2           # part of the cache key: bump when the net or its training changes
 
 
 class DigitNet(nn.Module):
@@ -138,13 +138,13 @@ def classifier(dataset, data_root, device="cpu", download=True):
     path = Path(data_root) / "digit_classifier" / f"{slug}-{digest.hexdigest()[:12]}.pt"
     try:
         state, verb = torch.load(path, map_location="cpu", weights_only=True), "loaded"
-    except Exception:  # absent or unreadable: train (again)
-        clf = train_classifier(x, y, device=device)
+        clf = DigitNet(len(state["model"]["head.bias"]))
+        clf.load_state_dict(state["model"])
+    except Exception:  # absent, unreadable or of another net: train (again)
+        clf = train_classifier(x, y, device=device).cpu()
         state, verb = {"model": clf.state_dict(), "accuracy": class_agreement(clf, hx, hy), "dataset": name,
                        "train_images": len(x), "held_out_images": len(hx)}, "trained"
         ckpt_io.save(state, path)
-    clf = DigitNet(len(state["model"]["head.bias"]))
-    clf.load_state_dict(state["model"])
     least = 0.85 if "fashion" in name.lower() else MIN_ACCURACY
     print(f"digit classifier {verb} ({path}): held-out accuracy {100 * state['accuracy']:.2f}% "
           f"on {state['held_out_images']} images", flush=True)
