@@ -286,3 +286,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, expert_file)
     helpers.expect_usage_error(gail, [*base, "--mode", "bc", "--expert", str(expert_file), "--steps", "9"], capsys,
                                "--steps cannot act")
     assert not out.exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_gail_imitates_a_cartpole_expert_from_one_trajectory(tmp_path):
+    """The paper's Table 3 row at CPU scale: with one expert trajectory, GAIL's policy reaches the
+    expert's return (scaled return >= 0.9, random = 0, expert = 1) within 60 TRPO iterations."""
+    gail.main(["--mode", "pipeline", "--num-trajs", "1", "--steps", "60", "--eval-episodes", "10",
+               "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    runs = {r["mode"]: r for r in results["runs"]}
+    assert results["expert_return"] > 400, results["expert_return"]   # the TRPO expert balances the pole
+    assert runs["gail"]["scaled_return"] >= 0.9, runs["gail"]
