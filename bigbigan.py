@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -117,7 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--adam-eps", type=float, default=1e-6, help="Adam epsilon")
     p.add_argument("--n-dis", type=int, default=1, help="D steps per E/G step")
     runlib.add_args(p, dataset="cifar10", image_size=None, batch_size=2048, steps=500_000, log_every=100,
-                    sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=10000, metrics="fid,is")
+                    sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=10000, metrics="fid,is",
+                    digits=True)
     return runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 32, "g_width": 2, "d_width": 2, "e_width": 4, "mlp_width": 16,
         "z_dim": 8}, defaults=config_defaults)
@@ -511,8 +513,10 @@ def train(args):
         raise runlib.UsageError(f"bigbigan.py needs images; {args.dataset} is not an image dataset")
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
+    clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)   # agree: reconstructions
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     probe = probe_sets(e_args, data, device)
     real_stats = None
     if args.metrics:
@@ -535,6 +539,26 @@ def train(args):
     fixed_x = labelled_images(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:50],
                               device)[0]
     r.restore_rng()
+
+    def samples():
+        with runlib.eval_mode(g_raw):
+            return {"samples": g_raw(fixed_z),
+                    "reconstructions": reconstruction_panel(g_raw, e_raw, fixed_x, args.image_size)}
+
+    def evaluation():
+        """The linear probe on E's features, the --metrics of G's samples, the digit metrics."""
+        out = linear_probe(e_raw, probe, data.num_classes) if probe is not None else {}
+        if args.metrics:
+            with runlib.eval_mode(g_raw):
+                out.update(metrics.evaluate(lambda n: g_raw(sample_noise(n, args.z_dim, device)), args.eval_samples,
+                                            real_stats, device, metrics=args.metrics, weights=args.inception_weights))
+        if clf is not None:
+            out.update(digit_scores(g_raw, e_raw, clf, probe, data, args, device))
+        return out
+
+    def state():
+        return {"models": {k: m.state_dict() for k, m in nets.items()},
+                "optimizers": {k: o.state_dict() for k, o in opts.items()}, "data_shape": list(data.shape)}
 
     b = args.batch_size // r.world_size
     step = start
@@ -573,31 +597,26 @@ def train(args):
         scalars = {"loss/D": loss_d, "loss/EG": loss_eg}
         for name, sd, sg in zip(names, data_scores, gen_scores):
             scalars[f"train/{name}_data"], scalars[f"train/{name}_gen"] = sd.mean(), sg.mean()
-        r.log(step, scalars)
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_raw.eval()
-                r.images("samples", g_raw(fixed_z), step, nrow=10)
-                r.images("reconstructions", reconstruction_panel(g_raw, e_raw, fixed_x, args.image_size), step, nrow=10)
-                g_raw.train()
-        if r.every(step, args.eval_every) or step == args.steps:
-            with r.side_rng():
-                scores_out = linear_probe(e_raw, probe, data.num_classes) if probe is not None else {}
-                if args.metrics:
-                    g_raw.eval()
-                    scores_out.update(metrics.evaluate(lambda n: g_raw(sample_noise(n, args.z_dim, device)),
-                                                       args.eval_samples, real_stats, device, metrics=args.metrics,
-                                                       weights=args.inception_weights))
-                    g_raw.train()
-            if scores_out:
-                r.log(step, scores_out, force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {k: m.state_dict() for k, m in nets.items()},
-                                     "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                                     "data_shape": list(data.shape)})
-        if r.stop_requested:
+        if r.end_step(step, scalars, samples=samples, evaluate=evaluation, state=state):
             break
     return r.finish(step)
+
+
+@torch.no_grad()
+def digit_scores(G, E, clf, probe, data, args, device):
+    """On digits (common/digits.py): cfid of G's samples; agree, the share of the probe's held-out images whose
+    reconstruction G(μ(E(x))) is classified as x's label (does the representation keep the class?)."""
+    G.eval()
+    out = {}
+    if "cfid" in args.digit_metrics:
+        out = digits.evaluate(clf, lambda n: G(sample_noise(n, args.z_dim, device)), args.eval_samples, data, ["cfid"])
+    if "agree" in args.digit_metrics and probe is not None:
+        (x, y) = probe[1]
+        mu = encode(E, x)[0]
+        rec = torch.cat([G(m.to(device)).cpu() for m in mu.split(500)])
+        out["metric/agree"] = digits.class_agreement(clf, rec, y)
+    G.train()
+    return out
 
 
 @torch.no_grad()

@@ -379,6 +379,15 @@ def train(args):
     fixed_z, fixed_y = class_grid(min(K, 10), 10, args, device, torch.Generator().manual_seed(args.seed))
     r.restore_rng()
 
+    def samples():
+        with runlib.eval_mode(g_raw):
+            return {"samples": (g_raw(fixed_z, fixed_y), 10, value_range)}
+
+    def state():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                "data_shape": list(data.shape), "num_classes": K}
+
     b = args.batch_size // r.world_size
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -409,20 +418,9 @@ def train(args):
         loss_g.backward()
         opt_g.step()
 
-        r.log(step, {"loss/D": loss_d, "loss/G": loss_g, **scalars})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_raw.eval()
-                r.images("samples", g_raw(fixed_z, fixed_y), step, nrow=10, value_range=value_range)
-                g_raw.train()
-        if (valid is not None or clf is not None) and (r.every(step, args.eval_every) or step == args.steps):
-            with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, K, valid, test, data, clf), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "data_shape": list(data.shape), "num_classes": K})
-        if r.stop_requested:
+        if r.end_step(step, {"loss/D": loss_d, "loss/G": loss_g, **scalars}, samples=samples, state=state,
+                      evaluate=(lambda: evaluate(g_raw, args, device, K, valid, test, data, clf))
+                      if valid is not None or clf is not None else None):
             break
     return r.finish(step)
 
@@ -447,14 +445,11 @@ def sample(args):
     t = torch.linspace(0, 1, 10)[:, None]
     line = (ends[:1] * (1 - t) + ends[1:] * t).repeat(K, 1).to(device)
     paths = runlib.write_samples(out, step, {"samples": G(z, y), "interpolation": G(line, y)}, value_range=value_range)
-    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
-        data = datasets.load(targs)
-        clf = digits.prepare(args.digit_metrics, data, targs.data_root, conditional=True).to(device)
-        labels = lambda n: torch.arange(n, device=device) % K  # noqa: E731
-        scores = digits.evaluate(clf, lambda n: (G(sample_noise(n, targs.z_dim, targs.noise, device), labels(n)),
-                                                 labels(n)), args.eval_samples, data, args.digit_metrics, value_range)
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        paths.update(scores)
+
+    def make(n):   # --eval: the digit metrics of the checkpoint, the classes in turn
+        y = torch.arange(n, device=device) % K
+        return G(sample_noise(n, targs.z_dim, targs.noise, device), y), y
+    paths.update(metrics.score(args, targs, make, device, value_range=value_range, conditional=True))
     return paths
 
 

@@ -331,6 +331,16 @@ def train(args):
     fixed_a, fixed_b = (datasets.to_range(t[:4], (-1, 1), True).to(device) for t in (test.a, test.b))
     r.restore_rng()
 
+    def samples():
+        gb, fa = raw["G"](fixed_a), raw["F"](fixed_b)
+        return {"test_A_to_B_to_A": (panel(fixed_a, gb, raw["F"](gb)), 3),
+                "test_B_to_A_to_B": (panel(fixed_b, fa, raw["G"](fa)), 3)}
+
+    def state():
+        return {"models": {k: m.state_dict() for k, m in raw.items()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                "pools": {k: p.state_dict()["images"] for k, p in pools.items()}, "channels": [c_a, c_b]}
+
     step = start
     for step in range(start + 1, args.steps + 1):
         for opt in (opt_g, opt_d):
@@ -361,22 +371,11 @@ def train(args):
         (loss_d_a + loss_d_b).backward()
         opt_d.step()
 
-        r.log(step, {"loss/G_total": loss_g, **{f"loss/{k}": v for k, v in terms.items()},
-                     "loss/D_A": loss_d_a, "loss/D_B": loss_d_b, "opt/lr": opt_g.param_groups[0]["lr"],
-                     **{f"loss/D_{k}": lsgan_loss(v.detach(), k.endswith("real")) for k, v in scores.items()}})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with torch.no_grad():
-                gb, fa = raw["G"](fixed_a), raw["F"](fixed_b)
-                r.images("test_A_to_B_to_A", panel(fixed_a, gb, raw["F"](gb)), step, nrow=3)
-                r.images("test_B_to_A_to_B", panel(fixed_b, fa, raw["G"](fa)), step, nrow=3)
-        if r.every(step, args.eval_every) or step == args.steps:
-            r.log(step, evaluate(raw["G"], raw["F"], test, args, device), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {k: m.state_dict() for k, m in raw.items()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "pools": {k: p.state_dict()["images"] for k, p in pools.items()},
-                                     "channels": [c_a, c_b]})
-        if r.stop_requested:
+        scalars = {"loss/G_total": loss_g, **{f"loss/{k}": v for k, v in terms.items()},
+                   "loss/D_A": loss_d_a, "loss/D_B": loss_d_b, "opt/lr": opt_g.param_groups[0]["lr"],
+                   **{f"loss/D_{k}": lsgan_loss(v.detach(), k.endswith("real")) for k, v in scores.items()}}
+        if r.end_step(step, scalars, samples=samples, state=state,
+                      evaluate=lambda: evaluate(raw["G"], raw["F"], test, args, device)):
             break
     return r.finish(step)
 

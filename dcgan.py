@@ -272,6 +272,14 @@ def train(args):
     fixed_z = sample_noise(100, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
     r.restore_rng()
 
+    def samples():
+        with runlib.eval_mode(g_raw):
+            return {"samples": g_raw(fixed_z)}
+
+    def state():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()}, "data_shape": list(data.shape)}
+
     b = args.batch_size // r.world_size
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -292,20 +300,8 @@ def train(args):
         loss_g.backward()
         opt_g.step()
 
-        r.log(step, {"loss/D": loss_d, "loss/G": loss_g})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_raw.eval()
-                r.images("samples", g_raw(fixed_z), step, nrow=10)
-                g_raw.train()
-        if r.every(step, args.eval_every) or step == args.steps:
-            with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, held, real_stats, data, clf), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "data_shape": list(data.shape)})
-        if r.stop_requested:
+        if r.end_step(step, {"loss/D": loss_d, "loss/G": loss_g}, samples=samples, state=state,
+                      evaluate=lambda: evaluate(g_raw, args, device, held, real_stats, data, clf)):
             break
     return r.finish(step)
 
@@ -327,19 +323,8 @@ def sample(args):
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
     result = dict(paths)
-    if args.eval and args.metrics:  # --eval: FID / IS of the checkpoint (50k samples unless --eval-samples)
-        real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, weights=args.inception_weights)
-        scores = metrics.evaluate(lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, real,
-                                  device, metrics=args.metrics, weights=args.inception_weights)
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
-    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint (common/digits.py)
-        data = datasets.load(targs)
-        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
-        scores = digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, data,
-                                 args.digit_metrics)
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
+    # --eval: FID / IS (50k samples unless --eval-samples) and the digit metrics of the checkpoint
+    result.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device))
     return result
 
 

@@ -728,7 +728,9 @@ def scaled(ret, data):
     return (ret - rand) / (expert - rand) if expert != rand else float("nan")
 
 
-def final_evaluation(r, env, policy, args, data, step):
+def final_evaluation(r, env, policy, args, data):
+    """The metrics of --eval-episodes deterministic episodes (scaled as Fig. 1 with expert data), and the
+    evaluation itself."""
     with r.side_rng():
         ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, r.device)
     metrics = {"metric/return": ev["return"], "metric/length": ev["length"]}
@@ -736,8 +738,7 @@ def final_evaluation(r, env, policy, args, data, step):
         metrics["metric/scaled_return"] = scaled(ev["return"], data)
         metrics["metric/expert_return"] = float(np.mean(data["returns"]))
         metrics["metric/random_return"] = float(data["random_return"])
-    r.log(step, metrics, force=True)
-    return ev
+    return metrics, ev
 
 
 def train_rl(args, r, env, spec, data):
@@ -761,6 +762,24 @@ def train_rl(args, r, env, spec, data):
         value.norm.update(b0["obs"])
     r.restore_rng()
     step, ev = start, None
+
+    def curve():
+        levels = [[float(np.mean(data["returns"]))], [float(data["random_return"])]] if data is not None else []
+        return line_plot([history, *levels])[None]
+
+    def samples():
+        return {"learning_curve": (curve(), 1, (0, 1))}
+
+    def scores():
+        nonlocal ev
+        metrics, ev = final_evaluation(r, env, policy, args, data)
+        return metrics
+
+    def state():
+        return {"models": {"policy": policy.state_dict(), "value": value.state_dict(), "D": D.state_dict()},
+                "optimizers": {"D": d_opt.state_dict()}, "history": history,
+                "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data)}
+
     for step in range(start + 1, args.steps + 1):
         batch = rollout(env, policy.act, min_steps=args.batch_size, device=r.device)
         obs, actions = batch["obs"], batch["actions"]
@@ -808,19 +827,9 @@ def train_rl(args, r, env, spec, data):
         scalars.update({"trpo/kl": info["kl"], "trpo/improvement": info["improvement"],
                         "trpo/backtracks": info["backtracks"], "policy/entropy": entropy, "loss/value": vloss,
                         "value/kl": vinfo["kl"]})
-        r.log(step, scalars)
-        last_step = step == args.steps
-        if r.every(step, args.sample_every) or last_step or r.stop_requested:
-            levels = [[float(np.mean(data["returns"]))], [float(data["random_return"])]] if data is not None else []
-            r.images("learning_curve", line_plot([history, *levels])[None], step, nrow=1, value_range=(0, 1))
-        if (args.eval_every and r.every(step, args.eval_every)) or last_step:
-            ev = final_evaluation(r, env, policy, args, data, step)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"policy": policy.state_dict(), "value": value.state_dict(),
-                                                "D": D.state_dict()},
-                                     "optimizers": {"D": d_opt.state_dict()}, "history": history,
-                                     "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data)})
-        if r.stop_requested:
+        if r.end_step(step, scalars, samples=samples, evaluate=scores, state=state):
+            if not (r.every(step, args.sample_every) or step == args.steps):   # a stopped run keeps its curve
+                r.images("learning_curve", curve(), step, nrow=1, value_range=(0, 1))
             break
     extra = {}
     if args.mode == "expert" and not r.stop_requested:
@@ -861,6 +870,19 @@ def train_bc(args, r, env, spec, data):
     best = state["best"] if state else {"loss": float("inf"), "step": 0, "policy": copy.deepcopy(policy.state_dict())}
     r.restore_rng()
     step, ev = start, None
+
+    def scores():
+        """The best policy on validation (`final`), evaluated; its first episode as a plot."""
+        nonlocal ev
+        metrics, ev = final_evaluation(r, env, final, args, data)
+        r.images("bc_rollout", rollout_plot(ev["batch"])[None], step, nrow=1, value_range=(0, 1))
+        return metrics
+
+    def checkpoint():
+        return {"models": {"policy": policy.state_dict(), "best": best["policy"]},
+                "optimizers": {"policy": opt.state_dict()}, "best": best,
+                "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data)}
+
     for step in range(start + 1, args.steps + 1):
         idx = tr[torch.randint(len(tr), (args.bc_batch_size,))]
         loss = bc_loss(policy, obs[idx], acts[idx])
@@ -877,17 +899,10 @@ def train_bc(args, r, env, spec, data):
             scalars["loss/bc_valid"] = val
             if val < best["loss"]:
                 best = {"loss": val, "step": step, "policy": copy.deepcopy(policy.state_dict())}
-        r.log(step, scalars)
-        if step == args.steps:
+        if step == args.steps:   # BC evaluates only the best policy, at the end; its init draws on the training RNG
             final = Policy(spec[0], spec[1], spec[2], args.g_width).to(r.device)
             final.load_state_dict(best["policy"])
-            ev = final_evaluation(r, env, final, args, data, step)
-            r.images("bc_rollout", rollout_plot(ev["batch"])[None], step, nrow=1, value_range=(0, 1))
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"policy": policy.state_dict(), "best": best["policy"]},
-                                     "optimizers": {"policy": opt.state_dict()}, "best": best,
-                                     "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data)})
-        if r.stop_requested:
+        if r.end_step(step, scalars, evaluate=scores if step == args.steps else None, state=checkpoint):
             break
     extra = {"best_step": best["step"]}
     if ev is not None:

@@ -265,6 +265,17 @@ def train(args):
     fixed_z = sample_noise(100, args.z_dim, args.noise, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
     r.restore_rng()
 
+    def samples():
+        with runlib.eval_mode(g_raw):
+            if data.kind != "toy":
+                return {"samples": (g_raw(fixed_z), 10, (0, 1))}
+            r.scatter("samples", generate(g_raw, 2500, args, device), step,
+                      real=data.centers, lim=data.centers.abs().max().item() * 1.5)
+
+    def state():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()}, "data_shape": list(data.shape)}
+
     b = args.batch_size // r.world_size
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -303,25 +314,10 @@ def train(args):
             loss_g.backward()
             opt_g.step()
 
-        r.log(step, {"loss/D": loss_d, "loss/G": loss_g, **({"train/lr": lr, "train/momentum": momentum}
-                                                             if args.optimizer == "sgd" else {})})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_raw.eval()
-                if data.kind == "toy":
-                    r.scatter("samples", generate(g_raw, 2500, args, device), step,
-                              real=data.centers, lim=data.centers.abs().max().item() * 1.5)
-                else:
-                    r.images("samples", g_raw(fixed_z), step, nrow=10, value_range=(0, 1))
-                g_raw.train()
-        if r.every(step, args.eval_every) or step == args.steps:
-            with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, data, valid, test, clf), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "data_shape": list(data.shape)})
-        if r.stop_requested:
+        scalars = {"loss/D": loss_d, "loss/G": loss_g,
+                   **({"train/lr": lr, "train/momentum": momentum} if args.optimizer == "sgd" else {})}
+        if r.end_step(step, scalars, samples=samples, state=state,
+                      evaluate=lambda: evaluate(g_raw, args, device, data, valid, test, clf)):
             break
     return r.finish(step)
 
@@ -345,13 +341,9 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, targs.noise, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
-    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
-        data = datasets.load(targs)
-        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
-        scores = digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, targs.noise, device)),
-                                 args.eval_samples, data, args.digit_metrics, value_range=(0, 1))
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        paths.update(scores)
+    # --eval: the digit metrics of the checkpoint
+    paths.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, targs.noise, device)), device,
+                               value_range=(0, 1)))
     return paths
 
 

@@ -398,6 +398,31 @@ def train(args):
     fixed_x = data.images[:50].to(device).float() / 255 if ae is not None else None
     r.restore_rng()
 
+    def ae_samples():
+        with runlib.eval_mode(ae):
+            return {"ae_reconstructions": (torch.cat([fixed_x, ae.decode(ae.encode(fixed_x))]), 10, (0, 1))}
+
+    def samples():
+        with runlib.eval_mode(g_raw):
+            if data.kind != "toy":
+                x = g_raw(fixed_z)
+                return {"samples": (ae.decode(x) if ae is not None else x, 10, (0, 1))}
+            r.scatter("samples", generate(g_raw, None, 2500, device), step,
+                      real=data.centers, lim=data.centers.abs().max().item() * 1.5)
+
+    def scores():
+        return evaluate(g_raw, ae, args, device, data, valid, test, clf)
+
+    def checkpoint():
+        models = {"G": g_raw.state_dict()}
+        optimizers = {"G": opt_g.state_dict()}
+        if ae is not None:
+            models["AE"] = ae.state_dict()
+            if ae_opt is not None:
+                optimizers["AE"] = ae_opt.state_dict()
+        return {"models": models, "optimizers": optimizers, "ae_phase": ae_phase,
+                "data_shape": list(data.shape), "data_kind": data.kind}
+
     step = start
     for step in range(start + 1, args.steps + 1):
         if step <= ae_total:
@@ -413,13 +438,7 @@ def train(args):
             loss_ae.backward()
             torch.nn.utils.clip_grad_norm_(ae.parameters(), args.ae_max_grad_norm)
             ae_opt.step()
-            r.log(step, {f"loss/AE_phase{phase}": loss_ae})
-            if r.every(step, args.sample_every):
-                with r.side_rng(), torch.no_grad():
-                    ae.eval()
-                    r.images("ae_reconstructions", torch.cat([fixed_x, ae.decode(ae.encode(fixed_x))]),
-                             step, nrow=10, value_range=(0, 1))
-                    ae.train()
+            scalars, show, score, count = {f"loss/AE_phase{phase}": loss_ae}, ae_samples, None, step
             if step == ae_total:   # the autoencoder is done: its codes become the GMMN's data
                 ae_opt = None
                 if r.distributed:
@@ -443,32 +462,9 @@ def train(args):
             loss.backward()
             opt_g.step()
 
-            r.log(step, {"loss/G": loss, "loss/mmd2": m2, "train/lr": lr, "train/momentum": momentum})
-            last = step == args.steps
-            if r.every(t, args.sample_every) or last:
-                with r.side_rng(), torch.no_grad():
-                    g_raw.eval()
-                    if data.kind == "toy":
-                        r.scatter("samples", generate(g_raw, None, 2500, device), step,
-                                  real=data.centers, lim=data.centers.abs().max().item() * 1.5)
-                    else:
-                        x = g_raw(fixed_z)
-                        r.images("samples", ae.decode(x) if ae is not None else x, step,
-                                 nrow=10, value_range=(0, 1))
-                    g_raw.train()
-            if r.every(t, args.eval_every) or last:
-                with r.side_rng():
-                    r.log(step, evaluate(g_raw, ae, args, device, data, valid, test, clf), force=True)
-        if r.checkpoint_due(step):
-            models = {"G": g_raw.state_dict()}
-            optimizers = {"G": opt_g.state_dict()}
-            if ae is not None:
-                models["AE"] = ae.state_dict()
-                if ae_opt is not None:
-                    optimizers["AE"] = ae_opt.state_dict()
-            r.save_checkpoint(step, {"models": models, "optimizers": optimizers, "ae_phase": ae_phase,
-                                     "data_shape": list(data.shape), "data_kind": data.kind})
-        if r.stop_requested:
+            scalars = {"loss/G": loss, "loss/mmd2": m2, "train/lr": lr, "train/momentum": momentum}
+            show, score, count = samples, scores, t   # this stage samples and evaluates on its own step count
+        if r.end_step(step, scalars, samples=show, evaluate=score, state=checkpoint, count=count):
             break
     return r.finish(step)
 
@@ -499,13 +495,9 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": to_data(G(line))}, value_range=(0, 1))
-    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
-        data = datasets.load(targs)
-        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
-        scores = digits.evaluate(clf, lambda n: to_data(G(sample_noise(n, targs.z_dim, device))), args.eval_samples,
-                                 data, args.digit_metrics, value_range=(0, 1))
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        paths.update(scores)
+    # --eval: the digit metrics of the checkpoint
+    paths.update(metrics.score(args, targs, lambda n: to_data(G(sample_noise(n, targs.z_dim, device))), device,
+                               value_range=(0, 1)))
     return paths
 
 

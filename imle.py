@@ -271,6 +271,18 @@ def train(args):
     fixed_z = torch.randn(100, args.z_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     r.restore_rng()
 
+    def samples():
+        with runlib.eval_mode(g_raw):
+            if data.kind != "toy":
+                return {"samples": (g_raw(fixed_z), 10, (0, 1))}
+            r.scatter("samples", generate(g_raw, 2500, device), step,
+                      real=data.centers, lim=data.centers.abs().max().item() * 1.5)
+
+    def checkpoint():
+        return {"models": {"G": g_raw.state_dict()}, "optimizers": {"G": opt.state_dict()},
+                "matching": {"z": z_matched, "perm": perm, "nn_dist": nn_dist},
+                "data_shape": list(data.shape), "data_kind": data.kind}
+
     step = start
     for step in range(start + 1, args.steps + 1):
         epoch, i = divmod(step - 1, epoch_steps)
@@ -288,24 +300,8 @@ def train(args):
         opt.step()
 
         # nn_dist: mean distance from a data point to its nearest sample at the last search
-        r.log(step, {"loss/G": loss, "metric/nn_dist": nn_dist, "train/epoch": epoch})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_raw.eval()
-                if data.kind == "toy":
-                    r.scatter("samples", generate(g_raw, 2500, device), step,
-                              real=data.centers, lim=data.centers.abs().max().item() * 1.5)
-                else:
-                    r.images("samples", g_raw(fixed_z), step, nrow=10, value_range=(0, 1))
-                g_raw.train()
-        if r.every(step, args.eval_every) or step == args.steps:
-            with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, data, valid, test, clf), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict()}, "optimizers": {"G": opt.state_dict()},
-                                     "matching": {"z": z_matched, "perm": perm, "nn_dist": nn_dist},
-                                     "data_shape": list(data.shape), "data_kind": data.kind})
-        if r.stop_requested:
+        if r.end_step(step, {"loss/G": loss, "metric/nn_dist": nn_dist, "train/epoch": epoch}, samples=samples,
+                      evaluate=lambda: evaluate(g_raw, args, device, data, valid, test, clf), state=checkpoint):
             break
     return r.finish(step)
 
@@ -329,13 +325,9 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: torch.randn(n, targs.z_dim, generator=g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
-    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
-        data = datasets.load(targs)
-        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
-        scores = digits.evaluate(clf, lambda n: G(torch.randn(n, targs.z_dim, device=device)), args.eval_samples,
-                                 data, args.digit_metrics, value_range=(0, 1))
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        paths.update(scores)
+    # --eval: the digit metrics of the checkpoint
+    paths.update(metrics.score(args, targs, lambda n: G(torch.randn(n, targs.z_dim, device=device)), device,
+                               value_range=(0, 1)))
     return paths
 
 

@@ -626,6 +626,37 @@ def train(args):
     fm_norm = "l2" if args.arch == "mlp" else "l1"
     r.restore_rng()
 
+    def samples():
+        return {"samples": (g_raw(fixed_z), 10, value_range)}
+
+    def evaluate():
+        """The test error (with labels), Table 3's Inception Score and the digit metrics of G's samples; each
+        part draws from the RNG state the training step left, as if it ran alone."""
+        out = {}
+        if test_images is not None and args.labels:
+            out["metric/test_error_raw"] = test_error(d_raw, test_images, test_labels, value_range, device, b)
+            evaluated = d_avg.module if d_avg is not None else d_raw
+            out["metric/test_error"] = test_error(evaluated, test_images, test_labels, value_range, device, b)
+        if gan and args.metrics:
+            with r.side_rng():  # the Inception network takes images in [-1, 1]
+                lo, hi = value_range
+                out.update(inception.evaluate(
+                    lambda n: (g_raw(sample_noise(n, args.z_dim, device)) - lo) / (hi - lo) * 2 - 1,
+                    args.eval_samples, data, device, metrics=args.metrics, weights=args.inception_weights,
+                    data_root=args.data_root))
+        if gan and clf is not None:
+            with r.side_rng():  # --metrics cfid, modes: on a digit classifier (common/digits.py)
+                out.update(digits.evaluate(clf, lambda n: g_raw(sample_noise(n, args.z_dim, device)),
+                                           args.eval_samples, data, args.digit_metrics, value_range))
+        return out
+
+    def checkpoint():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                "ema": {"D": d_avg.state_dict()} if d_avg is not None else {},
+                "hist_avg": {k: h.state_dict() for k, h in hist.items()},
+                "data_shape": list(data.shape), "classes": classes}
+
     zero = torch.zeros((), device=device)
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -686,35 +717,7 @@ def train(args):
         scalars = {"loss/D_sup": loss_sup, "train/error": train_err, "train/lr": lr}
         if gan:
             scalars.update({"loss/D_unsup": loss_unsup, "loss/G": loss_g})
-        r.log(step, scalars)
-        if gan and (r.every(step, args.sample_every) or step == args.steps):
-            with r.side_rng(), torch.no_grad():
-                r.images("samples", g_raw(fixed_z), step, nrow=10, value_range=value_range)
-        if test_images is not None and args.labels and (r.every(step, args.eval_every) or step == args.steps):
-            with r.side_rng():
-                metrics = {"metric/test_error_raw": test_error(d_raw, test_images, test_labels, value_range, device, b)}
-                evaluated = d_avg.module if d_avg is not None else d_raw
-                metrics["metric/test_error"] = test_error(evaluated, test_images, test_labels, value_range, device, b)
-            r.log(step, metrics, force=True)
-        if gan and args.metrics and (r.every(step, args.eval_every) or step == args.steps):
-            with r.side_rng():  # Table 3: the Inception Score of G's samples (images in [-1, 1])
-                lo, hi = value_range
-                r.log(step, inception.evaluate(
-                    lambda n: (g_raw(sample_noise(n, args.z_dim, device)) - lo) / (hi - lo) * 2 - 1,
-                    args.eval_samples, data, device, metrics=args.metrics, weights=args.inception_weights,
-                    data_root=args.data_root), force=True)
-        if gan and clf is not None and (r.every(step, args.eval_every) or step == args.steps):
-            with r.side_rng():  # --metrics cfid, modes: on a digit classifier (common/digits.py)
-                r.log(step, digits.evaluate(clf, lambda n: g_raw(sample_noise(n, args.z_dim, device)), args.eval_samples,
-                                            data, args.digit_metrics, value_range), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {
-                "models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
-                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                "ema": {"D": d_avg.state_dict()} if d_avg is not None else {},
-                "hist_avg": {k: h.state_dict() for k, h in hist.items()},
-                "data_shape": list(data.shape), "classes": classes})
-        if r.stop_requested:
+        if r.end_step(step, scalars, samples=samples if gan else None, evaluate=evaluate, state=checkpoint):
             break
     return r.finish(step, labelled=args.labels, train_images=len(data),
                     test_images=len(test_images) if test_images is not None else 0)
@@ -740,18 +743,8 @@ def sample(args):
     if args.eval:  # Table 3's Inception Score of the checkpoint's samples (50k samples unless --eval-samples)
         if not args.metrics and not args.digit_metrics:
             raise runlib.UsageError("--eval scores the --metrics: give --metrics is (or fid,is; cfid on digits)")
-        lo, hi = value_range
-        scores = {}
-        if args.metrics:
-            scores = inception.evaluate(lambda n: (G(sample_noise(n, targs.z_dim, device)) - lo) / (hi - lo) * 2 - 1,
-                                        args.eval_samples, datasets.load(targs), device, metrics=args.metrics,
-                                        weights=args.inception_weights, data_root=targs.data_root)
-        if args.digit_metrics:  # the digit metrics (common/digits.py)
-            data = datasets.load(targs)
-            clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
-            scores.update(digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples,
-                                          data, args.digit_metrics, value_range))
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        scores = inception.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
+                                 value_range=value_range)
         return {**paths, **scores}
     return paths
 

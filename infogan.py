@@ -84,6 +84,7 @@ import torch.nn.functional as F
 
 from common import data as datasets
 from common import digits
+from common import metrics
 from common import run as runlib
 
 SCRIPT = "infogan"
@@ -405,6 +406,30 @@ def train(args):
     fixed = fixed.to(device)
     r.restore_rng()
 
+    def samples():
+        with runlib.eval_mode(g_raw):
+            return {"samples": (g_raw(fixed), columns, value_range)}
+
+    def evaluate():
+        """c1's cluster error on labelled images (Q with running and with batch BN statistics) and the
+        digit metrics (--metrics cfid, modes)."""
+        out = {}
+        if scored is not None:
+            pred = predict_code(d_raw, scored[0], args, device, value_range)
+            pred_bs = predict_code(d_raw, scored[0], args, device, value_range, batch_stats=True)
+            out["metric/c1_error"] = cluster_error(pred, scored[1], args.cat_dim)
+            out["metric/c1_error_batch_stats"] = cluster_error(pred_bs, scored[1], args.cat_dim)
+        if clf is not None:
+            def make(n):
+                return g_raw(latent_vector(*sample_latent(n, args, device), args.cat_dim))
+            with runlib.eval_mode(g_raw):
+                out.update(digits.evaluate(clf, make, args.eval_samples, data, args.digit_metrics, value_range))
+        return out
+
+    def state():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()}, "data_shape": list(data.shape)}
+
     b = args.batch_size // r.world_size
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -440,28 +465,7 @@ def train(args):
             scalars.update({"info/L_I": entropy - nll_cat, "info/H_c": entropy})
         if args.n_cont:
             scalars["info/nll_cont"] = nll_cont
-        r.log(step, scalars)
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_raw.eval()
-                r.images("samples", g_raw(fixed), step, nrow=columns, value_range=value_range)
-                g_raw.train()
-        if scored is not None and (r.every(step, args.eval_every) or step == args.steps):
-            pred = predict_code(d_raw, scored[0], args, device, value_range)
-            pred_bs = predict_code(d_raw, scored[0], args, device, value_range, batch_stats=True)
-            r.log(step, {"metric/c1_error": cluster_error(pred, scored[1], args.cat_dim),
-                         "metric/c1_error_batch_stats": cluster_error(pred_bs, scored[1], args.cat_dim)}, force=True)
-        if clf is not None and (r.every(step, args.eval_every) or step == args.steps):  # --metrics cfid, modes
-            with r.side_rng():
-                g_raw.eval()
-                r.log(step, digits.evaluate(clf, lambda b: g_raw(latent_vector(*sample_latent(b, args, device), args.cat_dim)),
-                                            args.eval_samples, data, args.digit_metrics, value_range), force=True)
-                g_raw.train()
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "data_shape": list(data.shape)})
-        if r.stop_requested:
+        if r.end_step(step, scalars, samples=samples, evaluate=evaluate, state=state):
             break
     return r.finish(step)
 
@@ -487,13 +491,9 @@ def sample(args):
         runlib.save_grid(G(latent.to(device)), paths[name], nrow=columns, value_range=value_range)
         print(f"wrote {paths[name]}")
     result = {k: str(v) for k, v in paths.items()}
-    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint
-        data = datasets.load(targs)
-        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
-        scores = digits.evaluate(clf, lambda n: G(latent_vector(*sample_latent(n, targs, device), targs.cat_dim)),
-                                 args.eval_samples, data, args.digit_metrics, value_range)
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
+    # --eval: the digit metrics of the checkpoint
+    result.update(metrics.score(args, targs, lambda n: G(latent_vector(*sample_latent(n, targs, device), targs.cat_dim)),
+                                device, value_range=value_range))
     return result
 
 

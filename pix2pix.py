@@ -373,6 +373,13 @@ def train(args):
     fixed_x, fixed_y = (datasets.to_range(t[:8], (-1, 1), True).to(device) for t in (test.a, test.b))
     r.restore_rng()
 
+    def samples():
+        return {"test_panel": (panel(fixed_x, translate(g_raw, fixed_x, args.test_noise, args.batch_size), fixed_y), 3)}
+
+    def state():
+        return {"models": {k: m.state_dict() for k, m in models.items()},
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "channels": [c_in, c_out]}
+
     step = start
     for step in range(start + 1, args.steps + 1):
         for opt in optimizers.values():
@@ -400,19 +407,10 @@ def train(args):
         loss_g.backward()
         opt_g.step()
 
-        r.log(step, {"loss/G": loss_g, "loss/G_GAN": adv, "loss/G_L1": l1, **scalars, "opt/lr": opt_g.param_groups[0]["lr"]})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng():
-                r.images("test_panel", panel(fixed_x, translate(g_raw, fixed_x, args.test_noise, args.batch_size),
-                                             fixed_y), step, nrow=3)
-        if r.every(step, args.eval_every) or step == args.steps:
-            with r.side_rng():
-                r.log(step, evaluate(g_raw, test, args, device, args.test_noise), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {k: m.state_dict() for k, m in models.items()},
-                                     "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                                     "channels": [c_in, c_out]})
-        if r.stop_requested:
+        scalars = {"loss/G": loss_g, "loss/G_GAN": adv, "loss/G_L1": l1, **scalars,
+                   "opt/lr": opt_g.param_groups[0]["lr"]}
+        if r.end_step(step, scalars, samples=samples, state=state,
+                      evaluate=lambda: evaluate(g_raw, test, args, device, args.test_noise)):
             break
     return r.finish(step)
 

@@ -86,6 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -117,7 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--mbstd-group", type=int, default=4, help="minibatch standard deviation group size")
     p.add_argument("--ema", type=float, default=0.999, help="G EMA decay (G_smoothing)")
     runlib.add_args(p, dataset="cifar10", image_size=32, batch_size=16, steps=1_250_000, log_every=1000,
-                    sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, metrics="fid,is")
+                    sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, digits=True, metrics="fid,is")
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "z_dim": 16, "fmap_base": 64, "fmap_max": 8, "steps": 6,
         "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1, "gp_target": 1.0})
@@ -415,8 +416,10 @@ def train(args):
         raise runlib.UsageError(f"{args.dataset} holds {len(data)} images, fewer than one minibatch ({largest})")
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     real_stats = None
     if args.metrics and "fid" in args.metrics:
         real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
@@ -452,6 +455,13 @@ def train(args):
         with r.side_rng(), torch.no_grad():
             x = Gs(fixed_z, level, alpha)
             r.images(tag, upscale(x, R // res) if to_target else x, step, nrow=8)
+
+    def state():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                "phase": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
+                          "resolution": res, "alpha": alpha},
+                "data_shape": list(data.shape)}
 
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -493,33 +503,28 @@ def train(args):
         opt_g.step()
         update_average(Gs, g_raw, args.ema)
 
-        r.log(step, {"loss/D": loss_d, "loss/G": loss_g, "loss/gp": penalty,
-                     "train/wasserstein": real_scores.mean() - fake_scores.mean(), "progress/kimg": nimg / 1000,
-                     "progress/resolution": res, "progress/alpha": alpha, "progress/lod": lod,
-                     "progress/batch": b})
-        if r.every(step, args.sample_every) or step == args.steps:
-            snapshot("samples", level, res, alpha, step)
-        if (r.every(step, args.eval_every) or step == args.steps) and args.metrics:
-            with r.side_rng():
-                r.log(step, evaluate(Gs, level, res, alpha, R, args, device, real_stats), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "phase": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
-                                               "resolution": res, "alpha": alpha},
-                                     "data_shape": list(data.shape)})
-        if r.stop_requested:
+        scalars = {"loss/D": loss_d, "loss/G": loss_g, "loss/gp": penalty,
+                   "train/wasserstein": real_scores.mean() - fake_scores.mean(), "progress/kimg": nimg / 1000,
+                   "progress/resolution": res, "progress/alpha": alpha, "progress/lod": lod, "progress/batch": b}
+        if r.end_step(step, scalars, samples=lambda: snapshot("samples", level, res, alpha, step), state=state,
+                      evaluate=(lambda: evaluate(Gs, level, res, alpha, R, args, device, real_stats, data, clf))
+                      if args.metrics or clf is not None else None):
             break
     level, res, alpha = phase_of(lod, R)
     return r.finish(step, kimg=nimg / 1000, resolution=res, alpha=alpha)
 
 
-def evaluate(Gs, level, res, alpha, R, args, device, real_stats):
+def evaluate(Gs, level, res, alpha, R, args, device, real_stats, data=None, clf=None):
     """FID / IS of the EMA generator's samples, nearest-upscaled to the target resolution as the code did."""
     def generate(n):
         return upscale(Gs(sample_noise(n, args.z_dim, device), level, alpha), R // res)
-    return metrics.evaluate(generate, args.eval_samples, real_stats, device, metrics=args.metrics,
-                            weights=args.inception_weights)
+    scores = {}
+    if args.metrics:
+        scores = metrics.evaluate(generate, args.eval_samples, real_stats, device, metrics=args.metrics,
+                                  weights=args.inception_weights)
+    if clf is not None:   # --metrics cfid: on digits, the classifier of common/digits.py
+        scores.update(digits.evaluate(clf, generate, args.eval_samples, data, args.digit_metrics))
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,13 +548,9 @@ def sample(args):
     line = (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1).to(device)   # straight lines in z
     result = dict(runlib.write_samples(out, state["step"], {"samples": grid, "interpolation": Gs(line, level, alpha)}))
     result.update(resolution=res, alpha=alpha)
-    if args.eval and args.metrics:
-        R = shape[1]
-        real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, weights=args.inception_weights)
-        scores = metrics.evaluate(lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha), R // res),
-                                  args.eval_samples, real, device, metrics=args.metrics, weights=args.inception_weights)
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
+    R = shape[1]   # --eval: samples at the checkpoint's resolution, upscaled to the data's
+    result.update(metrics.score(args, targs, lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha),
+                                                               R // res), device))
     return result
 
 

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -113,7 +114,8 @@ def parse_args(argv=None):
                    help="keep an exponential moving average of G with this decay for samples and evaluation "
                         "(e.g. 0.9999 as BigGAN); 0: off (the paper)")
     runlib.add_args(p, dataset="cifar10", image_size=None, batch_size=256, steps=1_000_000, log_every=100,
-                    sample_every=1000, ckpt_every=5000, eval_every=50000, eval_samples=50000, metrics="fid,is")
+                    sample_every=1000, ckpt_every=5000, eval_every=50000, eval_samples=50000, metrics="fid,is",
+                    digits=True)
     return runlib.parse(p, argv, dry_run_defaults={"dataset": "fake", "g_width": 4, "d_width": 4, "z_dim": 16},
                         defaults=config_defaults)
 
@@ -382,11 +384,20 @@ def class_grid(num_classes, cols, z_dim, device, generator=None, rows=10):
     return z[:len(y)], y
 
 
-def evaluate(G, args, device, num_classes, real_stats):
+def evaluate(G, args, device, num_classes, real_stats, data=None, clf=None):
+    """--metrics: the Inception ones; on digits cfid and agree (samples classified as the class they were
+    made for) with the classifier `clf` (common/digits.py)."""
+    def make(b):
+        y = sample_labels(b, num_classes, device)
+        return G(sample_noise(b, args.z_dim, device), y), y
+
     G.eval()
-    scores = metrics.evaluate(lambda b: G(sample_noise(b, args.z_dim, device), sample_labels(b, num_classes, device)),
-                              args.eval_samples, real_stats, device, metrics=args.metrics,
-                              weights=args.inception_weights)
+    scores = {}
+    if args.metrics:
+        scores = metrics.evaluate(lambda b: make(b)[0], args.eval_samples, real_stats, device, metrics=args.metrics,
+                                  weights=args.inception_weights)
+    if clf is not None:
+        scores.update(digits.evaluate(clf, make, args.eval_samples, data, args.digit_metrics))
     G.train()
     return scores
 
@@ -397,8 +408,10 @@ def train(args):
     K = num_classes_of(args, data)
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
+    clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=K > 0)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     real_stats = None
     if args.metrics:
         real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
@@ -417,6 +430,19 @@ def train(args):
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
     fixed_z, fixed_y = class_grid(K, 10, args.z_dim, device, torch.Generator().manual_seed(args.seed))
     r.restore_rng()
+    g_eval = ema.module if ema is not None else g_raw
+
+    def samples():
+        with runlib.eval_mode(g_eval):
+            return {"samples": g_eval(fixed_z, fixed_y)}
+
+    def checkpoint():
+        state = {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                 "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                 "data_shape": list(data.shape), "num_classes": K}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        return state
 
     b = args.batch_size // r.world_size
     step = start
@@ -450,24 +476,9 @@ def train(args):
         scalars = {"loss/D": loss_d, "loss/G": loss_g, "train/D_real": d_real.mean(), "train/D_fake": d_fake.mean()}
         if g_raw.attn is not None:   # γ leaves 0 as the nets learn to use non-local evidence
             scalars.update({"train/gamma_G": g_raw.attn.gamma, "train/gamma_D": d_raw.attn.gamma})
-        r.log(step, scalars)
-        g_eval = ema.module if ema is not None else g_raw
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_eval.eval()
-                r.images("samples", g_eval(fixed_z, fixed_y), step, nrow=10)
-                g_eval.train()
-        if args.metrics and (r.every(step, args.eval_every) or step == args.steps):
-            with r.side_rng():
-                r.log(step, evaluate(g_eval, args, device, K, real_stats), force=True)
-        if r.checkpoint_due(step):
-            state = {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
-                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                     "data_shape": list(data.shape), "num_classes": K}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            r.save_checkpoint(step, state)
-        if r.stop_requested:
+        if r.end_step(step, scalars, samples=samples, state=checkpoint,
+                      evaluate=(lambda: evaluate(g_eval, args, device, K, real_stats, data, clf))
+                      if args.metrics or clf is not None else None):
             break
     return r.finish(step)
 
@@ -538,19 +549,13 @@ def sample(args):
         paths.update(runlib.write_samples(out, state["step"], {"attention": grids["attention"]},
                                           value_range=(0, 1), nrow=1 + len(QUERIES)))
     result = dict(paths)
-    if args.eval and args.metrics:   # --eval: IS / FID of the checkpoint
-        real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, weights=args.inception_weights)
-        scores = evaluate(G, targs_with(targs, args), device, K, real)
-        G.eval()
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
+
+    def make(n):   # --eval: IS / FID (and the digit metrics) of the checkpoint, of uniformly drawn classes
+        y = sample_labels(n, K, device)
+        x = G(sample_noise(n, targs.z_dim, device), y)
+        return (x, y) if K else x
+    result.update(metrics.score(args, targs, make, device, conditional=K > 0))
     return result
-
-
-def targs_with(targs, args):
-    """The training args with this command's evaluation flags."""
-    return argparse.Namespace(**{**vars(targs), "eval_samples": args.eval_samples, "metrics": args.metrics,
-                                 "inception_weights": args.inception_weights})
 
 
 def main(argv=None):

@@ -370,6 +370,14 @@ def train(args):
     fixed_z = sample_noise(100, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
     r.restore_rng()
 
+    def samples():
+        with runlib.eval_mode(g_raw):
+            return {"samples": g_raw(fixed_z)}
+
+    def state():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()}, "data_shape": list(data.shape)}
+
     b = args.batch_size // r.world_size
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -400,21 +408,11 @@ def train(args):
         opt_g.step()
         D.train()
 
-        r.log(step, {"loss/D": loss_d, "loss/G": loss_g, "train/D_real": d_real.mean(),
-                     "train/D_fake": d_fake.mean(), "train/lr": lr})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_raw.eval()
-                r.images("samples", g_raw(fixed_z), step, nrow=10)
-                g_raw.train()
-        if (args.metrics or clf is not None) and (r.every(step, args.eval_every) or step == args.steps):
-            with r.side_rng():
-                r.log(step, evaluate(g_raw, args, device, real_stats, data, clf), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "data_shape": list(data.shape)})
-        if r.stop_requested:
+        scalars = {"loss/D": loss_d, "loss/G": loss_g, "train/D_real": d_real.mean(), "train/D_fake": d_fake.mean(),
+                   "train/lr": lr}
+        if r.end_step(step, scalars, samples=samples, state=state,
+                      evaluate=(lambda: evaluate(g_raw, args, device, real_stats, data, clf))
+                      if args.metrics or clf is not None else None):
             break
     return r.finish(step)
 
@@ -436,20 +434,9 @@ def sample(args):
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
     result = dict(paths)
-    if args.eval and args.metrics:   # --eval: Table 2's protocol, 5k samples (--eval-samples) vs 10k real images
-        real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, max_images=10000,
-                                       weights=args.inception_weights)
-        scores = metrics.evaluate(lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, real,
-                                  device, metrics=args.metrics, weights=args.inception_weights)
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
-    if args.eval and args.digit_metrics:  # --eval: the digit metrics of the checkpoint (common/digits.py)
-        data = datasets.load(targs)
-        clf = digits.prepare(args.digit_metrics, data, targs.data_root).to(device)
-        scores = digits.evaluate(clf, lambda n: G(sample_noise(n, targs.z_dim, device)), args.eval_samples, data,
-                                 args.digit_metrics)
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
+    # --eval: Table 2's protocol, 5k samples (--eval-samples) vs 10k real images; the digit metrics
+    result.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
+                                max_images=10000))
     return result
 
 

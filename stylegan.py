@@ -74,6 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data as datasets
+from common import digits
 from common import metrics
 from common import run as runlib
 
@@ -111,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--ema-kimg", type=float, default=10.0, help="G EMA half-life in thousands of images")
     p.add_argument("--mbstd-group", type=int, default=4, help="minibatch standard deviation group size")
     runlib.add_args(p, dataset="celeba", image_size=64, batch_size=4, steps=720312, log_every=1000,
-                    sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, metrics="fid")
+                    sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, digits=True, metrics="fid")
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "z_dim": 16, "w_dim": 16, "mapping_layers": 2, "fmap_base": 64,
         "fmap_max": 8, "initial_resolution": 4, "steps": 6, "batch_size": 8, "batch_schedule": "",
@@ -524,8 +525,10 @@ def train(args):
         raise runlib.UsageError(f"{args.dataset} holds {len(data)} images, fewer than one minibatch ({max(batch_at.values())})")
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)
+    clf = digits.prepare(args.digit_metrics, data, args.data_root)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     real_stats = None
     if args.metrics and "fid" in args.metrics:
         real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
@@ -561,6 +564,13 @@ def train(args):
         with r.side_rng(), torch.no_grad():
             x = Gs(fixed_z, level, alpha, psi=args.psi, cutoff=args.cutoff)
             r.images(tag, upscale(x, R // res) if to_target else x, step, nrow=8)
+
+    def state():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                "phase": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
+                          "resolution": res, "alpha": alpha},
+                "data_shape": list(data.shape)}
 
     train_kw = dict(mixing_prob=args.mixing_prob, w_avg_beta=args.w_avg_beta)
     step = start
@@ -602,31 +612,27 @@ def train(args):
         opt_g.step()
         update_average(Gs, g_raw, 0.5 ** (b / (args.ema_kimg * 1000)) if args.ema_kimg > 0 else 0.0)
 
-        r.log(step, {"loss/D": loss_d, "loss/G": loss_g, "loss/r1": penalty, "progress/kimg": nimg / 1000,
-                     "progress/resolution": res, "progress/alpha": alpha, "progress/lod": lod, "progress/batch": b})
-        if r.every(step, args.sample_every) or step == args.steps:
-            snapshot("samples", level, res, alpha, step)
-        if (r.every(step, args.eval_every) or step == args.steps) and args.metrics:
-            with r.side_rng():
-                r.log(step, evaluate(Gs, level, res, alpha, R, args, device, real_stats), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "phase": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
-                                               "resolution": res, "alpha": alpha},
-                                     "data_shape": list(data.shape)})
-        if r.stop_requested:
+        scalars = {"loss/D": loss_d, "loss/G": loss_g, "loss/r1": penalty, "progress/kimg": nimg / 1000,
+                   "progress/resolution": res, "progress/alpha": alpha, "progress/lod": lod, "progress/batch": b}
+        if r.end_step(step, scalars, samples=lambda: snapshot("samples", level, res, alpha, step), state=state,
+                      evaluate=(lambda: evaluate(Gs, level, res, alpha, R, args, device, real_stats, data, clf))
+                      if args.metrics or clf is not None else None):
             break
     level, res, alpha = phase_of(lod, R)
     return r.finish(step, kimg=nimg / 1000, resolution=res, alpha=alpha)
 
 
-def evaluate(Gs, level, res, alpha, R, args, device, real_stats):
+def evaluate(Gs, level, res, alpha, R, args, device, real_stats, data=None, clf=None):
     """FID of the EMA generator (ψ = 1), nearest-upscaled to the target resolution as the code did."""
     def generate(n):
         return upscale(Gs(sample_noise(n, args.z_dim, device), level, alpha), R // res)
-    return metrics.evaluate(generate, args.eval_samples, real_stats, device, metrics=args.metrics,
-                            weights=args.inception_weights)
+    scores = {}
+    if args.metrics:
+        scores = metrics.evaluate(generate, args.eval_samples, real_stats, device, metrics=args.metrics,
+                                  weights=args.inception_weights)
+    if clf is not None:   # --metrics cfid: on digits, the classifier of common/digits.py
+        scores.update(digits.evaluate(clf, generate, args.eval_samples, data, args.digit_metrics))
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -648,6 +654,41 @@ def style_mixing_table(Gs, wa, wb, level, alpha, lo, hi):
     rows = [torch.cat([torch.full_like(img_a[:1], -1), img_b])]
     rows += [torch.cat([img_a[i:i + 1], mixed[i]]) for i in range(na)]
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def figure_claims(Gs, clf, level, alpha, z_dim, device, generator, n=500, draws=20):
+    """The claims of the figures, measured on digits with the classifier `clf` (common/digits.py), w without
+    truncation:
+      psi0_std: the per-pixel std of n images at ψ = 0 on every layer, fixed noise (Fig. 8: ψ = 0 is w̄'s image);
+      mix_<styles>_keeps_A / _takes_B: of the pairs (A, B) whose images have different classes, the share of
+        images made with A's w and B's w at those layers (Fig. 3) classified as A's class / as B's;
+      noise_keeps_class: the share of images whose class survives a redraw of the noise (Fig. 4), and the
+        per-pixel std over `draws` noise draws of one w (noise_std) next to that over n different w (latent_std)."""
+    L, out = Gs.num_layers, {}
+    wa, wb = (Gs.mapping(sample_noise(n, z_dim, "cpu", generator).to(device))[:, None].expand(-1, L, -1)
+              for _ in range(2))
+
+    def image(ws, randomize_noise=False):
+        return Gs.synthesis(ws, level, alpha, randomize_noise=randomize_noise)
+    out["metric/psi0_std"] = image(truncate(wa, Gs.w_avg, 0.0, L)).std(0).mean()
+    xa = image(wa)
+    ca, cb = digits.predict(clf, xa), digits.predict(clf, image(wb))
+    differ = ca != cb
+    active = 2 * (level + 1)
+    for name, (lo, hi) in STYLE_RANGES.items():
+        hi = active if hi is None else min(hi, active)
+        if lo < hi:
+            ws = wa.clone()
+            ws[:, lo:hi] = wb[:, lo:hi]
+            c = digits.predict(clf, image(ws))[differ]
+            out[f"metric/mix_{name}_keeps_A"] = (c == ca[differ]).double().mean()
+            out[f"metric/mix_{name}_takes_B"] = (c == cb[differ]).double().mean()
+    redrawn = image(wa, randomize_noise=True)
+    out["metric/noise_keeps_class"] = (digits.predict(clf, redrawn) == digits.predict(clf, image(wa, True))).double().mean()
+    out["metric/noise_std"] = torch.stack([image(wa[:50], True) for _ in range(draws)]).std(0).mean()
+    out["metric/latent_std"] = xa.std(0).mean()
+    return {k: float(v) for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -691,13 +732,14 @@ def sample(args):
         paths.update(runlib.write_samples(out, state["step"], {name: x}, nrow=ncol))
     result = dict(paths)
     result.update(resolution=res, alpha=alpha)
-    if args.eval and args.metrics:
-        R = shape[1]
-        real = metrics.reference_stats(datasets.load(targs), targs.data_root, device, weights=args.inception_weights)
-        scores = metrics.evaluate(lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha), R // res),
-                                  args.eval_samples, real, device, metrics=args.metrics, weights=args.inception_weights)
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
+    R = shape[1]   # --eval: samples at the checkpoint's resolution, upscaled to the data's
+    result.update(metrics.score(args, targs, lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha),
+                                                               R // res), device))
+    if args.eval and args.digit_metrics:   # on digits: what Figs. 3, 4 and 8 show, as numbers
+        clf = digits.prepare(args.digit_metrics, datasets.load(targs), targs.data_root).to(device)
+        claims = figure_claims(Gs, clf, level, alpha, targs.z_dim, device, g)
+        print(" ".join(f"{k} {v:.3g}" for k, v in claims.items()))
+        result.update(claims)
     return result
 
 

@@ -87,7 +87,6 @@ Differences from the paper:
 """
 import argparse
 import functools
-import math
 
 import torch
 import torch.nn as nn
@@ -95,6 +94,7 @@ import torch.nn.functional as F
 
 from common import checkpoint as ckpt_io
 from common import data as datasets
+from common import digits
 from common import lpips as lpips_lib
 from common import metrics
 from common import run as runlib
@@ -103,7 +103,7 @@ SCRIPT = "vqgan"
 BASE_LR = 4.5e-6   # base_learning_rate of every config; lr = base × batch (main.py)
 STAGE1_FLAGS = {"g_width", "ch_mult", "num_res_blocks", "attn_resolutions", "norm_groups", "n_embed", "embed_dim",
                 "beta", "beta_on", "d_width", "disc_layers", "disc_start", "disc_weight", "disc_factor",
-                "codebook_weight", "perceptual_weight", "lpips_weights"}
+                "codebook_weight", "perceptual_weight", "lpips_weights", "restart_dead_codes"}
 STAGE2_FLAGS = {"vqgan", "conditional", "n_layer", "n_head", "n_embd", "weight_decay"}
 FACES_GPT = {"n_layer": 24, "n_head": 16, "n_embd": 1024}   # configs/faceshq_transformer.yaml
 
@@ -133,6 +133,9 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.25, help="β of the codebook loss")
     g.add_argument("--beta-on", choices=["codebook", "commitment"], default="codebook",
                    help="the term β weighs: codebook (the official code, legacy=True) or commitment (Eq. 4)")
+    g.add_argument("--restart-dead-codes", type=int, default=0, metavar="STEPS",
+                   help="not in the paper: every STEPS steps, codes no encoder output picked in those steps move onto "
+                        "random encoder outputs of the batch (0: never, as the official code)")
     g.add_argument("--d-width", type=int, default=64, help="ndf: channels of D's first layer")
     g.add_argument("--disc-layers", type=int, default=3, help="stride-2 layers of the PatchGAN D")
     g.add_argument("--disc-start", type=int, default=30001, help="steps before L_GAN and D's training start")
@@ -157,7 +160,8 @@ def parse_args(argv=None):
     g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (stage 2: 0.9)")
     g.add_argument("--beta2", type=float, default=0.9, help="Adam beta2 (stage 2: 0.95)")
     runlib.add_args(p, dataset="celeba", image_size=256, batch_size=3, steps=100_000, log_every=100,
-                    sample_every=1000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid")
+                    sample_every=1000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid",
+                    digits=True)
     return runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "g_width": 8, "ch_mult": (1, 2, 2), "num_res_blocks": 1,
         "norm_groups": 4, "n_embed": 32, "embed_dim": 8, "d_width": 8, "disc_layers": 2, "disc_start": 2,
@@ -196,7 +200,7 @@ def check_autoencoder(image_size, ch_mult, width, groups, attn_resolutions=()):
     """ValueError unless the encoder can downsample image_size by f = 2^(len(ch_mult) − 1) and every GroupNorm
     divides its channels; returns the code grid's side."""
     if not ch_mult or min(ch_mult) < 1 or width < 1 or groups < 1:
-        raise ValueError(f"--ch-mult needs positive entries and --g-width, --norm-groups must be positive")
+        raise ValueError("--ch-mult needs positive entries and --g-width, --norm-groups must be positive")
     f = 2 ** (len(ch_mult) - 1)
     if image_size < f or image_size % f:
         raise ValueError(f"the encoder downsamples by f = {f} (--ch-mult {','.join(map(str, ch_mult))}); "
@@ -340,6 +344,13 @@ class VectorQuantizer(nn.Module):
             loss = commitment_term + self.beta * codebook_term    # the official code (legacy=True)
         z_q = z + (z_q - z).detach()                              # straight-through: ∂z_q/∂z = I
         return z_q, loss, idx.view(b, h, w)
+
+    @torch.no_grad()
+    def restart(self, dead, z):
+        """Move the codes `dead` (indices) onto randomly chosen rows of z (N, D), encoder outputs, so that they
+        are picked again (not in the paper: the dead-code restarts of Jukebox, Dhariwal et al. 2020)."""
+        pick = torch.randint(len(z), (len(dead),), device=z.device)
+        self.codebook.weight[dead] = z[pick].to(self.codebook.weight.dtype)
 
     def lookup(self, idx):
         """Indices (B, H, W) → code vectors (B, D, H, W)."""
@@ -569,9 +580,10 @@ def reconstruct(vq, images, device, batch=100):
 
 
 @torch.no_grad()
-def evaluate_stage1(vq, held, args, device, real_stats=None):
-    """L1, PSNR (dB, on [0, 1] images, per-image mean), codebook usage on the held-out images, and with
-    --metrics their rFID (and any other Inception metric) against the held-out images."""
+def evaluate_stage1(vq, held, args, device, real_stats=None, labels=None, data=None, clf=None):
+    """L1, PSNR (dB, on [0, 1] images, per-image mean), codebook usage on the held-out images, with --metrics
+    their rFID (and any other Inception metric) against the held-out images, and on digits (common/digits.py)
+    cfid of the reconstructions and agree: reconstructions classified as the original's label."""
     vq.eval()
     rec, idx = reconstruct(vq, held, device)
     x = to_unit(held)
@@ -584,8 +596,25 @@ def evaluate_stage1(vq, held, args, device, real_stats=None):
         scores = metrics.evaluate(lambda b: next(parts).to(device), len(rec), real_stats, device,
                                   metrics=args.metrics, weights=args.inception_weights)
         out.update({k.replace("metric/fid", "metric/rfid"): v for k, v in scores.items()})
+    if clf is not None:
+        out.update(digits.score(clf, rec, data, args.digit_metrics, labels))
     vq.train()
     return out
+
+
+def evaluate_stage2(make, num_classes, args, device, real_stats=None, data=None, clf=None):
+    """FID (and any Inception metric) of samples with --metrics; on digits cfid, and agree for class-conditional
+    samples (classified as the class they were drawn for)."""
+    scores = {}
+    if args.metrics:
+        scores = metrics.evaluate(make, args.eval_samples, real_stats, device, metrics=args.metrics,
+                                  weights=args.inception_weights)
+    if clf is not None:
+        def labelled(n):
+            y = torch.randint(num_classes, (n,), device=device) if num_classes else None
+            return (make(n, y), y) if num_classes else make(n)
+        scores.update(digits.evaluate(clf, labelled, args.eval_samples, data, args.digit_metrics))
+    return scores
 
 
 def held_out_stats(held, args, device):
@@ -627,6 +656,8 @@ def check_flags(args):
             raise runlib.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.stage == 1 and args.lpips_weights and args.perceptual_weight == 0:
         raise runlib.UsageError("--lpips-weights does nothing with --perceptual-weight 0")
+    if args.stage == 1 and args.restart_dead_codes < 0:
+        raise runlib.UsageError(f"--restart-dead-codes must be >= 0 (0: never), got {args.restart_dead_codes}")
     if args.stage == 2 and (args.top_k < 0 or not args.temperature > 0):
         raise runlib.UsageError(f"--top-k must be >= 0 and --temperature > 0, got {args.top_k}, {args.temperature}")
     if args.lr is None:
@@ -647,12 +678,14 @@ def train_stage1(args):
     data = datasets.load(args)
     if data.kind != "image":
         raise runlib.UsageError(f"vqgan.py models images; {args.dataset} is 2D toy data")
-    held, _ = held_out_images(args, data, max(args.eval_samples, 50))   # the first 50 are shown
+    held, held_labels = held_out_images(args, data, max(args.eval_samples, 50))   # the first 50 are shown
     perceptual = lpips_lib.load_lpips(args.lpips_weights) if args.perceptual_weight > 0 else None
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
+    clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)   # agree: reconstructions
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     if args.compile:   # the adaptive weight backpropagates twice through the same compiled graph (retain_graph)
         from torch._functorch import config as functorch_config
         functorch_config.donated_buffer = False
@@ -669,7 +702,27 @@ def train_stage1(args):
     shown = to_unit(held[:50]).to(device)
     real_stats = None
     counts = torch.zeros(args.n_embed, device=device)   # code use within the current --log-every window
+    unused = torch.zeros(args.n_embed, device=device)   # code use since the last --restart-dead-codes
+    restarted = torch.zeros((), device=device)
+    if r.resume_state is not None and "restart_counts" in r.resume_state:
+        unused.copy_(r.resume_state["restart_counts"])
     r.restore_rng()
+
+    def samples():
+        with runlib.eval_mode(vq_raw):
+            return {"reconstructions": interleave(shown, vq_raw(shown)[0].float().clamp(-1, 1))}
+
+    def evaluation():
+        nonlocal real_stats
+        if args.metrics and real_stats is None:
+            real_stats = held_out_stats(held[:args.eval_samples], args, device)
+        return evaluate_stage1(vq_raw, held[:args.eval_samples], args, device, real_stats,
+                               held_labels[:args.eval_samples], data, clf)
+
+    def state():
+        return {"stage": 1, "data_shape": list(data.shape), "restart_counts": unused,
+                "models": {"vqgan": vq_raw.state_dict(), "D": d_raw.state_dict()},
+                "optimizers": {"vqgan": opt_vq.state_dict(), "D": opt_d.state_dict()}}
 
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -707,28 +760,35 @@ def train_stage1(args):
             scalars["loss/D"] = d_loss
 
         counts += torch.bincount(idx.flatten(), minlength=args.n_embed)
+        if args.restart_dead_codes:
+            unused += torch.bincount(idx.flatten(), minlength=args.n_embed)
+            if step % args.restart_dead_codes == 0:
+                restart_dead_codes(vq_raw, x, unused, r)
+                restarted = (unused == 0).sum()
+                unused.zero_()
+            scalars["train/restarted_codes"] = restarted   # at the last restart
         if r.every(step, args.log_every) or step == args.steps:
             scalars["metric/train_usage"], scalars["metric/train_perplexity"] = codebook_usage(counts)
-        r.log(step, scalars)
-        if r.every(step, args.log_every) or step == args.steps:
-            counts.zero_()
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                vq_raw.eval()
-                r.images("reconstructions", interleave(shown, vq_raw(shown)[0].float().clamp(-1, 1)), step, nrow=10)
-                vq_raw.train()
-        if args.eval_samples and (r.every(step, args.eval_every) or step == args.steps):
-            with r.side_rng():
-                if args.metrics and real_stats is None:
-                    real_stats = held_out_stats(held[:args.eval_samples], args, device)
-                r.log(step, evaluate_stage1(vq_raw, held[:args.eval_samples], args, device, real_stats), force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"stage": 1, "data_shape": list(data.shape),
-                                     "models": {"vqgan": vq_raw.state_dict(), "D": d_raw.state_dict()},
-                                     "optimizers": {"vqgan": opt_vq.state_dict(), "D": opt_d.state_dict()}})
-        if r.stop_requested:
+        if r.end_step(step, scalars, samples=samples, evaluate=evaluation if args.eval_samples else None,
+                      state=state):
             break
+        if r.every(step, args.log_every) or step == args.steps:
+            counts.zero_()   # the next --log-every window starts
     return r.finish(step)
+
+
+@torch.no_grad()
+def restart_dead_codes(vq, x, uses, r):
+    """--restart-dead-codes: the codes no encoder output picked since the last restart (`uses` == 0, summed over
+    the ranks) move onto random encoder outputs of this batch (rank 0's, then broadcast to every rank)."""
+    if r.distributed:
+        torch.distributed.all_reduce(uses)
+    dead = (uses == 0).nonzero().squeeze(1)
+    if len(dead) and r.is_main:
+        z = vq.quant_conv(vq.encoder(x)).float()
+        vq.quantizer.restart(dead, z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+    if r.distributed:
+        torch.distributed.broadcast(vq.quantizer.codebook.weight.data, 0)
 
 
 def load_vqgan(state, device):
@@ -757,8 +817,10 @@ def train_stage2(args):
         metrics.load_fid_inception(args.inception_weights)
     if args.n_embd % args.n_head:
         raise runlib.UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=num_classes > 0)
     r = runlib.setup(args, SCRIPT)
     device = r.device
+    clf = clf.to(device) if clf is not None else None
     vq, _ = load_vqgan(vq_state, device)
     gpt = r.prepare(build_gpt(args, vq.n_embed, vq.side, num_classes))
     gpt_raw = runlib.unwrap(gpt)
@@ -779,6 +841,20 @@ def train_stage2(args):
     def make(n, labels=None):
         return generate(vq, gpt_raw, n, vq.n_embed, device, num_classes, args.top_k, args.temperature, labels)
 
+    def samples():
+        torch.manual_seed(args.seed)   # the same draws at every sample step
+        with runlib.eval_mode(gpt_raw):
+            return {"samples": make(100, shown_labels)}
+
+    def evaluation():
+        with runlib.eval_mode(gpt_raw):
+            return evaluate_stage2(make, num_classes, args, device, real_stats, data, clf)
+
+    def state():
+        return {"stage": 2, "data_shape": list(data.shape), "num_classes": num_classes,
+                "vqgan": {k: vq_state[k] for k in ("args", "data_shape", "models")},
+                "models": {"gpt": gpt_raw.state_dict()}, "optimizers": {"gpt": opt.state_dict()}}
+
     step = start
     for step in range(start + 1, args.steps + 1):
         x, y = next(batches)
@@ -790,25 +866,8 @@ def train_stage2(args):
         loss.backward()
         opt.step()
 
-        r.log(step, {"loss/ce": loss})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng():
-                torch.manual_seed(args.seed)
-                gpt_raw.eval()
-                r.images("samples", make(100, shown_labels), step, nrow=10)
-                gpt_raw.train()
-        if args.metrics and (r.every(step, args.eval_every) or step == args.steps):
-            with r.side_rng():
-                gpt_raw.eval()
-                r.log(step, metrics.evaluate(make, args.eval_samples, real_stats, device, metrics=args.metrics,
-                                             weights=args.inception_weights), force=True)
-                gpt_raw.train()
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"stage": 2, "data_shape": list(data.shape), "num_classes": num_classes,
-                                     "vqgan": {k: vq_state[k] for k in ("args", "data_shape", "models")},
-                                     "models": {"gpt": gpt_raw.state_dict()},
-                                     "optimizers": {"gpt": opt.state_dict()}})
-        if r.stop_requested:
+        if r.end_step(step, {"loss/ce": loss}, samples=samples, state=state,
+                      evaluate=evaluation if args.metrics or clf is not None else None):
             break
     return r.finish(step)
 
@@ -838,19 +897,16 @@ def sample(args):
         torch.manual_seed(args.seed)
         grids["samples"] = make(100, torch.arange(100, device=device) // 10 % k if k else None)
     result = dict(runlib.write_samples(out, state["step"], grids))
-    if args.eval:
-        if stage == 1:
-            held, _ = held_out_images(targs, data, args.eval_samples)
-            scores = evaluate_stage1(vq, held, args, device, held_out_stats(held, args, device) if args.metrics else None)
-        elif args.metrics:
-            real = metrics.reference_stats(data, targs.data_root, device, weights=args.inception_weights)
-            scores = metrics.evaluate(make, args.eval_samples, real, device, metrics=args.metrics,
-                                      weights=args.inception_weights)
-        else:
-            raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
+    if args.eval and stage == 1:
+        held, _ = held_out_images(targs, data, args.eval_samples)
+        scores = evaluate_stage1(vq, held, args, device, held_out_stats(held, args, device) if args.metrics else None)
         scores = {k: float(v) for k, v in scores.items()}
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         result.update(scores)
+    elif args.eval:
+        if not args.metrics:
+            raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
+        result.update(metrics.score(args, targs, make, device))
     return result
 
 

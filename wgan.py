@@ -315,6 +315,17 @@ def train(args):
     fixed_z = sample_noise(64, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
     r.restore_rng()
 
+    def samples():
+        with runlib.eval_mode(g_raw):
+            if data.kind != "toy":
+                return {"samples": (g_raw(fixed_z), 8)}
+            r.scatter("samples", generate(g_raw, 2500, args.z_dim, device), step,
+                      real=data.centers, lim=data.centers.abs().max().item() * 1.5)
+
+    def state():
+        return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()}, "data_shape": list(data.shape)}
+
     b = args.batch_size // r.world_size
     step = start
     for step in range(start + 1, args.steps + 1):
@@ -331,27 +342,10 @@ def train(args):
         loss_g.backward()
         opt_g.step()
 
-        r.log(step, {"loss/D": loss_d, "loss/G": loss_g, "loss/W_estimate": -loss_d,  # W ≈ −L_D (Sec. 4.2)
-                     "train/critic_iters": n_critic})
-        if r.every(step, args.sample_every) or step == args.steps:
-            with r.side_rng(), torch.no_grad():
-                g_raw.eval()
-                if data.kind == "toy":
-                    r.scatter("samples", generate(g_raw, 2500, args.z_dim, device), step,
-                              real=data.centers, lim=data.centers.abs().max().item() * 1.5)
-                else:
-                    r.images("samples", g_raw(fixed_z), step, nrow=8)
-                g_raw.train()
-        if r.every(step, args.eval_every) or step == args.steps:
-            with r.side_rng():
-                scores = evaluate(g_raw, args, device, data, real_stats, clf)
-            if scores:
-                r.log(step, scores, force=True)
-        if r.checkpoint_due(step):
-            r.save_checkpoint(step, {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict()},
-                                     "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                                     "data_shape": list(data.shape)})
-        if r.stop_requested:
+        scalars = {"loss/D": loss_d, "loss/G": loss_g, "loss/W_estimate": -loss_d,  # W ≈ −L_D (Sec. 4.2)
+                   "train/critic_iters": n_critic}
+        if r.end_step(step, scalars, samples=samples, state=state,
+                      evaluate=lambda: evaluate(g_raw, args, device, data, real_stats, clf)):
             break
     return r.finish(step)
 

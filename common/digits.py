@@ -75,6 +75,16 @@ def classifier_fid(clf, fake, real):
     return max(0.0, metrics.fid_from_features(features(clf, fake), features(clf, real)))
 
 
+def confident_classes(clf, images, threshold=0.99):
+    """(share of images the classifier gives one class a probability of at least `threshold`, number of classes
+    among those): how many samples look like a digit and how many digits they cover (a collapsed G covers few).
+    Single-digit images only. On MNIST test digits: 92% (0.9 would pass 42% of smoothed noise; 0.99 passes 16%)."""
+    (probs,) = _apply(clf, images[:, :1], lambda x: torch.softmax(clf(x).double(), 1))
+    p_max, cls = probs.max(1)
+    sure = p_max >= threshold
+    return float(sure.double().mean()), int(cls[sure].unique().numel())
+
+
 def class_agreement(clf, images, labels):
     """The share of images classified as their label (on real data: the classifier's accuracy)."""
     return float((predict(clf, images) == torch.as_tensor(labels).cpu()).double().mean())
@@ -167,12 +177,15 @@ def prepare(wanted, data, data_root, conditional=False):
 
 
 def score(clf, images, data, wanted, labels=None, value_range=(-1, 1), seed=0):
-    """{"metric/cfid" (against a fixed random subset of as many images of `data`), "metric/agree" (with `labels`),
+    """{"metric/cfid" (against a fixed random subset of as many images of `data`; with it, on single digits,
+    "metric/confident" and "metric/classes" of confident_classes), "metric/agree" (with `labels`),
     "metric/modes", "metric/modes_kl"}, those `wanted`, of samples in value_range, for run.log(..., force=True)."""
     images, out = images if images.dtype == torch.uint8 else metrics.to_uint8(images, value_range), {}
     if "cfid" in wanted:
         idx = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:len(images)]
         out["metric/cfid"] = classifier_fid(clf, images, data.images[idx])
+        if images.shape[1] == 1:
+            out["metric/confident"], out["metric/classes"] = confident_classes(clf, images)
     if "agree" in wanted:
         out["metric/agree"] = class_agreement(clf, images, labels)
     if "modes" in wanted:

@@ -364,6 +364,35 @@ def _gather_rows(x, share, n):
     return torch.cat(parts)[:n]
 
 
+def score(args, targs, make, device, *, value_range=(-1, 1), conditional=False, max_images=50000):
+    """--sample CKPT --eval: the --metrics (Inception, against max_images training images) and the digit metrics
+    (common/digits.py) of --eval-samples samples of make(n): images in value_range, or (images, labels) when
+    `conditional`. Prints each group's scores on one line; returns them all, {} without --eval."""
+    from common import data as datasets, digits
+    scores = {}
+    if not args.eval or not (args.metrics or args.digit_metrics):
+        return scores
+    data = datasets.load(targs)
+    if args.metrics:
+        real = None   # the Inception Score needs no reference data
+        if set(args.metrics) - {"is"}:
+            real = reference_stats(data, targs.data_root, device, max_images=max_images, weights=args.inception_weights)
+        lo, hi = value_range
+
+        def images(n):   # in [-1, 1], without labels
+            x = make(n)[0] if conditional else make(n)
+            return x if (lo, hi) == (-1, 1) else (x - lo) / (hi - lo) * 2 - 1
+        part = evaluate(images, args.eval_samples, real, device, metrics=args.metrics, weights=args.inception_weights)
+        print(" ".join(f"{k} {v:.4g}" for k, v in part.items()))
+        scores.update(part)
+    if args.digit_metrics:
+        clf = digits.prepare(args.digit_metrics, data, targs.data_root, conditional).to(device)
+        part = digits.evaluate(clf, make, args.eval_samples, data, args.digit_metrics, value_range)
+        print(" ".join(f"{k} {v:.4g}" for k, v in part.items()))
+        scores.update(part)
+    return scores
+
+
 # --------------------------------------------------------------------------------------------
 # 2D mode coverage (PacGAN, Lin et al. 2018, protocol of its Table 1)
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Run setup shared by every script: command line, device, seeds, torchrun, output directory,
 TensorBoard, progress line, checkpoints, signals. gan.py shows the whole life of a run: parse_args,
-friendly_errors, setup, load_checkpoint/restore_rng, log every step, save_checkpoint when
-checkpoint_due, finish. Only rank 0 of a torchrun job writes anything.
+friendly_errors, setup, resume/restore_rng, end_step after every step (scalars, samples, evaluation,
+checkpoint), finish. Only rank 0 of a torchrun job writes anything.
 """
 import argparse
 import contextlib
@@ -272,10 +272,32 @@ class Run:
         untouched, so logging or evaluating more often never changes the training trajectory."""
         return torch.random.fork_rng(devices=[self.device] if self.cuda else [])
 
-    # -- checkpoints --------------------------------------------------------------------------
-    def checkpoint_due(self, step):
-        return self.every(step, self.args.ckpt_every) or self.stop_requested or step == self.args.steps
+    def end_step(self, step, scalars, *, samples=None, evaluate=None, state=None, count=None):
+        """The end of a training step: log `scalars`; at sample steps (and the last step) call `samples()`
+        under torch.no_grad() on side RNG streams and save each {tag: images} it returns as a grid (a value
+        may be (images, nrow) or (images, nrow, value_range); nrow defaults to 10; a `samples` that writes its
+        own output, e.g. r.scatter, returns None); at evaluation steps (and the last) log the metrics
+        `evaluate()` returns (side RNG streams; no no_grad, an evaluation may train a probe; None/{} logs
+        nothing); at checkpoint steps save `state()`. Sample and evaluation steps are the multiples of
+        --sample-every and --eval-every in `count` (default: step; e.g. the steps of a second stage).
+        Returns True when the loop must stop."""
+        self.log(step, scalars)
+        count, last = step if count is None else count, step == self.args.steps
+        if samples is not None and (self.every(count, self.args.sample_every) or last):
+            with self.side_rng(), torch.no_grad():
+                for tag, x in (samples() or {}).items():
+                    x, nrow, *value_range = x if isinstance(x, tuple) else (x, 10)
+                    self.images(tag, x, step, nrow, *value_range)
+        if evaluate is not None and (self.every(count, self.args.eval_every) or last):
+            with self.side_rng():
+                scores = evaluate()
+            if scores:
+                self.log(step, scores, force=True)
+        if state is not None and (self.every(step, self.args.ckpt_every) or self.stop_requested or last):
+            self.save_checkpoint(step, state())
+        return self.stop_requested
 
+    # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, step, state):
         """Write <out>/ckpt.pt atomically. `state` holds models/optimizers/...; script, step, args
         and RNG states are added here."""
@@ -423,8 +445,10 @@ def _install_signal_handlers(r):
 
 def load_for_sampling(args, script):
     """For --sample CKPT: the checkpoint, its training args (device flags from the command line),
-    the device and the directory to write into (--out, or next to the checkpoint)."""
+    the device and the directory to write into (--out, or next to the checkpoint). Seeds torch's global RNG
+    with --seed, so that --eval's samples, like the figures', are the same on every call."""
     state = ckpt_io.load(args.sample, script)
+    torch.manual_seed(args.seed)
     if args.cuda and not torch.cuda.is_available():
         raise UsageError("--cuda was given but CUDA is not available")
     train_args = argparse.Namespace(**{**state["args"], "cuda": args.cuda, "amp": getattr(args, "amp", False),
@@ -433,6 +457,20 @@ def load_for_sampling(args, script):
     out = Path(args.out) if args.out else Path(args.sample).resolve().parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
     return state, train_args, device, out
+
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Put modules in eval mode (BatchNorm running statistics, no dropout) and give each back the
+    training flag it had."""
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.train(flag)
 
 
 def save_grid(x, path, nrow=8, value_range=(-1, 1)):

@@ -1,4 +1,5 @@
 """common/: metrics math, data sources, checkpoints, run set-up and failure modes."""
+import argparse
 import gzip
 import json
 import math
@@ -248,6 +249,68 @@ def test_scatter_image_marks_points():
     img = runlib.scatter_image(torch.tensor([[0.0, 0.0]]), real=torch.tensor([[1.0, 1.0]]), lim=1.0, size=11)
     assert img.shape == (3, 11, 11) and img[:, 5, 5].sum() == 0 and img[:, 10, 0].sum() == 3
     assert img[0, 0, 10] > 0.5 and img[1, 0, 10] < 0.5    # red dot at the top right
+
+
+class _Writer:
+    """The part of a SummaryWriter that Run uses, recording the scalars."""
+
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step))
+
+    def add_image(self, tag, image, step):
+        pass
+
+
+def test_end_step_samples_evaluates_saves_and_stops(tmp_path):
+    args = argparse.Namespace(steps=7, log_every=0, sample_every=3, eval_every=2, ckpt_every=5)
+    writer = _Writer()
+    r = runlib.Run(args, "test", torch.device("cpu"), 0, 1, tmp_path, writer)
+    calls = {"samples": [], "evaluate": [], "state": []}
+
+    def samples():
+        calls["samples"].append(step)
+        return {"grid": (torch.rand(4, 1, 2, 2) * 2 - 1, 2)}
+
+    def evaluate():
+        calls["evaluate"].append(step)
+        x = torch.randn(10, requires_grad=True)   # an evaluation may train: gradients are on
+        x.square().sum().backward()
+        return {} if step == 2 else {"metric/score": float(step)}
+
+    def state():
+        calls["state"].append(step)
+        return {"models": {}}
+
+    torch.manual_seed(0)
+    drawn = []
+    for step in range(1, args.steps + 1):
+        drawn.append(torch.rand(()).item())   # the training stream
+        assert not r.end_step(step, {"loss/x": torch.tensor(1.0)}, samples=samples, evaluate=evaluate, state=state)
+    assert calls == {"samples": [3, 6, 7], "evaluate": [2, 4, 6, 7], "state": [5, 7]}
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"grid-000000{s}.png" for s in (3, 6, 7)]
+    assert [s for tag, s in writer.scalars if tag == "metric/score"] == [4, 6, 7]   # {} at step 2 logs nothing
+    assert r.metrics == {"metric/score": 7.0}
+    assert ckpt_io.load(tmp_path / "ckpt.pt", "test")["step"] == 7
+    # samples() and evaluate() drew random numbers on side streams: training drew what it draws alone
+    torch.manual_seed(0)
+    assert drawn == [torch.rand(()).item() for _ in range(args.steps)]
+
+    r = runlib.Run(args, "test", torch.device("cpu"), 0, 1, tmp_path / "stopped", _Writer())
+    step = 4
+    r.stop_requested = True   # as a signal sets it
+    assert r.end_step(step, {"loss/x": 1.0}, samples=samples, evaluate=evaluate, state=state)
+    assert ckpt_io.load(tmp_path / "stopped" / "ckpt.pt", "test")["step"] == 4   # a checkpoint before stopping
+    assert calls["evaluate"][-1] == 4 and calls["samples"][-1] == 7            # step 4 is no sample step
+
+
+def test_eval_mode_restores_each_flag():
+    a, b = torch.nn.Dropout(), torch.nn.Dropout().eval()
+    with runlib.eval_mode(a, b):
+        assert not a.training and not b.training
+    assert a.training and not b.training
 
 
 # -- torchrun ----------------------------------------------------------------------------------------

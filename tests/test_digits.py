@@ -245,3 +245,35 @@ def test_scripts_refuse_digit_metrics_that_cannot_act(tmp_path, capsys, digit_fo
     helpers.expect_usage_error(gan, ["--dry-run", "--metrics", "fid", "--out", str(tmp_path / "d")], capsys,
                                "--metrics takes cfid, agree, modes")  # gan.py has no Inception metrics
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_confident_classes_counts_sure_samples_and_the_classes_they_cover(clf):
+    clean = prototypes()
+    assert digits.confident_classes(clf, clean) == (1.0, 10)
+    assert digits.confident_classes(clf, clean[[3] * 7 + [8] * 3]) == (1.0, 2)    # a collapsed G: two classes
+    assert digits.confident_classes(clf, clean, threshold=1.01) == (0.0, 0)          # nothing is that sure
+    data = datasets.Data("d", "image", (1, 28, 28), 10, images=metrics.to_uint8(clean), labels=torch.arange(10))
+    out = digits.score(clf, clean, data, ["cfid"])
+    assert (out["metric/confident"], out["metric/classes"]) == (1.0, 10)
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("sagan", ["--metrics", "cfid,agree", "--image-size", "32"]),
+    ("bigbigan", ["--metrics", "cfid,agree"]),
+    ("progan", ["--metrics", "cfid"]),
+    ("stylegan", ["--metrics", "cfid"]),
+    ("vqgan", ["--metrics", "cfid,agree", "--image-size", "16"]),
+])
+def test_new_scripts_log_digit_metrics(tmp_path, digit_folder, script, extra):
+    import importlib
+    module = importlib.import_module(script)
+    s = module.main(["--dry-run", "--dataset", digit_folder, "--eval-samples", "100", "--out", str(tmp_path / "a"),
+                     "--data-root", str(Path(digit_folder).parent / "root"), *extra])
+    m = s["metrics"]
+    assert m["metric/cfid"] > 0 and 0 <= m["metric/confident"] <= 1 and 0 <= m["metric/classes"] <= 10
+    if "cfid,agree" in extra:
+        assert 0 <= m["metric/agree"] <= 1
+    if script == "stylegan":   # --sample --eval: the figures' claims as numbers
+        out = module.main(["--sample", str(tmp_path / "a" / "ckpt.pt"), "--eval", "--metrics", "cfid",
+                           "--eval-samples", "100", "--out", str(tmp_path / "s")])
+        assert out["metric/cfid"] > 0 and out["metric/psi0_std"] < 1e-5 and 0 <= out["metric/noise_keeps_class"] <= 1

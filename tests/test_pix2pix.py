@@ -5,7 +5,6 @@ import tarfile
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 import pix2pix

@@ -103,6 +103,24 @@ def test_psi_zero_gives_one_image():
     assert not torch.allclose(y, y[:1].expand_as(y), atol=1e-3)
 
 
+def test_figure_claims_on_a_stand_in_classifier():
+    """ψ = 0 makes one image (std 0); a classifier that only sees the image's mean gives each image's class; the
+    shares are of pairs with different classes, so keeps_A + takes_B <= 1; the noise changes pixels."""
+    from common import digits
+    torch.manual_seed(0)
+    G = stylegan.Generator(8, 8, 16, 1, mapping_layers=2, fmap_base=32, fmap_max=8)
+    G.w_avg.normal_()
+    for layer in G.synthesis.modules():   # the noise inputs' scales start at 0: give them some effect
+        if hasattr(layer, "noise_strength"):
+            nn.init.constant_(layer.noise_strength, 0.5)
+    clf = digits.DigitNet().eval()
+    claims = stylegan.figure_claims(G, clf, 2, 1.0, 8, "cpu", torch.Generator().manual_seed(0), n=60, draws=4)
+    assert claims["metric/psi0_std"] < 1e-6 < claims["metric/latent_std"]
+    assert claims["metric/noise_std"] > 0 and 0 <= claims["metric/noise_keeps_class"] <= 1
+    for name in ("coarse", "middle"):
+        assert claims[f"metric/mix_{name}_keeps_A"] + claims[f"metric/mix_{name}_takes_B"] <= 1 + 1e-9
+
+
 def test_style_mixing_switches_at_the_crossover():
     ws, ws2 = torch.zeros(3, 6, 4), torch.ones(3, 6, 4)
     mixed = stylegan.style_mix(ws, ws2, 2)

@@ -55,6 +55,28 @@ def test_resume_is_exact_stage1(tmp_path, monkeypatch):
                                 state_keys=("models", "optimizers"))
 
 
+def test_resume_is_exact_with_dead_code_restarts(tmp_path, monkeypatch):
+    # codes unused in steps 1–4 restart at step 4: the use counts of steps 1–3 travel in the checkpoint
+    a, _ = helpers.assert_resume_exact(vqgan, tmp_path, monkeypatch, ["--restart-dead-codes", "4"],
+                                       state_keys=("models", "optimizers", "restart_counts"))
+    assert a["restart_counts"].sum() > 0   # steps 5–6 counted since the restart
+
+
+def test_dead_codes_move_onto_encoder_outputs():
+    torch.manual_seed(0)
+    q = vqgan.VectorQuantizer(8, 3)
+    before = q.codebook.weight.detach().clone()
+    z = torch.randn(50, 3)
+    dead = torch.tensor([1, 5, 6])
+    q.restart(dead, z)
+    after = q.codebook.weight.detach()
+    alive = torch.tensor([0, 2, 3, 4, 7])
+    assert torch.equal(after[alive], before[alive])
+    assert torch.cdist(after[dead], z).min(1).values.max() == 0   # each restarted code is one of the z rows
+    _, _, idx = q(z.T.reshape(1, 3, 50, 1))
+    assert set(dead.tolist()) <= set(idx.flatten().tolist())      # and is picked again
+
+
 def test_resume_is_exact_stage2(stage1, tmp_path, monkeypatch):
     helpers.assert_resume_exact(vqgan, tmp_path, monkeypatch, ["--stage", "2", "--vqgan", str(stage1[0])],
                                 state_keys=("models", "optimizers"))
@@ -84,7 +106,7 @@ def test_perceptual_term_is_trained_with_lpips(tmp_path, monkeypatch):
 def test_help(capsys):
     text = helpers.help_text(vqgan, capsys)
     for flag in ("--stage", "--vqgan", "--ch-mult", "--n-embed", "--disc-start", "--perceptual-weight",
-                 "--lpips-weights", "--top-k", "--temperature", "--conditional", "--beta-on"):
+                 "--lpips-weights", "--top-k", "--temperature", "--conditional", "--beta-on", "--restart-dead-codes"):
         assert flag in text
 
 
@@ -100,6 +122,7 @@ def test_help(capsys):
     (["--stage", "2"], "needs the VQGAN's checkpoint"),
     (["--n-layer", "2"], "does not act in stage 1"),
     (["--perceptual-weight", "0", "--lpips-weights", "x.pth"], "does nothing"),
+    (["--restart-dead-codes", "-1"], "must be >= 0"),
 ])
 def test_bad_input(tmp_path, capsys, argv, match):
     out = tmp_path / "x"
