@@ -58,11 +58,12 @@ Usage:
     python vqgan.py --cuda                                        # stage 1: VQGAN, faces (CelebA) at 256 px
     python vqgan.py --stage 2 --vqgan runs/vqgan/celeba-.../ckpt.pt --cuda          # stage 2: the transformer
     python vqgan.py --dataset /path/to/ffhq --cuda                # the paper's FFHQ (an image folder)
-    # a quick CPU run on digits at 32 px, f = 4 (8x8 codes), without the LPIPS and Inception weights
-    # (about 1.5 steps/s on one core; --disc-start 300 gives the GAN term the second half):
+    # a quick CPU run on digits at 32 px, f = 4 (8x8 codes), without the LPIPS and Inception weights, scored
+    # with the digit classifier (about 1.4 steps/s on one core; --disc-start 500 gives the GAN term the second
+    # half; --restart-dead-codes keeps the codebook in use, see below):
     python vqgan.py --dataset mnist --image-size 32 --g-width 32 --ch-mult 1,2,2 --num-res-blocks 1 \
-        --norm-groups 8 --embed-dim 64 --d-width 32 --batch-size 16 --steps 600 --disc-start 300 \
-        --perceptual-weight 0 --metrics none
+        --norm-groups 8 --embed-dim 64 --d-width 32 --batch-size 16 --steps 1000 --disc-start 500 \
+        --restart-dead-codes 100 --perceptual-weight 0 --metrics cfid,agree --eval-samples 1000
     python vqgan.py --stage 2 --vqgan runs/vqgan/mnist-.../ckpt.pt --n-layer 4 --n-head 4 --n-embd 128 \
         --batch-size 32 --steps 400 --metrics none
     python vqgan.py --sample runs/vqgan/.../ckpt.pt [--eval]     # stage 1: reconstructions; stage 2: samples too
@@ -83,6 +84,12 @@ Differences from the paper:
   (sos_token 0, class c as token c), sharing embeddings with the codes.
 - Attention in the autoencoder uses torch's scaled_dot_product_attention (the same softmax(qkᵀ/√c)v).
 - GroupNorm's number of groups is a flag (--norm-groups, 32 in the code) so small widths work.
+- --restart-dead-codes STEPS (off by default, as the code): every STEPS steps the codes that no encoder output
+  picked in those steps move onto random encoder outputs of the batch (the restarts of Jukebox, Dhariwal et
+  al. 2020). With the code's U(±1/K) initialisation the encoder's outputs start far from almost every code, so
+  a few codes take everything: on 32 px digits (K 1024, f 4) 12 of 1024 codes were in use without restarts
+  and 94% with them at step 500 (held-out PSNR 23.6 vs 20.7 dB; classifier FID of the reconstructions 27.6
+  vs 32.8).
 - Sampling recomputes the whole prefix for every token (the code's sample(); no key/value cache).
 """
 import argparse

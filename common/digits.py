@@ -9,7 +9,7 @@ In a script, `--metrics cfid,agree,modes` (run.parse puts them in args.digit_met
     r.log(step, digits.evaluate(clf.to(device), lambda b: G(z(b)), n, data, args.digit_metrics), force=True)
 Images are (N, C, H, W) in [-1, 1] (or uint8), quantised to 8 bits as a saved PNG, resized to 28x28; C = 3
 (Stacked MNIST) is classified channel by channel: mode 100 d0 + 10 d1 + d2, features side by side.
-Command line: python -m common.metrics cfid A B | agree A | modes A --classifier DATASET.
+Command line: python evaluate.py cfid A B | agree A | modes A --classifier DATASET.
 """
 import argparse
 import hashlib

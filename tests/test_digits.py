@@ -1,5 +1,5 @@
 """common/digits.py: the digit classifier, classifier FID, class agreement, Stacked MNIST modes and KL,
-the stacked data set and the command line, on synthetic separable digits (no MNIST needed)."""
+the stacked data set and its command line (evaluate.py), on synthetic separable digits (no MNIST needed)."""
 import argparse
 import gzip
 import math
@@ -12,6 +12,7 @@ import torch
 from common import data as datasets
 from common import digits
 from common import metrics
+import evaluate
 from common.run import UsageError
 
 STEPS = 80  # enough for the synthetic classes; the real classifier trains longer
@@ -159,14 +160,14 @@ def test_command_line(tmp_path, monkeypatch, capsys, clf):
     x, y = synthetic_digits(300, seed=4)
     np.savez(tmp_path / "a.npz", images=x.numpy(), labels=y.numpy())
     np.savez(tmp_path / "s.npz", images=stack(torch.arange(1000)).numpy())
-    metrics.main(["cfid", str(tmp_path / "a.npz"), str(tmp_path / "a.npz")])
-    metrics.main(["agree", str(tmp_path / "a.npz")])
-    metrics.main(["modes", str(tmp_path / "s.npz")])
+    evaluate.main(["cfid", str(tmp_path / "a.npz"), str(tmp_path / "a.npz")])
+    evaluate.main(["agree", str(tmp_path / "a.npz")])
+    evaluate.main(["modes", str(tmp_path / "s.npz")])
     out = capsys.readouterr().out
     assert "not Inception): 0.000000" in out and "class agreement: 1.000000" in out
     assert "stacked MNIST modes: 1000 / 1000" in out
     with pytest.raises(SystemExit) as e:
-        metrics.main(["agree", str(tmp_path / "s.npz")])
+        evaluate.main(["agree", str(tmp_path / "s.npz")])
     assert e.value.code == 2 and "labels" in capsys.readouterr().err
 
 
@@ -176,10 +177,10 @@ def test_sample_folders_are_read_with_their_labels(tmp_path):
     for i, (img, k) in enumerate(zip(x[:, 0].numpy(), y.tolist())):
         (tmp_path / "by_class" / str(k)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).convert("RGB").save(tmp_path / "by_class" / str(k) / f"{i:02d}.png")
-    images, labels = metrics._read_digits(tmp_path / "by_class", channels=1)
+    images, labels = evaluate._read_digits(tmp_path / "by_class", channels=1)
     order = sorted(range(12), key=lambda i: (y[i].item(), i))   # class folders in numeric order
     assert torch.equal(images, x[order]) and torch.equal(labels, y[order])
-    flat, none = metrics._read_digits(tmp_path / "by_class" / "0", channels=3)
+    flat, none = evaluate._read_digits(tmp_path / "by_class" / "0", channels=3)
     assert flat.shape == (2, 3, 28, 28) and none is None
 
 

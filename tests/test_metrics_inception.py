@@ -1,5 +1,5 @@
 """common.metrics: FID / IS / KID / precision-recall math, the FID Inception network and its input pipeline,
-the scripts' evaluate(), the command line, and (with the real weights and CIFAR-10) published numbers."""
+the scripts' evaluate(), the command line (evaluate.py), and (with the real weights and CIFAR-10) published numbers."""
 import math
 import os
 import re
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from common import data as datasets
 from common import metrics
+import evaluate
 from tests.conftest import ROOT
 
 
@@ -255,8 +256,8 @@ def test_evaluate_reference_stats_and_folders_agree(tmp_path, monkeypatch, capsy
     # the same samples as PNG files, through the command line: the same FID and IS
     folder = _png_folder(fake, tmp_path / "samples")
     monkeypatch.setattr(metrics, "load_fid_inception", lambda weights=None, device="cpu": stub)
-    metrics.main(["fid", str(folder), str(path), "--device", "cpu"])
-    metrics.main(["is", str(folder), "--device", "cpu", "--batch-size", "7"])
+    evaluate.main(["fid", str(folder), str(path), "--device", "cpu"])
+    evaluate.main(["is", str(folder), "--device", "cpu", "--batch-size", "7"])
     out = capsys.readouterr().out
     assert float(re.search(r"FID: (\S+)", out)[1]) == pytest.approx(scores["metric/fid"], abs=2e-6)
     assert float(re.search(r"IS: (\S+)", out)[1]) == pytest.approx(scores["metric/is"], abs=2e-6)
@@ -279,7 +280,7 @@ def test_weights_missing_is_a_usage_error(tmp_path, monkeypatch):
 
 def test_cli_missing_folder_is_one_line_and_exit_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "common.metrics", "fid", "/no/such/folder", "/no/such/stats.npz"],
+    r = subprocess.run([sys.executable, "evaluate.py", "fid", "/no/such/folder", "/no/such/stats.npz"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "/no/such/folder is neither a folder" in r.stderr
@@ -295,7 +296,7 @@ def test_cli_errors(tmp_path, capsys, argv, message):
     save_image(torch.rand(3, 8, 8), tmp_path / "a.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
-        metrics.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--device", "cpu"])
+        evaluate.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 

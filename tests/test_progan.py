@@ -1,4 +1,9 @@
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +187,17 @@ def test_ema_update():
     expected = 0.999 * a.weight.detach() + 0.001 * b.weight.detach()
     progan.update_average(a, b, 0.999)
     assert torch.allclose(a.weight, expected)
+
+
+def test_grows_under_torchrun_two_cpu_processes(tmp_path):
+    """The DDP wrap of the growing nets (unused blocks before their level): two gloo processes grow 8 → 16."""
+    root = Path(progan.__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "progan.py"), "--dry-run", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["losses"]["progress/resolution"] == 16 and 0 < summary["losses"]["progress/alpha"] < 1
+    state = ckpt_io.load(tmp_path / "ddp" / "ckpt.pt", "progan")
+    assert len(state["rng"]["ranks"]) == 2 and state["phase"]["resolution"] == 16
