@@ -49,7 +49,7 @@ Usage:
     python sagan.py --cuda                                       # CIFAR-10, conditional, 32x32
     python sagan.py --cuda --no-labels                           # unconditional (plain BN, no projection)
     # a CPU run on digits (class-conditional 32x32, ~30 min on one core), scored with the digit classifier:
-    python sagan.py --dataset mnist --g-width 8 --d-width 8 --batch-size 32 --steps 3000 --metrics cfid,agree \
+    python sagan.py --dataset mnist --g-width 8 --d-width 8 --batch-size 32 --steps 3000 --metrics cfid,agree \\
         --eval-every 1000 --eval-samples 5000
     python sagan.py --sample runs/sagan/cifar10-.../ckpt.pt [--eval]   # class grid + attention maps (IS / FID)
 

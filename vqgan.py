@@ -61,11 +61,11 @@ Usage:
     # a quick CPU run on digits at 32 px, f = 4 (8x8 codes), without the LPIPS and Inception weights, scored
     # with the digit classifier (about 1.4 steps/s on one core; --disc-start 500 gives the GAN term the second
     # half; --restart-dead-codes keeps the codebook in use, see below):
-    python vqgan.py --dataset mnist --image-size 32 --g-width 32 --ch-mult 1,2,2 --num-res-blocks 1 \
-        --norm-groups 8 --embed-dim 64 --d-width 32 --batch-size 16 --steps 1000 --disc-start 500 \
+    python vqgan.py --dataset mnist --image-size 32 --g-width 32 --ch-mult 1,2,2 --num-res-blocks 1 \\
+        --norm-groups 8 --embed-dim 64 --d-width 32 --batch-size 16 --steps 1000 --disc-start 500 \\
         --restart-dead-codes 100 --perceptual-weight 0 --metrics cfid,agree --eval-samples 1000
-    python vqgan.py --stage 2 --vqgan runs/vqgan/mnist-.../ckpt.pt --n-layer 4 --n-head 4 --n-embd 128 \
-        --batch-size 32 --steps 400 --metrics none
+    python vqgan.py --stage 2 --vqgan runs/vqgan/mnist-.../ckpt.pt --n-layer 4 --n-head 4 --n-embd 128 \\
+        --batch-size 32 --steps 2000 --metrics cfid --eval-samples 1000   # ~10 min on one core
     python vqgan.py --sample runs/vqgan/.../ckpt.pt [--eval]     # stage 1: reconstructions; stage 2: samples too
 
 Differences from the paper:
