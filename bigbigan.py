@@ -50,9 +50,10 @@ top-1 / top-5 61.3 / 81.9 with RevNet-50x4 E at 256 px (56.6 top-1 with ResNet-5
 Usage:
     python bigbigan.py --dataset /path/to/imagenet/train --e-image-size 256 --cuda   # 128 px G, 256 px E
     python bigbigan.py --cuda                                            # CIFAR-10, 32x32
-    # a quick CPU run on digits (a few minutes): linear probe and reconstructions
+    # a CPU run on digits (~35 min on one core): linear probe, samples' classifier FID, reconstructions
+    # (probe on μ 76.9% at step 500, 73.3% at 2000; random encoders 61–67%, raw pixels 90%: see README)
     python bigbigan.py --dataset mnist --g-width 8 --d-width 8 --e-width 16 --mlp-width 128 --batch-size 32 \\
-        --steps 1500 --metrics none
+        --steps 2000 --metrics cfid,agree --eval-every 500 --eval-samples 2000
     python bigbigan.py --sample runs/bigbigan/cifar10-.../ckpt.pt     # samples + reconstructions
 
 Differences from the paper:

@@ -45,11 +45,11 @@ Usage:
     python stylegan.py --dataset celeba --cuda                   # CelebA 64x64 (the default)
     python stylegan.py --dataset ~/ffhq-thumbnails --image-size 128 --cuda   # any image folder
     # a CPU run: MNIST grown 8 → 32 (phases of 10k images; EMA half-life 1k images; ~25 min on one core),
-    # scored with the digit classifier per phase. These tiny nets mode-collapse in such short runs (3 digits
-    # at 16 px), where progan.py's do not: see README.
+    # scored with the digit classifier per phase. Without style mixing: with the paper's p = 0.9 these tiny
+    # nets mode-collapsed in such a short run (3 digits at 16 px), without it they cover all ten (see README)
     python stylegan.py --dataset mnist --image-size 32 --fmap-base 256 --fmap-max 32 --z-dim 32 --w-dim 32 \\
         --batch-size 16 --batch-schedule "" --stable-kimg 10 --fade-kimg 10 --ema-kimg 1 --steps 6250 \\
-        --metrics cfid --eval-every 625 --eval-samples 2000
+        --mixing-prob 0 --metrics cfid --eval-every 625 --eval-samples 2000
     python stylegan.py --sample runs/stylegan/celeba-.../ckpt.pt [--eval]
         # ψ = 1 and ψ = 0.7 grids, a truncation sweep (Fig. 8), style-mixing tables (Fig. 3), noise (Fig. 4);
         # with --eval --metrics cfid on digits also the figures' claims as numbers (see figure_claims)
