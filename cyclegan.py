@@ -42,8 +42,9 @@ Usage:
     python cyclegan.py --cuda                                   # horse2zebra (downloads it)
     python cyclegan.py --dataset monet2photo --cuda             # identity loss on, as the paper for paintings
     python cyclegan.py --dataset PATH --cuda                    # PATH/{trainA,trainB,testA,testB}/
-    # a quick CPU run at 32x32 (e.g. digits <-> stroke outlines of other digits):
-    python cyclegan.py --dataset PATH --image-size 32 --load-size 36 --g-width 16 --d-width 16 --d-layers 2 --steps 2000 --metrics none
+    # a quick CPU run (3 minutes) at 32x32, digits <-> stroke outlines of other digits (the tasks of
+    # benchmarks/digit_translation.py: `make` builds them from MNIST idx files, `score` scores the checkpoint):
+    python cyclegan.py --dataset tasks/outline --image-size 32 --load-size 36 --g-width 16 --d-width 16 --d-layers 2 --steps 2000 --metrics none
     python cyclegan.py --sample runs/cyclegan/horse2zebra-.../ckpt.pt                          # testA -> B, testB -> A
     python cyclegan.py --sample runs/cyclegan/horse2zebra-.../ckpt.pt --input DIR [--direction BtoA]
 

@@ -53,8 +53,10 @@ Usage:
     python pix2pix.py --cuda                                    # facades labels -> photo (downloads facades)
     python pix2pix.py --dataset maps --cuda                     # aerial photo -> map
     python pix2pix.py --dataset PATH --direction AtoB --cuda    # PATH/{train,val,test}/ with A|B side by side
-    # a quick CPU run on 32x32 pairs (e.g. digits with the lower half masked | the whole digit), ~10 minutes:
-    python pix2pix.py --dataset PATH --image-size 32 --load-size 36 --g-width 16 --d-width 16 --d-layers 2 --steps 4000 --metrics none
+    # a quick CPU run (2-3 minutes) on 32x32 digits with the lower half masked | the whole digit, the tasks of
+    # benchmarks/digit_translation.py (`make` builds them from MNIST idx files, `score` scores the checkpoint):
+    python benchmarks/digit_translation.py make MNIST_TEST_DIR tasks   # a folder of the t10k-* idx files
+    python pix2pix.py --dataset tasks/masked --image-size 32 --load-size 36 --g-width 16 --d-width 16 --d-layers 2 --steps 4000 --metrics none
     python pix2pix.py --sample runs/pix2pix/facades-.../ckpt.pt                # translate the test split
     python pix2pix.py --sample runs/pix2pix/facades-.../ckpt.pt --input DIR   # translate your own images
 

@@ -1,11 +1,12 @@
 """The two 32x32 digit translation tasks behind the README's pix2pix and CycleGAN numbers, and their scoring.
 
-    python benchmarks/digit_translation.py make MNIST_DIR tasks/     # MNIST_DIR: a folder of MNIST idx files
+    python benchmarks/digit_translation.py make MNIST_DIR tasks/     # MNIST_DIR: the MNIST test set's idx files
     python pix2pix.py --dataset tasks/masked --image-size 32 --load-size 36 --g-width 16 --d-width 16 \\
         --d-layers 2 --steps 4000 --metrics none
     python benchmarks/digit_translation.py score RUN/ckpt.pt --tasks tasks/ --classifier MNIST_DIR
 
-`make` writes, from the images of MNIST_DIR (the 10k test digits on a machine without the training set),
+`make` writes, from MNIST_DIR (a folder holding only the 10k test digits' t10k-images/labels idx files, e.g.
+`mkdir mnist-test && cp data/MNIST/raw/t10k-* mnist-test/` after any MNIST run has downloaded them),
 zero-padded to 32x32:
   tasks/masked/{train,test}/   pix2pix's layout: each PNG is input | target side by side, the input being the
                                digit with its lower half (rows 16-31) blanked, the target the whole digit;
@@ -52,10 +53,10 @@ def make(mnist_dir, out):
     if not any(Path(mnist_dir).glob("*images-idx3-ubyte*")):
         raise UsageError(f"{mnist_dir} holds no MNIST idx files (*images-idx3-ubyte[.gz] and *labels-idx1-ubyte[.gz])")
     images, labels = datasets.read_idx_folder(mnist_dir)
-    if len(images) < N_TRAIN + N_TEST:
-        raise UsageError(f"{mnist_dir} has {len(images)} images; the tasks need {N_TRAIN + N_TEST}")
-    x = F.pad(images[:N_TRAIN + N_TEST].float() / 255, (2, 2, 2, 2))   # (N, 1, 32, 32) in [0, 1]
-    labels = labels[:N_TRAIN + N_TEST]
+    if len(images) != N_TRAIN + N_TEST:   # then the classifier's held-out images are exactly the test split
+        raise UsageError(f"{mnist_dir} has {len(images)} images; the tasks take a folder of exactly "
+                         f"{N_TRAIN + N_TEST} (the MNIST test set's t10k-* files alone)")
+    x = F.pad(images.float() / 255, (2, 2, 2, 2))   # (N, 1, 32, 32) in [0, 1]
     masked = x.clone()
     masked[:, :, 16:] = 0
     pairs = torch.cat([masked, x], -1)[:, 0]                              # input | target, (N, 32, 64)
@@ -114,8 +115,8 @@ def score_cyclegan(state, tasks, clf):
     with torch.no_grad():
         g_a, f_b = cyclegan.translate(G, digits_a), cyclegan.translate(F_, outlines_b)
         return {"step": state["step"],
-                "agree: F(outline) as the outline's digit": digits.class_agreement(clf, digit(f_b), lb),
-                "agree: G(digit) as the digit's digit": digits.class_agreement(clf, digit(g_a), la),
+                "agree: F(outline) as its source digit": digits.class_agreement(clf, digit(f_b), lb),
+                "agree: G(digit) as its source digit": digits.class_agreement(clf, digit(g_a), la),
                 "cycle L1 A->B->A": float((cyclegan.translate(F_, g_a) - digits_a).abs().mean()),
                 "cycle L1 B->A->B": float((cyclegan.translate(G, f_b) - outlines_b).abs().mean()),
                 "cfid(F(outlines), digits)": digits.classifier_fid(clf, digit(f_b), digit(digits_a)),
