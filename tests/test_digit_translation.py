@@ -90,10 +90,25 @@ def test_scores_a_checkpoint_of_either_script(tasks, tmp_path, monkeypatch, scri
     assert scores["step"] == 4
     agree = [v for k, v in scores.items() if k.startswith("agree")]
     assert agree and all(0 <= v <= 1 for v in agree)
+    # the same numbers from the script's own loader and the checkpoint's weights (so the tool reads the right
+    # split, halves and weights)
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    test = datasets.load_translation(argparse.Namespace(dataset=str(folder), download=False), "test",
+                                     paired=script is pix2pix, size=32)
+    a, b = (datasets.to_range(t, (-1, 1), True) for t in (test.a, test.b))
     if script is pix2pix:
-        assert scores["l1"] > 0 and scores["cfid"] > 0 and scores["psnr"] > 0
+        G = pix2pix.UNet(1, 1, 32, state["args"]["g_width"], dropout=state["args"]["dropout"])
+        G.load_state_dict(state["models"]["G"])
+        expected = float((pix2pix.translate(G, a, noise=False, batch=100) - b).abs().mean())
+        assert scores["l1 (G in eval mode)"] == pytest.approx(expected, rel=1e-5)
+        assert scores["cfid"] > 0 and scores["psnr"] > 0
     else:
-        assert scores["cycle L1 A->B->A"] > 0 and scores["cycle L1 B->A->B"] > 0
+        G, F_ = (cyclegan.Generator(1, 1, state["args"]["g_width"], state["args"]["n_blocks"]).eval() for _ in "GF")
+        G.load_state_dict(state["models"]["G"])
+        F_.load_state_dict(state["models"]["F"])
+        with torch.no_grad():
+            expected = float((cyclegan.translate(F_, cyclegan.translate(G, a)) - a).abs().mean())
+        assert scores["cycle L1 A->B->A"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_refuses_another_scripts_checkpoint_and_missing_tasks(tasks, tmp_path, capsys):
