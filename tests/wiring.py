@@ -1,0 +1,125 @@
+"""Tools for the tests that guard a script's training loop rather than its losses alone: which batch D
+sees as real, which loss terms reach the gradient and with what weight, the optimizers' settings, which
+parameters a step may change, the EMA decay. They run the script's own train() for a step or two and
+watch it from outside:
+
+    built = wiring.record_optimizers(monkeypatch)        # every optimizer train() builds, as built
+    nets = wiring.record_calls(monkeypatch, script, "build")   # what script.build returned
+    wiring.train_steps(script, tmp_path, 1)               # one step of the dry-run configuration
+    opt = wiring.optimizer_for(built, nets[0][1])          # the optimizer that owns G's parameters
+
+A wiring test should fail when the loop is mis-wired; check each one by breaking the loop in a scratch
+copy (swap real and fake, drop a term, change a learning rate or a decay) and watching it fail.
+"""
+import torch
+
+OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop)
+
+
+class Built:
+    """An optimizer train() built: the object, and its settings and parameters at construction."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.type = type(opt).__name__
+        self.groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        self.params = [p for g in opt.param_groups for p in g["params"]]
+        self.initial = [p.detach().clone() for p in self.params]
+
+    def setting(self, key):
+        """A setting shared by every parameter group (lr, betas, momentum, weight_decay, ...)."""
+        values = {repr(g[key]) for g in self.groups}
+        assert len(values) == 1, f"{self.type} groups differ in {key}: {values}"
+        return self.groups[0][key]
+
+    def owns(self, module):
+        mine = {id(p) for p in self.params}
+        return all(id(p) in mine for p in module.parameters() if p.requires_grad)
+
+    def __repr__(self):
+        return f"<{self.type} of {len(self.params)} tensors, {self.groups}>"
+
+
+def record_optimizers(monkeypatch):
+    """Patch the torch optimizers so that every one built from now on is appended (as a Built) to the
+    returned list, in the order train() builds them."""
+    built, seen = [], set()
+    for cls in OPTIMIZERS:
+        original = cls.__init__
+
+        def init(self, params, *args, _original=original, **kwargs):
+            _original(self, params, *args, **kwargs)
+            if id(self) not in seen:   # AdamW may call Adam.__init__: record once, after the outermost one
+                seen.add(id(self))
+                built.append(self)
+        monkeypatch.setattr(cls, "__init__", init)
+
+    return _Recorder(built)
+
+
+class _Recorder:
+    """The optimizers built so far; settings are read at construction (see Built)."""
+
+    def __init__(self, built):
+        self._built, self._cache = built, {}
+
+    def _wrap(self, opt):
+        if id(opt) not in self._cache:
+            self._cache[id(opt)] = Built(opt)
+        return self._cache[id(opt)]
+
+    def __len__(self):
+        return len(self._built)
+
+    def __iter__(self):
+        return (self._wrap(o) for o in self._built)
+
+    def __getitem__(self, i):
+        return self._wrap(self._built[i])
+
+
+def record_calls(monkeypatch, owner, name):
+    """Patch owner.name (a function or class of a script or module) so that each call's arguments and
+    result are recorded: returns the list of (args, kwargs, result)."""
+    calls, original = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def optimizer_for(built, module):
+    """The one recorded optimizer whose parameters include all of module's trainable parameters."""
+    owners = [b for b in built if b.owns(module)]
+    assert len(owners) == 1, f"{len(owners)} optimizers own {type(module).__name__}'s parameters: {owners}"
+    return owners[0]
+
+
+def snapshot(module):
+    """A copy of a module's parameters and buffers, by name."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(module, before, params_only=True):
+    """Names of the entries of module.state_dict() that differ from `before` (a snapshot)."""
+    names = {n for n, _ in module.named_parameters()} if params_only else None
+    return sorted(k for k, v in module.state_dict().items()
+                  if (names is None or k in names) and not torch.equal(v, before[k]))
+
+
+def train_steps(script, tmp_path, steps, *extra, name="wired"):
+    """Run script.main for `steps` steps of the dry-run configuration (no samples, checkpoints or
+    evaluation beyond the last step); returns the summary."""
+    argv = ["--dry-run", "--steps", str(steps), "--out", str(tmp_path / name), "--log-every", "1",
+            "--sample-every", "0", "--ckpt-every", "0", "--eval-every", "0", *extra]
+    return script.main(argv)
+
+
+def adam_first_update(lr, grad, eps=1e-8):
+    """The change Adam's first step makes for a gradient `grad` (any betas): −lr · g / (|g| + eps), i.e.
+    −lr · sign(g) wherever |g| ≫ eps. Comparing a parameter's first change with this checks the sign of
+    the gradient train() computed (which batch was real) and the learning rate together."""
+    return -lr * grad / (grad.abs() + eps)
