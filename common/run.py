@@ -181,8 +181,9 @@ def friendly_errors():
 class Run:
     """What a training loop needs from its surroundings. One per process."""
 
-    def __init__(self, args, script, device, rank, world_size, out, writer):
+    def __init__(self, args, script, device, rank, world_size, out, writer, ckpt_name="ckpt.pt"):
         self.args, self.script, self.device = args, script, device
+        self.ckpt_path = out / ckpt_name if out is not None else None
         self.rank, self.world_size, self.distributed = rank, world_size, world_size > 1
         self.cuda = device.type == "cuda"
         self.out, self.writer, self.is_main = out, writer, rank == 0
@@ -216,10 +217,15 @@ class Run:
     def every(self, step, interval):
         return interval > 0 and step % interval == 0
 
+    def is_log_step(self, step):
+        """True at the steps whose scalars `log` writes: a term computed only to be logged can be
+        computed only then."""
+        return self.every(step, self.args.log_every) or step == self.args.steps
+
     def log(self, step, scalars, force=False):
         """Log scalars (tensors or floats) at log steps. Tensors are read only here, so calling this
         every step costs nothing between log steps. A NaN/Inf value stops the run."""
-        if not (force or self.every(step, self.args.log_every) or step == self.args.steps):
+        if not (force or self.is_log_step(step)):
             return
         values = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
         if self.distributed:  # average over ranks so every rank sees the same numbers and stops together
@@ -299,7 +305,7 @@ class Run:
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, step, state):
-        """Write <out>/ckpt.pt atomically. `state` holds models/optimizers/...; script, step, args
+        """Write the run's checkpoint (<out>/ckpt.pt unless setup named another file) atomically. `state` holds models/optimizers/...; script, step, args
         and RNG states are added here."""
         rng = ckpt_io.rng_state()
         if self.distributed:  # keep every rank's RNG streams (call this on every rank)
@@ -309,7 +315,7 @@ class Run:
         if not self.is_main:
             return None
         full = {"script": self.script, "step": step, "args": vars(self.args), **state, "rng": rng}
-        path = self.out / "ckpt.pt"
+        path = self.ckpt_path
         ckpt_io.save(full, path)
         self.last_good_ckpt = f"{path} (step {step})"
         return path
@@ -361,8 +367,10 @@ def pin_cpu_threads(args):
         torch.set_num_threads(1)
 
 
-def setup(args, script):
-    """Device, seeds, torchrun, output directory (args.json), TensorBoard writer, signal handlers."""
+def setup(args, script, ckpt_name="ckpt.pt"):
+    """Device, seeds, torchrun, output directory (args.json), TensorBoard writer, signal handlers.
+    `ckpt_name` is the checkpoint's file name in the run directory (a script with two stages keeps one
+    file per stage)."""
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if args.cuda and not torch.cuda.is_available():
@@ -381,7 +389,7 @@ def setup(args, script):
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)  # seeds CUDA too
 
-    out = resolve_out(args, script) if rank == 0 else None
+    out = resolve_out(args, script, ckpt_name) if rank == 0 else None
     if world_size > 1:  # every rank needs the same directory (for --resume auto)
         box = [str(out) if out else None]
         dist.broadcast_object_list(box, src=0)
@@ -389,7 +397,7 @@ def setup(args, script):
     # Read (and so validate) the checkpoint to resume from before anything is written.
     resume_state, resume_path = None, None
     if args.resume:
-        resume_path = out / "ckpt.pt" if args.resume == "auto" else Path(args.resume)
+        resume_path = out / ckpt_name if args.resume == "auto" else Path(args.resume)
         if args.resume != "auto" or resume_path.exists():
             resume_state = ckpt_io.load(resume_path, script)
     writer = None
@@ -399,7 +407,7 @@ def setup(args, script):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out))
         writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in sorted(vars(args).items())), 0)
-    r = Run(args, script, device, rank, world_size, out, writer)
+    r = Run(args, script, device, rank, world_size, out, writer, ckpt_name)
     if resume_state is not None:
         r.resume_state = resume_state
         r.last_good_ckpt = f"{resume_path} (step {resume_state['step']})"
@@ -414,14 +422,14 @@ def data_name(args):
     return getattr(args, "dataset", None) or args.env
 
 
-def resolve_out(args, script):
+def resolve_out(args, script, ckpt_name="ckpt.pt"):
     if args.out:
         return Path(args.out)
     base = Path("runs") / script
     dataset = data_name(args)
     name = Path(dataset).name if os.sep in dataset else dataset.replace(":", "-").replace(",", "+")
     if args.resume == "auto":  # continue the newest run of this script on this dataset
-        previous = sorted(p.parent for p in base.glob(f"{name}-*/ckpt.pt"))
+        previous = sorted(p.parent for p in base.glob(f"{name}-*/{ckpt_name}"))
         if previous:
             return previous[-1]
     return base / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
