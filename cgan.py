@@ -353,7 +353,7 @@ def train(args):
     if args.arch == "mlp" and data.images is not None:
         data, valid, test = datasets.split_held_out(args, data, args.valid_size)
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     value_range = (0, 1) if args.arch == "mlp" else (-1, 1)

@@ -242,7 +242,7 @@ def train(args):
     if data.kind == "image":
         data, valid, test = datasets.split_held_out(args, data, args.valid_size)
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
 

@@ -360,7 +360,7 @@ def train(args):
     ae_total = 3 * args.ae_steps if args.mode == "ae" else 0
     lr = args.lr if args.lr is not None else 0.05 if data.kind == "toy" else 2.0
     args = argparse.Namespace(**{**vars(args), "lr": lr, "gmmn_steps": args.steps, "steps": ae_total + args.steps})
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     bandwidths = kernel_bandwidths(args, data)

@@ -250,7 +250,7 @@ def train(args):
     z_dim = args.z_dim if args.z_dim is not None else 2 if toy else 64
     lr = args.lr if args.lr is not None else 1e-2 if toy else 1e-3
     args = argparse.Namespace(**{**vars(args), "z_dim": z_dim, "lr": lr})
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     points = training_set(args, data, device)

@@ -586,7 +586,7 @@ def train(args):
     if args.epochs > 0:
         args.steps = max(1, round(args.epochs * steps_per_epoch))
     decay_steps = min(round(args.decay_epochs * steps_per_epoch), args.steps)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     gan = not args.no_gan

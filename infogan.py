@@ -384,7 +384,7 @@ def train(args):
         raise runlib.UsageError("infogan trains on images (mnist, svhn, celeba, ...), not on 2D toy data")
     scored = eval_split(args, data)
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     value_range = (0, 1) if args.net == "mnist" else (-1, 1)

@@ -101,7 +101,7 @@ def parse_args(argv=None):
                    help="linear: lr decays to 0 over --steps (the sngan_projection config)")
     runlib.add_args(p, dataset="cifar10", image_size=32, batch_size=64, steps=100_000, log_every=100,
                     sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=5000, metrics="fid,is",
-                    digits=True)
+                    digits=True, image_size_help="48 on stl10, else 32")
     p.set_defaults(image_size=None)   # 32, or 48 for stl10 (resolved below)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "g_width": 16, "d_width": 8, "z_dim": 16})
@@ -348,7 +348,7 @@ def train(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     real_stats = None

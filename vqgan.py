@@ -690,7 +690,7 @@ def train_stage1(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)   # agree: reconstructions
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     if args.compile:   # the adaptive weight backpropagates twice through the same compiled graph (retain_graph)
@@ -825,7 +825,7 @@ def train_stage2(args):
     if args.n_embd % args.n_head:
         raise runlib.UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=num_classes > 0)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     vq, _ = load_vqgan(vq_state, device)
