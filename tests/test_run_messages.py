@@ -27,7 +27,7 @@ def test_start_line_and_first_progress_line(tmp_path, capsys):
     assert start == (f"gan: {out} | cpu, 1 thread | fake:3: 480 images 3x8x8, in memory | 3 steps | "
                      f"tensorboard --logdir {out}")
     progress = [line for line in lines if line.startswith("step ")]
-    assert [p.split(" |")[0] for p in progress] == ["step 1/3", "step 3/3"]   # the first step, then the last
+    assert list(dict.fromkeys(p.split(" |")[0] for p in progress)) == ["step 1/3", "step 3/3"]   # first, last
     assert re.search(r"\| [0-9.e+]+ it/s \| eta \d+:\d\d:\d\d \|", progress[0]), progress[0]
     assert lines.index(start) < lines.index(progress[0])
 
