@@ -650,7 +650,11 @@ def sample(args):
     x, _ = labelled_images(data, idx, device)
     grids = {"samples": G(sample_noise(100, targs.z_dim, "cpu", g).to(device)),
              "reconstructions": reconstruction_panel(G, E, x, targs.image_size)}
-    return runlib.write_samples(out, state["step"], grids)
+    paths = runlib.write_samples(out, state["step"], grids)
+    # --num-samples: G's samples for evaluate.py; --eval: the --metrics of --eval-samples of them
+    paths.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
+                               out=out, step=state["step"]))
+    return paths
 
 
 def main(argv=None):

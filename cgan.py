@@ -449,7 +449,7 @@ def sample(args):
     def make(n):   # --eval: the digit metrics of the checkpoint, the classes in turn
         y = torch.arange(n, device=device) % K
         return G(sample_noise(n, targs.z_dim, targs.noise, device), y), y
-    paths.update(metrics.score(args, targs, make, device, value_range=value_range, conditional=True))
+    paths.update(metrics.score(args, targs, make, device, value_range=value_range, conditional=True, out=out, step=step))
     return paths
 
 

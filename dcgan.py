@@ -324,7 +324,7 @@ def sample(args):
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
     result = dict(paths)
     # --eval: FID / IS (50k samples unless --eval-samples) and the digit metrics of the checkpoint
-    result.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device))
+    result.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device, out=out, step=step))
     return result
 
 

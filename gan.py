@@ -343,7 +343,7 @@ def sample(args):
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
     # --eval: the digit metrics of the checkpoint
     paths.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, targs.noise, device)), device,
-                               value_range=(0, 1)))
+                               value_range=(0, 1), out=out, step=step))
     return paths
 
 

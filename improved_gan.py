@@ -740,13 +740,11 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=value_range)
-    if args.eval:  # Table 3's Inception Score of the checkpoint's samples (50k samples unless --eval-samples)
-        if not args.metrics and not args.digit_metrics:
-            raise runlib.UsageError("--eval scores the --metrics: give --metrics is (or fid,is; cfid on digits)")
-        scores = inception.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
-                                 value_range=value_range)
-        return {**paths, **scores}
-    return paths
+    if args.eval and not args.metrics and not args.digit_metrics:
+        raise runlib.UsageError("--eval scores the --metrics: give --metrics is (or fid,is; cfid on digits)")
+    # --eval: Table 3's Inception Score of the checkpoint's samples (50k samples unless --eval-samples)
+    return {**paths, **inception.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
+                                       value_range=value_range, out=out, step=step)}
 
 
 def main(argv=None):

@@ -493,7 +493,7 @@ def sample(args):
     result = {k: str(v) for k, v in paths.items()}
     # --eval: the digit metrics of the checkpoint
     result.update(metrics.score(args, targs, lambda n: G(latent_vector(*sample_latent(n, targs, device), targs.cat_dim)),
-                                device, value_range=value_range))
+                                device, value_range=value_range, out=out, step=step))
     return result
 
 

@@ -553,7 +553,7 @@ def sample(args):
     result.update(resolution=res, alpha=alpha)
     R = shape[1]   # --eval: samples at the checkpoint's resolution, upscaled to the data's
     result.update(metrics.score(args, targs, lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha),
-                                                               R // res), device))
+                                                               R // res), device, out=out, step=state["step"]))
     return result
 
 

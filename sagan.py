@@ -555,7 +555,7 @@ def sample(args):
         y = sample_labels(n, K, device)
         x = G(sample_noise(n, targs.z_dim, device), y)
         return (x, y) if K else x
-    result.update(metrics.score(args, targs, make, device, conditional=K > 0))
+    result.update(metrics.score(args, targs, make, device, conditional=K > 0, out=out, step=state["step"]))
     return result
 
 

@@ -436,7 +436,7 @@ def sample(args):
     result = dict(paths)
     # --eval: Table 2's protocol, 5k samples (--eval-samples) vs 10k real images; the digit metrics
     result.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
-                                max_images=10000))
+                                max_images=10000, out=out, step=step))
     return result
 
 

@@ -738,7 +738,7 @@ def sample(args):
     result.update(resolution=res, alpha=alpha)
     R = shape[1]   # --eval: samples at the checkpoint's resolution, upscaled to the data's
     result.update(metrics.score(args, targs, lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha),
-                                                               R // res), device))
+                                                               R // res), device, out=out, step=state["step"]))
     if args.eval and args.digit_metrics:   # on digits: what Figs. 3, 4 and 8 show, as numbers
         clf = digits.prepare(args.digit_metrics, datasets.load(targs), targs.data_root).to(device)
         claims = figure_claims(Gs, clf, level, alpha, targs.z_dim, device, g)

@@ -889,6 +889,9 @@ def sample(args):
     --eval: rFID / L1 / PSNR / usage (stage 1) or FID of samples (stage 2) on --eval-samples images."""
     state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
     stage = state.get("stage")
+    if args.num_samples and stage == 1:
+        raise runlib.UsageError(f"{args.sample} is a stage-1 checkpoint, which reconstructs: --num-samples draws "
+                                "from a stage-2 checkpoint (the transformer's prior)")
     vq, _ = load_vqgan(state if stage == 1 else state["vqgan"], device)
     data = datasets.load(targs)
     held, _ = held_out_images(targs, data, 50)
@@ -910,10 +913,10 @@ def sample(args):
         scores = {k: float(v) for k, v in scores.items()}
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         result.update(scores)
-    elif args.eval:
-        if not args.metrics:
+    elif stage == 2:
+        if args.eval and not args.metrics:
             raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
-        result.update(metrics.score(args, targs, make, device))
+        result.update(metrics.score(args, targs, make, device, out=out, step=state["step"]))
     return result
 
 

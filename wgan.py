@@ -371,6 +371,7 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
+    paths.update(metrics.export_samples(args, out, step, lambda n: G(sample_noise(n, targs.z_dim, device))))
     return {**paths, **score_checkpoint(G, args, targs, device)}
 
 

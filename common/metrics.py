@@ -392,18 +392,24 @@ def export(path, make, n, *, value_range=(-1, 1), conditional=False, batch=500):
     return str(path)
 
 
+def export_samples(args, out, step, make, *, value_range=(-1, 1), conditional=False):
+    """--sample CKPT --num-samples N [--format png]: write N samples of make(n) as <out>/samples-<step>-<N>.npz
+    (or a folder of that name); returns {"export": path}, {} without --num-samples."""
+    if not getattr(args, "num_samples", 0):
+        return {}
+    name = f"samples-{step:07d}-{args.num_samples}" + (".npz" if args.format == "npz" else "")
+    path = export(Path(out) / name, make, args.num_samples, value_range=value_range, conditional=conditional)
+    print(f"wrote {args.num_samples} samples to {path}")
+    return {"export": path}
+
+
 def score(args, targs, make, device, *, out=None, step=0, value_range=(-1, 1), conditional=False, max_images=50000):
     """--sample CKPT: with --num-samples N, write N samples of make(n) into `out` (see export); with --eval, the
     --metrics (Inception, against max_images training images) and the digit metrics (common/digits.py) of
     --eval-samples samples of make(n): images in value_range, or (images, labels) when `conditional`. Prints
     each group's scores on one line; returns them (and the export's path as "export")."""
     from common import data as datasets, digits
-    scores = {}
-    if getattr(args, "num_samples", 0) and out is not None:
-        n, fmt = args.num_samples, args.format
-        name = f"samples-{step:07d}-{n}" + (".npz" if fmt == "npz" else "")
-        scores["export"] = export(Path(out) / name, make, n, value_range=value_range, conditional=conditional)
-        print(f"wrote {n} samples to {scores['export']}")
+    scores = export_samples(args, out, step, make, value_range=value_range, conditional=conditional)
     if not args.eval or not (args.metrics or args.digit_metrics):
         return scores
     data = datasets.load(targs)

@@ -284,8 +284,8 @@ class Run:
             if self._step_last is not None and step > self._step_last:
                 self._it_per_s = (step - self._step_last) / max(now - self._t_last, 1e-9)
                 values["perf/it_per_s"] = self._it_per_s
-            if self._step_first is None:
-                self._step_first, self._t_first = step, now
+            if self._step_first is None or step == self._start + 1:   # the mean rate leaves out the first step
+                self._step_first, self._t_first = step, now                # (start-up, warm-up, compilation)
             self._t_last, self._step_last = now, step
         if not self.is_main:
             return
@@ -574,6 +574,8 @@ def load_for_sampling(args, script):
     the device and the directory to write into (--out, or next to the checkpoint). Seeds torch's global RNG
     with --seed, so that --eval's samples, like the figures', are the same on every call."""
     state = ckpt_io.load(args.sample, script)
+    if getattr(args, "num_samples", 0) and len(state.get("data_shape", (3,))) == 1:
+        raise UsageError(f"--num-samples writes images, and {args.sample} models 2D points")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     train_args = argparse.Namespace(**{**state["args"], "cuda": args.cuda, "amp": getattr(args, "amp", False),

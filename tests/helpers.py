@@ -3,6 +3,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,12 +74,21 @@ def assert_same(a, b, where=""):
 
 
 def sample_from(script, ckpt, tmp_path, *extra):
+    """--sample CKPT writes PNGs; an image generator's --num-samples N also writes N samples as an .npz."""
     out = tmp_path / "sampled"
     written = script.main(["--sample", str(ckpt), "--out", str(out), *extra])
     pngs = list(out.glob("*.png"))
     assert pngs, "no PNG written"
     for p in pngs:
         assert p.stat().st_size > 100
+    state = ckpt_io.load(ckpt, script.SCRIPT)
+    generates_images = len(state.get("data_shape", (3,))) > 1 and state.get("stage") != 1   # (a VQGAN stage 1 only reconstructs)
+    if not extra and "num_samples" in vars(script.parse_args(["--dry-run"])) and generates_images:
+        exported = script.main(["--sample", str(ckpt), "--out", str(out), "--num-samples", "6"])["export"]
+        with np.load(exported) as f:
+            x = f["arr_0"]
+        assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[0] == 6 and x.shape[-1] in (1, 3), x.shape
+        assert x.std() > 0, "blank samples"
     return written
 
 

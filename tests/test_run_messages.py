@@ -4,6 +4,7 @@ errors that come first where they should (no GPU) and once under torchrun, --hel
 import importlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,32 @@ def test_sample_writes_beside_the_training_grid(tmp_path):
     written = gan.main(["--sample", str(out / "ckpt.pt"), "--seed", "3"])
     assert grid.read_bytes() == before
     assert written["samples"] == str(out / "samples" / f"samples-{state['step']:07d}-sampled.png")
+
+
+def test_samples_exported_from_a_checkpoint_score_with_evaluate_py(tmp_path, monkeypatch, capsys):
+    """The evaluation path end to end: --sample CKPT --num-samples N as an .npz and as PNGs, then
+    evaluate.py fid / is / cfid on them (a stand-in Inception network: its weights are not offline)."""
+    import numpy as np
+
+    import dcgan
+    import evaluate
+    from common import digits, metrics
+    from tests.test_dcgan import StubInception
+    monkeypatch.setattr(metrics, "load_fid_inception", lambda weights=None, device="cpu": StubInception())
+    out, _, state = helpers.dry_run(dcgan, tmp_path)
+    npz = dcgan.main(["--sample", str(out / "ckpt.pt"), "--num-samples", "40"])["export"]
+    assert npz == str(out / "samples" / f"samples-{state['step']:07d}-40.npz")
+    folder = dcgan.main(["--sample", str(out / "ckpt.pt"), "--num-samples", "40", "--format", "png"])["export"]
+    assert len(list(Path(folder).glob("*.png"))) == 40
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (40, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+    capsys.readouterr()
+    evaluate.main(["fid", npz, folder, "--device", "cpu"])
+    evaluate.main(["is", npz, "--device", "cpu"])
+    text = capsys.readouterr().out
+    fid = float(re.search(r"FID: (\S+)", text).group(1))
+    assert abs(fid) < 1e-3, text   # the same samples (same seed) as an .npz and as PNGs
+    assert "IS:" in text
+    monkeypatch.setattr(digits, "classifier", lambda *a, **k: digits.DigitNet().eval())   # untrained stand-in
+    evaluate.main(["cfid", npz, folder, "--device", "cpu"])
+    assert abs(float(re.search(r"classifier FID[^:]*: (\S+)", capsys.readouterr().out).group(1))) < 1e-3
