@@ -41,41 +41,19 @@ class Built:
 
 
 def record_optimizers(monkeypatch):
-    """Patch the torch optimizers so that every one built from now on is appended (as a Built) to the
-    returned list, in the order train() builds them."""
+    """Patch the torch optimizers so that every one built from now on is appended (as a Built, its
+    settings read at construction) to the returned list, in the order train() builds them."""
     built, seen = [], set()
     for cls in OPTIMIZERS:
         original = cls.__init__
 
         def init(self, params, *args, _original=original, **kwargs):
             _original(self, params, *args, **kwargs)
-            if id(self) not in seen:   # AdamW may call Adam.__init__: record once, after the outermost one
+            if id(self) not in seen:   # AdamW may call Adam.__init__: record once
                 seen.add(id(self))
-                built.append(self)
+                built.append(Built(self))
         monkeypatch.setattr(cls, "__init__", init)
-
-    return _Recorder(built)
-
-
-class _Recorder:
-    """The optimizers built so far; settings are read at construction (see Built)."""
-
-    def __init__(self, built):
-        self._built, self._cache = built, {}
-
-    def _wrap(self, opt):
-        if id(opt) not in self._cache:
-            self._cache[id(opt)] = Built(opt)
-        return self._cache[id(opt)]
-
-    def __len__(self):
-        return len(self._built)
-
-    def __iter__(self):
-        return (self._wrap(o) for o in self._built)
-
-    def __getitem__(self, i):
-        return self._wrap(self._built[i])
+    return built
 
 
 def record_calls(monkeypatch, owner, name):
