@@ -93,8 +93,6 @@ PARZEN_SIGMAS = np.arange(10, 30) / 100      # official kde_eval_mnist: 0.10, 0.
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generative Moment Matching Networks (Li, Swersky, Zemel 2015)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # "%(default).0s" prints nothing: where the help states a default that depends on the data, it keeps
-    # argparse from appending "(default: None)".
     p.add_argument("--mode", choices=["pixels", "ae"], default="pixels",
                    help="GMMN on the data itself, or GMMN+AE: on the codes of a dropout autoencoder (Sec. 3.2)")
     p.add_argument("--z-dim", type=int, default=10, help="dimension of the uniform noise z ~ U[-1, 1]")
@@ -104,13 +102,13 @@ def parse_args(argv=None):
                         "tfd = {5,..,160} on pixels, {1,..,40} on codes")
     p.add_argument("--bandwidths", type=float, nargs="+", default=None,
                    help="explicit kernel sigmas (default: --bandwidth-set's for images; 10, 100, 1000, 10000 "
-                        "times the mixture's variance for the 2D toys)%(default).0s")
+                        "times the mixture's variance for the 2D toys)")
     p.add_argument("--sqrt", action=argparse.BooleanOptionalAction, default=True,
                    help="minimise sqrt(MMD^2) as the official code does (--no-sqrt: MMD^2)")
     p.add_argument("--unbiased", action="store_true",
                    help="unbiased MMD^2 estimate (no i = i' terms); the official code uses the biased one")
     p.add_argument("--lr", type=float, default=None,
-                   help="SGD learning rate (default: 2 as in the paper; 0.05 for the 2D toys)%(default).0s")
+                   help="SGD learning rate (default: 2 as in the paper; 0.05 for the 2D toys)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--switch-step", type=int, default=10000,
                    help="GMMN iteration from which lr / 10 and momentum 1 - (1 - momentum) / 10 apply")

@@ -63,11 +63,9 @@ SCRIPT = "imle"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Implicit Maximum Likelihood Estimation (Li & Malik 2018)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # "%(default).0s" prints nothing: where the help states a default that depends on the data, it keeps
-    # argparse from appending "(default: None)".
     p.add_argument("--z-dim", type=int, default=None,
                    help="dimension of z ~ N(0, I) (default: 64 for images; 2 for the 2D toys, as the reference "
-                        "toy code)%(default).0s")
+                        "toy code)")
     p.add_argument("--g-widths", type=int, nargs=3, default=[1024, 128, 64],
                    help="channels of G's 1x1, 7x7 and 14x14 feature maps (images)")
     p.add_argument("--mlp-hidden", type=int, nargs="+", default=[128, 128, 128], help="G's ReLU layers (2D toys)")
@@ -76,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--jitter", type=float, default=0.01, help="std of the noise added to the matched z's")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (default: 1e-3 for images; 1e-2 for the 2D toys, as the reference "
-                        "toy code)%(default).0s")
+                        "toy code)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam's L2 weight decay")

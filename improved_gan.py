@@ -123,8 +123,6 @@ PAPER = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Improved Techniques for Training GANs (Salimans et al. 2016)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # "%(default).0s" prints nothing: where the help states a default that depends on other flags, it keeps
-    # argparse from appending "(default: None)".
     p.add_argument("--mode", choices=["semi", "generate"], default="semi",
                    help="semi: feature matching, semi-supervised classifier (test error); generate: "
                         "minibatch discrimination for sample quality")
@@ -133,14 +131,14 @@ def parse_args(argv=None):
     p.add_argument("--labels", type=int, default=None,
                    help="labelled training examples, balanced over the classes; 0 (--mode generate only): no "
                         "labels, one logit, an ordinary GAN (default: 100 with the mlp nets (MNIST), 4000 with the "
-                        "conv nets (CIFAR-10), 1000 on SVHN; 0 on unlabelled data)%(default).0s")
+                        "conv nets (CIFAR-10), 1000 on SVHN; 0 on unlabelled data)")
     p.add_argument("--no-gan", action="store_true",
                    help="baseline: train the same classifier on the labelled examples only (no G, no L_unsupervised)")
     p.add_argument("--test-size", type=int, default=2000,
                    help="images held out for the test error when the dataset has no test split")
     p.add_argument("--z-dim", type=int, default=100, help="noise dimension, z ~ U[0, 1)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate "
-                   "(default: 3e-3 with the mlp nets, 3e-4 with the conv nets)%(default).0s")
+                   "(default: 3e-3 with the mlp nets, 3e-4 with the conv nets)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--adam-eps", type=float, default=1e-4,
                    help="Adam epsilon, added to sqrt(v); the code divides by sqrt(v + 1e-8), about sqrt(v) + 1e-4 "
@@ -148,19 +146,19 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=None,
                    help="training length in passes over the training set, sets --steps (default: the paper's, "
                         "300 with the mlp nets (MNIST), 1200 with the conv nets (CIFAR-10), 900 on SVHN; "
-                        "none when --steps is given)%(default).0s")
+                        "none when --steps is given)")
     p.add_argument("--decay-epochs", type=float, default=None,
                    help="the lr decays linearly to 0 over these last epochs (default: 0 with the mlp nets (MNIST), "
-                        "400 with the conv nets (CIFAR-10), 300 on SVHN)%(default).0s")
+                        "400 with the conv nets (CIFAR-10), 300 on SVHN)")
     p.add_argument("--unsup-weight", type=float, default=0.5,
                    help="weight of L_unsupervised in D's loss (the code's 1/2; the paper's sum is 1)")
     g = p.add_argument_group("techniques (Sec. 3)")
     g.add_argument("--g-objective", choices=["feature-matching", "minimax"], default=None,
                    help="G's loss: feature matching (3.1) or minimise E log(1 - D(G(z))) "
-                        "(default: feature-matching in --mode semi, minimax in generate, as the code)%(default).0s")
+                        "(default: feature-matching in --mode semi, minimax in generate, as the code)")
     g.add_argument("--minibatch-disc", action=argparse.BooleanOptionalAction, default=None,
                    help="minibatch discrimination layer before D's output (3.2) "
-                        "(default: on in --mode generate, off in semi)%(default).0s")
+                        "(default: on in --mode generate, off in semi)")
     g.add_argument("--mb-kernels", type=int, default=100, help="minibatch discrimination: kernels B")
     g.add_argument("--mb-dim", type=int, default=5, help="minibatch discrimination: kernel dimension C")
     g.add_argument("--hist-avg", type=float, default=0.0,
@@ -173,7 +171,7 @@ def parse_args(argv=None):
     g.add_argument("--polyak", type=float, default=0.9999,
                    help="EMA decay of D's weights used for the test error (the code's); 0 = the current D")
     g.add_argument("--g-steps", type=int, default=None,
-                   help="G updates per D update (default: 1 in --mode semi, 3 in generate)%(default).0s")
+                   help="G updates per D update (default: 1 in --mode semi, 3 in generate)")
     n = p.add_argument_group("network sizes")
     n.add_argument("--d-hidden", default="1000,500,250,250,250", help="mlp D: hidden layer widths")
     n.add_argument("--g-hidden", type=int, default=500, help="mlp G: width of its two softplus layers")

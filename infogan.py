@@ -101,26 +101,24 @@ CONFIGS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="InfoGAN (Chen et al. 2016)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # "%(default).0s" prints nothing: where the help states a default that depends on --config, it keeps
-    # argparse from appending "(default: None)".
     p.add_argument("--config", choices=["auto", *CONFIGS], default="auto",
                    help="latent codes and nets of the paper's experiment; auto: svhn or celeba for those "
                         "datasets, mnist otherwise")
     p.add_argument("--noise-dim", type=int, default=None, help="noise variables z ~ U(-1, 1) "
-                   "(default: the config's, mnist 62, svhn 124, celeba 128)%(default).0s")
+                   "(default: the config's, mnist 62, svhn 124, celeba 128)")
     p.add_argument("--n-cat", type=int, default=None, help="number of categorical codes "
-                   "(default: the config's, mnist 1, svhn 4, celeba 10)%(default).0s")
+                   "(default: the config's, mnist 1, svhn 4, celeba 10)")
     p.add_argument("--cat-dim", type=int, default=None, help="values of each categorical code "
-                   "(default: the config's, 10 in each)%(default).0s")
+                   "(default: the config's, 10 in each)")
     p.add_argument("--n-cont", type=int, default=None, help="continuous codes ~ U(-1, 1) "
-                   "(default: the config's, mnist 2, svhn 4, celeba 0)%(default).0s")
+                   "(default: the config's, mnist 2, svhn 4, celeba 0)")
     p.add_argument("--lambda-cat", type=float, default=1.0, help="λ of the categorical codes' L_I")
     p.add_argument("--lambda-cont", type=float, default=1.0, help="λ of the continuous codes' L_I")
     p.add_argument("--q-std", choices=["fixed", "learned"], default="fixed",
                    help="Q's Gaussian: sigma = 1 (official code) or predicted through exp (Appendix C)")
     p.add_argument("--width", type=int, default=64, help="base channels (64 in the paper's nets)")
     p.add_argument("--leak", type=float, default=None, help="lReLU slope of D / Q "
-                   "(default: the config's, mnist 0.01, svhn and celeba 0.1)%(default).0s")
+                   "(default: the config's, mnist 0.01, svhn and celeba 0.1)")
     p.add_argument("--d-lr", type=float, default=2e-4, help="Adam lr of D (shared trunk and D's head)")
     p.add_argument("--g-lr", type=float, default=1e-3, help="Adam lr of G")
     p.add_argument("--q-lr", type=float, default=2e-4, help="Adam lr of Q's head (trained with D's optimiser)")

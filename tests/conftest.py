@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def steps():
+    """The optimizer steps taken while the test runs, in order (a list of tests.wiring.Step)."""
+    from tests import wiring
+    taken, stop = wiring.record_steps()
+    yield taken
+    stop()

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import gmmn
 from common import checkpoint as ckpt_io
@@ -217,35 +216,7 @@ def test_autoencoder_phases_train_the_right_layers_and_reduce_reconstruction_los
     assert gmmn.ae_loss(ae, x, 3).item() < 0.5 * first
 
 
-
 # ---- the training loop -------------------------------------------------------------------------------
-
-class Step:
-    """One optimizer step train() took: the optimizer, its groups' settings then, every parameter's
-    gradient before the step and value after it."""
-
-    def __init__(self, opt):
-        self.opt = opt
-        self.settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        self.grads = {id(p): p.grad.detach().clone() for g in opt.param_groups for p in g["params"]
-                      if p.grad is not None}
-
-    def finish(self):
-        self.after = {id(p): p.detach().clone() for g in self.opt.param_groups for p in g["params"]}
-
-    def owns(self, module):
-        return all(id(p) in self.after for p in module.parameters())
-
-
-@pytest.fixture
-def steps():
-    """The optimizer steps taken while the test runs, in order (a list of Step)."""
-    taken = []
-    handles = [register_optimizer_step_pre_hook(lambda opt, args, kwargs: taken.append(Step(opt))),
-               register_optimizer_step_post_hook(lambda opt, args, kwargs: taken[-1].finish())]
-    yield taken
-    for h in handles:
-        h.remove()
 
 
 @pytest.fixture

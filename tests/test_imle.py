@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import imle
 from common import checkpoint as ckpt_io
@@ -145,34 +144,9 @@ def test_bad_input(tmp_path, capsys):
     helpers.expect_usage_error(imle, ["--sample", str(tmp_path / "missing.pt")], capsys, "does not exist")
 
 
-
 # ------------------------------------------------------------------------------------------------
 # The training loop: the matching, how often it is redone, the loss on matched pairs, the optimizer
 # ------------------------------------------------------------------------------------------------
-
-class Step:
-    """One optimizer step train() took: the optimizer, its groups' settings then, every parameter's
-    gradient before the step and value after it."""
-
-    def __init__(self, opt):
-        self.opt = opt
-        self.settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        self.grads = {id(p): p.grad.detach().clone() for g in opt.param_groups for p in g["params"]
-                      if p.grad is not None}
-
-    def finish(self):
-        self.after = {id(p): p.detach().clone() for g in self.opt.param_groups for p in g["params"]}
-
-
-@pytest.fixture
-def steps():
-    """The optimizer steps taken while the test runs, in order (a list of Step)."""
-    taken = []
-    handles = [register_optimizer_step_pre_hook(lambda opt, args, kwargs: taken.append(Step(opt))),
-               register_optimizer_step_post_hook(lambda opt, args, kwargs: taken[-1].finish())]
-    yield taken
-    for h in handles:
-        h.remove()
 
 
 @pytest.fixture

@@ -101,3 +101,33 @@ def adam_first_update(lr, grad, eps=1e-8):
     −lr · sign(g) wherever |g| ≫ eps. Comparing a parameter's first change with this checks the sign of
     the gradient train() computed (which batch was real) and the learning rate together."""
     return -lr * grad / (grad.abs() + eps)
+
+
+class Step:
+    """One optimizer step train() took: the optimizer, its groups' settings then, every parameter's
+    gradient before the step and (after `finish`) its value after it, by id(parameter)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        self.grads = {id(p): p.grad.detach().clone() for g in opt.param_groups for p in g["params"]
+                      if p.grad is not None}
+
+    def finish(self):
+        self.after = {id(p): p.detach().clone() for g in self.opt.param_groups for p in g["params"]}
+
+    def owns(self, module):
+        return all(id(p) in self.after for p in module.parameters())
+
+    def lr_of(self, p):
+        (lr,) = [s["lr"] for s, g in zip(self.settings, self.opt.param_groups) if any(q is p for q in g["params"])]
+        return lr
+
+
+def record_steps():
+    """Start recording every optimizer step (a list of Step, in order); returns (steps, stop)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    taken = []
+    handles = [register_optimizer_step_pre_hook(lambda opt, args, kwargs: taken.append(Step(opt))),
+               register_optimizer_step_post_hook(lambda opt, args, kwargs: taken[-1].finish())]
+    return taken, lambda: [h.remove() for h in handles]
