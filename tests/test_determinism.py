@@ -98,3 +98,29 @@ def test_inherited_thread_count_does_not_change_the_weights(tmp_path):
         torch.set_num_threads(before)
     diff = differences(*states)
     assert not diff, f"1 vs 2 inherited threads: {len(diff)} tensors differ, e.g. {diff[:4]}"
+
+
+def test_deterministic_flag_sets_the_cuda_settings(monkeypatch):
+    """--deterministic (CUDA only): deterministic cuDNN without autotuning, no TF32, deterministic
+    algorithms, cuBLAS's fixed workspace; without it the fast settings. Checked on the flags themselves
+    (they can be set without a GPU), and --deterministic on the CPU is a start-up error."""
+    import argparse
+
+    import gan
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        runlib.set_cuda_flags(argparse.Namespace(deterministic=True))
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        runlib.set_cuda_flags(argparse.Namespace(deterministic=False))
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+        assert torch.backends.cuda.matmul.allow_tf32 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4])
+    with pytest.raises(runlib.UsageError, match="--deterministic is for --cuda runs"):
+        gan.parse_args(["--dry-run", "--deterministic"])
