@@ -661,22 +661,24 @@ def style_mixing_table(Gs, wa, wb, level, alpha, lo, hi):
 
 
 @torch.no_grad()
-def figure_claims(Gs, clf, level, alpha, z_dim, device, generator, n=500, draws=20):
-    """The claims of the figures, measured on digits with the classifier `clf` (common/digits.py), w without
-    truncation:
-      psi0_std: the per-pixel std of n images at ψ = 0 on every layer, fixed noise (Fig. 8: ψ = 0 is w̄'s image);
+def figure_claims(Gs, clf, level, alpha, z_dim, device, generator, n=500, draws=20, psi=0.7, cutoff=8):
+    """The claims of the figures, measured on digits with the classifier `clf` (common/digits.py), fixed noise
+    unless redrawn:
+      latent_std / truncated_std: the per-pixel std of n images without truncation and with the sampling ψ on the
+        layers below `cutoff` (Fig. 8, Sec. 3.4: truncation towards w̄ narrows the variation);
       mix_<styles>_keeps_A / _takes_B: of the pairs (A, B) whose images have different classes, the share of
         images made with A's w and B's w at those layers (Fig. 3) classified as A's class / as B's;
       noise_keeps_class: the share of images whose class survives a redraw of the noise (Fig. 4), and the
-        per-pixel std over `draws` noise draws of one w (noise_std) next to that over n different w (latent_std)."""
+        per-pixel std over `draws` noise draws of one w (noise_std), to compare with latent_std."""
     L, out = Gs.num_layers, {}
     wa, wb = (Gs.mapping(sample_noise(n, z_dim, "cpu", generator).to(device))[:, None].expand(-1, L, -1)
               for _ in range(2))
 
     def image(ws, randomize_noise=False):
         return Gs.synthesis(ws, level, alpha, randomize_noise=randomize_noise)
-    out["metric/psi0_std"] = image(truncate(wa, Gs.w_avg, 0.0, L)).std(0).mean()
     xa = image(wa)
+    out["metric/latent_std"] = xa.std(0).mean()
+    out["metric/truncated_std"] = image(truncate(wa, Gs.w_avg, psi, cutoff)).std(0).mean()
     ca, cb = digits.predict(clf, xa), digits.predict(clf, image(wb))
     differ = ca != cb
     active = 2 * (level + 1)
@@ -691,7 +693,6 @@ def figure_claims(Gs, clf, level, alpha, z_dim, device, generator, n=500, draws=
     redrawn = image(wa, randomize_noise=True)
     out["metric/noise_keeps_class"] = (digits.predict(clf, redrawn) == digits.predict(clf, image(wa, True))).double().mean()
     out["metric/noise_std"] = torch.stack([image(wa[:50], True) for _ in range(draws)]).std(0).mean()
-    out["metric/latent_std"] = xa.std(0).mean()
     return {k: float(v) for k, v in out.items()}
 
 
@@ -741,7 +742,7 @@ def sample(args):
                                                                R // res), device))
     if args.eval and args.digit_metrics:   # on digits: what Figs. 3, 4 and 8 show, as numbers
         clf = digits.prepare(args.digit_metrics, datasets.load(targs), targs.data_root).to(device)
-        claims = figure_claims(Gs, clf, level, alpha, targs.z_dim, device, g)
+        claims = figure_claims(Gs, clf, level, alpha, targs.z_dim, device, g, psi=targs.psi, cutoff=targs.cutoff)
         print(" ".join(f"{k} {v:.3g}" for k, v in claims.items()))
         result.update(claims)
     return result

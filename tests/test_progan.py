@@ -113,15 +113,38 @@ def test_minibatch_stddev_by_hand():
     assert not torch.allclose(y[0, 3], y[1, 3])
 
 
-def test_channels_follow_fmap_base_and_max():
-    """min(fmap_base / 2^stage, fmap_max): 8192 / 512 gives 512 up to 32x32, then halving (Table 2)."""
-    nf = [min(int(8192 / 2 ** (s + 1)), 512) for s in range(9)]
-    assert nf == [512, 512, 512, 512, 256, 128, 64, 32, 16]
-    G = progan.Generator(16, 1024, 3, 1024, 64)     # the same rule with small numbers (1024 / 64)
-    assert G.nf == [64, 64, 64, 64, 32, 16, 8, 4, 2]
-    D = progan.Discriminator(1024, 3, 1024, 64)
-    assert [m.weight.shape[0] for m in D.from_rgb] == G.nf
-    assert D.final_dense.weight.shape[0] == 64
+def layer_shapes(net):
+    """(in, out, kind) of every layer, sorted: "1x1" / "3x3" convolutions and "dense" layers (in = fan-in)."""
+    return sorted((m.weight.shape[1], m.weight.shape[0],
+                   f"{m.weight.shape[-1]}x{m.weight.shape[-1]}" if m.weight.dim() == 4 else "dense")
+                  for m in net.modules() if isinstance(m, (progan.EqualizedConv2d, progan.EqualizedLinear)))
+
+
+def table2_layers(c, z):
+    """Table 2's layers for channels c[r] at resolution r and latent size z, with a toRGB / fromRGB per
+    resolution (Sec. 3): G = the 4x4 conv on the latent (a dense layer), conv3, then two conv3 per doubling;
+    D = per halving conv3 c[r] → c[r], conv3 c[r] → c[r/2], then minibatch stddev (+1 channel), conv3, the 4x4
+    conv (a dense layer) and dense 1."""
+    up = [r for r in c if r > 4]
+    g = [(z, c[4] * 16, "dense"), (c[4], c[4], "3x3")] + [(c[r // 2], c[r], "3x3") for r in up]
+    g += [(c[r], c[r], "3x3") for r in up] + [(c[r], 3, "1x1") for r in c]
+    d = [(3, c[r], "1x1") for r in c] + [(c[r], c[r], "3x3") for r in up] + [(c[r], c[r // 2], "3x3") for r in up]
+    d += [(c[4] + 1, c[4], "3x3"), (c[4] * 16, c[4], "dense"), (c[4], 1, "dense")]
+    return sorted(g), sorted(d)
+
+
+def test_architecture_is_table_2():
+    """The CelebA-HQ nets of Table 2 (fmap_base 8192, fmap_max 512, latent 512): 512 channels up to 32x32, then
+    256, 128, 64, 32, 16 at 1024x1024, 23.1M parameters in G and in D. The CIFAR-10 configuration (fmap_base
+    4096, fmap_max 128, latent 128) is 128 channels wide at every resolution."""
+    G, D = progan.Generator(512, 1024, 3, 8192, 512), progan.Discriminator(1024, 3, 8192, 512)
+    g, d = table2_layers({4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}, 512)
+    assert layer_shapes(G) == g and layer_shapes(D) == d
+    assert round(sum(p.numel() for p in G.parameters()) / 1e6, 1) == 23.1
+    assert round(sum(p.numel() for p in D.parameters()) / 1e6, 1) == 23.1
+    g, d = table2_layers({4: 128, 8: 128, 16: 128, 32: 128}, 128)
+    assert layer_shapes(progan.Generator(128, 32, 3, 4096, 128)) == g
+    assert layer_shapes(progan.Discriminator(32, 3, 4096, 128)) == d
 
 
 def test_fade_in_endpoints():

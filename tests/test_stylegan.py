@@ -110,22 +110,51 @@ def test_psi_zero_gives_one_image():
     assert not torch.allclose(y, y[:1].expand_as(y), atol=1e-3)
 
 
-def test_figure_claims_on_a_stand_in_classifier():
-    """ψ = 0 makes one image (std 0); a classifier that only sees the image's mean gives each image's class; the
-    shares are of pairs with different classes, so keeps_A + takes_B <= 1; the noise changes pixels."""
-    from common import digits
-    torch.manual_seed(0)
-    G = stylegan.Generator(8, 8, 16, 1, mapping_layers=2, fmap_base=32, fmap_max=8)
-    G.w_avg.normal_()
-    for layer in G.synthesis.modules():   # the noise inputs' scales start at 0: give them some effect
-        if hasattr(layer, "noise_strength"):
-            nn.init.constant_(layer.noise_strength, 0.5)
-    clf = digits.DigitNet().eval()
-    claims = stylegan.figure_claims(G, clf, 2, 1.0, 8, "cpu", torch.Generator().manual_seed(0), n=60, draws=4)
-    assert claims["metric/psi0_std"] < 1e-6 < claims["metric/latent_std"]
-    assert claims["metric/noise_std"] > 0 and 0 <= claims["metric/noise_keeps_class"] <= 1
-    for name in ("coarse", "middle"):
-        assert claims[f"metric/mix_{name}_keeps_A"] + claims[f"metric/mix_{name}_takes_B"] <= 1 + 1e-9
+class KnownG(nn.Module):
+    """A stand-in for Gs whose figure claims are known: w = z, 6 layers (16x16 images); layer 0's style w[0, 0]
+    sets the top-left quadrant to 0.2·w[0, 0] (the class, coarse), layer 4's the bottom-right one (middle);
+    the noise (std 0.1) fills the bottom-left quadrant."""
+    num_layers = 6
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.mapping = nn.Identity()
+        self.register_buffer("w_avg", torch.randn(dim))
+
+    def synthesis(self, ws, level, alpha, randomize_noise=True):
+        x = torch.zeros(len(ws), 1, 16, 16)
+        x[:, 0, :8, :8] = 0.2 * ws[:, 0, :1, None]
+        x[:, 0, 8:, 8:] = 0.2 * ws[:, 4, :1, None]
+        if randomize_noise:
+            x[:, 0, 8:, :8] = 0.1 * torch.randn(len(ws), 8, 8)
+        return x
+
+
+class TopLeftClassifier(nn.Module):
+    """A stand-in digit classifier: the class is the tenth of [−1, 1] that the top-left patch's mean falls in."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        k = ((x[..., :10, :10].mean((1, 2, 3)) + 1) / 0.2).floor().clamp(0, 9).long()
+        return F.one_hot(k, 10).float()
+
+
+def test_figure_claims_on_a_constructed_generator():
+    """On a G whose class comes from the coarse styles alone: B's coarse styles give B's class in every mix of
+    different classes, B's middle styles never; noise outside the class's pixels keeps every class and has a
+    per-pixel std of 0.1 on a quarter of the image; ψ = 0.7 on all layers scales the std between latents by 0.7."""
+    claims = stylegan.figure_claims(KnownG(), TopLeftClassifier(), 2, 1.0, 4, "cpu", torch.Generator().manual_seed(0),
+                                    n=200, draws=20, psi=0.7, cutoff=8)
+    assert claims["metric/mix_coarse_takes_B"] == 1 and claims["metric/mix_coarse_keeps_A"] == 0
+    assert claims["metric/mix_middle_keeps_A"] == 1 and claims["metric/mix_middle_takes_B"] == 0
+    assert "metric/mix_fine_keeps_A" not in claims                  # no fine layers at 16x16
+    assert claims["metric/noise_keeps_class"] == 1
+    assert claims["metric/noise_std"] == pytest.approx(0.1 / 4, rel=0.05)
+    assert claims["metric/latent_std"] == pytest.approx(2 * 0.2 / 4, rel=0.15)   # std of 0.2·N(0, 1) on half
+    assert claims["metric/truncated_std"] == pytest.approx(0.7 * claims["metric/latent_std"], rel=1e-5)
 
 
 def test_style_mixing_switches_at_the_crossover():
