@@ -14,7 +14,8 @@ pixelwise feature vector normalisation after each conv of G.
     Fig. 2 (fade-in, G):  x_r = (1 − α) · upsample(toRGB_{r/2}(h_{r/2})) + α · toRGB_r(block_r(h_{r/2}))
            (fade-in, D):  h_{r/2} = (1 − α) · fromRGB_{r/2}(avgpool(x)) + α · block_r(fromRGB_r(x))
     Eq. (Sec. 4.2):       b_{x,y} = a_{x,y} / √(mean_j (a^j_{x,y})² + ε),  ε = 1e-8          (pixel norm)
-    Sec. 4.1:             ŵ_i = w_i / c,  c = √(2 / fan_in), weights stored as w ~ N(0, 1)  (equalized lr)
+    Sec. 4.1:             ŵ_i = w_i · √(2 / fan_in), weights stored as w ~ N(0, 1)           (equalized lr)
+                          (the paper's ŵ_i = w_i / c, with c = √(fan_in / 2) the reciprocal of He's std)
     Loss (Sec. A.1):      L_D = E D(G(z)) − E D(x) + λ/γ² E (‖∇_x̂ D(x̂)‖ − γ)² + ε_drift E D(x)²
                           L_G = −E D(G(z)),    λ = 10, ε_drift = 0.001
 
@@ -33,16 +34,18 @@ minibatch_repeats = 4 minibatches; Adam's state (moments and step count) is rese
 ceil(lod) changes, i.e. at the start of each fade-in and of each stabilisation. The minibatch size and
 learning rate may depend on the resolution (--batch-schedule, --lr-schedule).
 
-Defaults: the paper's CIFAR-10 run (Sec. 6.5, Table 3: unsupervised IS 8.80 ± 0.05), whose settings are in
-the original release's config.py (Theano version, block "Section 6.5: CIFAR10 inception scores"):
-fmap_base 4096, fmap_max 128, latent 128, 400k images per stabilisation and per fade-in, minibatch 16 at all
-resolutions, no learning-rate ramp-up, 20M images in total, and the WGAN-GP target γ = 750 (iwass_target;
-1 elsewhere). Everything else from both config.py versions: Adam lr 1e-3, β = (0, 0.99), ε = 1e-8,
-n_critic 1, λ 10, ε_drift 0.001, G EMA 0.999 (G_smoothing) used for samples and evaluation,
-minibatch_repeats 4, Adam reset per level of detail, minibatch stddev group 4 (the TensorFlow release's
-networks.py, train.py, loss.py). The TensorFlow release's CelebA-HQ schedule (1 GPU): --stable-kimg 600
---fade-kimg 600 --batch-size 4 --batch-schedule 4:128,8:128,16:128,32:64,64:32,128:16,256:8,512:4
---lr-schedule 1024:0.0015 --fmap-base 8192 --fmap-max 512 --z-dim 512 --gp-target 1.
+Defaults: the sizes of the paper's CIFAR-10 run (Sec. 6.5, Table 3: unsupervised IS 8.80 ± 0.05), from the
+original release's config.py (Theano version, block "Section 6.5: CIFAR10 inception scores"): fmap_base
+4096, fmap_max 128, latent 128, 400k images per stabilisation and per fade-in, minibatch 16 at all
+resolutions, no learning-rate ramp-up, no mirroring, 20M images in total, and the WGAN-GP target γ = 750
+(iwass_target; 1 elsewhere). Common to both config.py versions: Adam lr 1e-3, β = (0, 0.99), ε = 1e-8,
+n_critic 1, λ 10, ε_drift 0.001, G EMA 0.999 (G_smoothing) used for samples and evaluation, Adam reset per
+level of detail. The training mechanics are the TensorFlow release's (train.py, networks.py, loss.py):
+alternating D and G steps, minibatch stddev over groups of 4, the schedule re-evaluated every 4 minibatches
+(minibatch_repeats); the Theano CIFAR-10 run differed there (see the differences below). The TensorFlow
+release's CelebA-HQ schedule (1 GPU): --stable-kimg 600 --fade-kimg 600 --batch-size 4
+--batch-schedule 4:128,8:128,16:128,32:64,64:32,128:16,256:8,512:4 --lr-schedule 1024:0.0015
+--fmap-base 8192 --fmap-max 512 --z-dim 512 --gp-target 1.
 
 One step is one D update and one G update on one minibatch (D_repeats 1). --steps counts steps; the
 schedule itself is in images seen (kimg, the papers' unit), logged as progress/kimg. The default
@@ -54,8 +57,9 @@ Usage:
         --batch-size 4 --batch-schedule 4:128,8:128,16:128,32:64,64:32,128:16 --z-dim 512 \\
         --fmap-base 8192 --fmap-max 512 --gp-target 1 --steps 400000
     # a CPU run: MNIST grown 4 → 32 in ~15 minutes on one core (phases of 10k images, 100 kimg; a short EMA for
-    # a short run), scored with the digit classifier at the end of every phase (classifier FID 1190 at 4 px,
-    # 657 at 8, 318 at 16, 93 at 32 after 60 kimg there; all ten digits from 16 px on):
+    # a short run), scored with the digit classifier every 10k images (classifier FID at the end of each stable
+    # phase 1190 at 4 px, 657 at 8, 318 at 16; 93 at 32 px after its 10k-image fade-in and 40k stable images;
+    # all ten digits from 16 px on):
     python progan.py --dataset mnist --image-size 32 --fmap-base 256 --fmap-max 32 --z-dim 32 --batch-size 16 \\
         --stable-kimg 10 --fade-kimg 10 --gp-target 1 --ema 0.99 --steps 6250 --metrics cfid --eval-every 625 \\
         --eval-samples 2000
@@ -64,6 +68,13 @@ Usage:
 Differences from the paper:
 - The paper's phases are 800k images (CelebA-HQ, LSUN); the CIFAR-10 configuration of the authors' code
   uses 400k, the TensorFlow release 600k. Default here: 400k (the CIFAR-10 configuration).
+- The CIFAR-10 run of Table 3 (the Theano code, separate_funcs=False) updated G and D simultaneously: one
+  function computed both gradients on the same minibatch and fakes, with D's weights before its update, and
+  applied both updates; its minibatch stddev was one value over the whole minibatch (mbstat_avg='all'), and
+  the schedule was re-evaluated at every minibatch. Here, as in the TensorFlow release: a D step, then a G
+  step on fresh latents against the updated D, the stddev over groups of 4, the schedule every 4 minibatches
+  (--mbstd-group 16 --minibatch-repeats 1 give the Theano run's stddev and schedule; the simultaneous update
+  is not offered).
 - The nets run at the current resolution; the official code always worked at the target resolution
   (nearest-upscaled images, box-downscaled again inside D). The images D sees are identical; the one place
   where the size matters is the gradient penalty, whose norm is taken with respect to the target-resolution
@@ -72,8 +83,11 @@ Differences from the paper:
   dataset_tool stored each level rounded to uint8.
 - The EMA of G is updated after each G step (the code updated it together with each D step, i.e. one step
   later; the same sequence of averages).
-- G's upsampling + conv and D's conv + downsampling are written unfused (the code fused them into one
-  transposed / strided conv for speed, which is the same function).
+- G's upsampling + conv is written unfused (the TensorFlow release fuses them into one transposed conv,
+  the same function). D's conv + downsampling follows the paper's Theano network (and the TensorFlow
+  release's fused_scale=False): conv3, bias, LeakyReLU, then the 2x2 average pool. The TensorFlow release's
+  default fused conv (fused_scale=True) pools before the bias and LeakyReLU, lrelu(avgpool(conv(x)) + b),
+  which is a different function (the nonlinearity does not commute with the pool).
 - --compile: α and the level are Python numbers, so torch.compile specialises on them and recompiles during
   fade-ins (falling back to eager at its recompile limit); the penalty's double backward runs uncompiled.
   Under torchrun the nets are wrapped with find_unused_parameters (the blocks not grown yet get no gradient).
