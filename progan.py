@@ -45,7 +45,8 @@ alternating D and G steps, minibatch stddev over groups of 4, the schedule re-ev
 (minibatch_repeats); the Theano CIFAR-10 run differed there (see the differences below). The TensorFlow
 release's CelebA-HQ schedule (1 GPU): --stable-kimg 600 --fade-kimg 600 --batch-size 4
 --batch-schedule 4:128,8:128,16:128,32:64,64:32,128:16,256:8,512:4 --lr-schedule 1024:0.0015
---fmap-base 8192 --fmap-max 512 --z-dim 512 --gp-target 1.
+--fmap-base 8192 --fmap-max 512 --z-dim 512 --gp-target 1, with mirrored reals (--flip, the default on
+celeba).
 
 One step is one D update and one G update on one minibatch (D_repeats 1). --steps counts steps; the
 schedule itself is in images seen (kimg, the papers' unit), logged as progress/kimg. The default
@@ -81,6 +82,9 @@ Differences from the paper:
   image as in the code: ‖∇‖ at resolution r times r / target (nearest upscaling by f divides the norm by f).
 - Lower-resolution real images are box-filtered in float from the --image-size images; the code's
   dataset_tool stored each level rounded to uint8.
+- Mirroring (--flip): on by default for celeba, as the CelebA-HQ and CelebA configs; the LSUN configs
+  mirrored the 100k-image category subsets (TensorFlow release) but not the full bedroom and dog sets the
+  Theano code used: off here unless --flip is given.
 - The EMA of G is updated after each G step (the code updated it together with each D step, i.e. one step
   later; the same sequence of averages).
 - G's upsampling + conv is written unfused (the TensorFlow release fuses them into one transposed conv,
@@ -134,11 +138,15 @@ def parse_args(argv=None):
     p.add_argument("--eps-drift", type=float, default=0.001, help="drift penalty ε_drift · E D(x)²")
     p.add_argument("--mbstd-group", type=int, default=4, help="minibatch standard deviation group size")
     p.add_argument("--ema", type=float, default=0.999, help="G EMA decay (G_smoothing)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror each real image left-right with probability 1/2 (the configs' mirror_augment) "
+                        "(None: on for celeba as the CelebA(-HQ) configs, off otherwise)")
     runlib.add_args(p, dataset="cifar10", image_size=32, batch_size=16, steps=1_250_000, log_every=1000,
                     sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, digits=True, metrics="fid,is")
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "z_dim": 16, "fmap_base": 64, "fmap_max": 8, "steps": 6,
-        "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1, "gp_target": 1.0})
+        "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1, "gp_target": 1.0},
+        defaults=lambda a: {"flip": a.dataset == "celeba"})
     try:
         args.batch_dict = parse_schedule(args.batch_schedule, int)
         args.lr_dict = parse_schedule(args.lr_schedule, float)
@@ -338,6 +346,12 @@ def phase_of(lod, resolution):
     return int(math.log2(r)) - 2, r, 1.0 - (lod - math.floor(lod))
 
 
+def mirror(x):
+    """mirror_augment: each image flipped left-right with probability ½."""
+    flipped = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flipped, x.flip(3), x)
+
+
 def process_reals(x, resolution, alpha):
     """Real images at the nets' resolution, cross-faded exactly as G's output (process_reals): box-filter
     the target-resolution x down to `resolution`, then (1 − α)·upsample(avgpool(x_r)) + α·x_r."""
@@ -500,7 +514,7 @@ def train(args):
 
         # D step: L_D = E D(G(z)) − E D(x) + λ/γ² (‖∇D(x̂)‖ − γ)² + ε_drift D(x)²
         x, _ = next(batches(b))
-        x = process_reals(x, res, alpha)
+        x = process_reals(mirror(x) if args.flip else x, res, alpha)
         with r.autocast():
             with torch.no_grad():
                 fake = G(sample_noise(bl, args.z_dim, device), level, alpha)

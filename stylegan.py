@@ -35,7 +35,9 @@ at each new level of detail), starting at 8x8, 600k images per stabilisation and
 128 at 8–16 px, 64 at 32, 32 at 64, 16 at 128, 8 at 256, 4 at 512–1024 (1 GPU); lr 1e-3, rising to 1.5e-3
 at 128, 2e-3 at 256, 3e-3 at 512–1024; Adam β = (0, 0.99), ε = 1e-8; G EMA with a half-life of 10k images
 (β = 0.5^(minibatch / 10⁴)); w̄ tracked as w̄ ← 0.995 w̄ + 0.005 mean_batch(w) at every training pass of G;
-style mixing p 0.9 (also in D's pass); 25M images in total.
+style mixing p 0.9 (also in D's pass); 25M images in total; the FFHQ and CelebA-HQ configs mirror the reals
+(mirror_augment: each image flipped left-right with probability ½, before the level-of-detail cross-fade),
+the LSUN ones do not (--flip; on by default for celeba, which stands in for them).
 
 One step is one D update and one G update on one minibatch; --steps counts steps and the schedule is in
 images seen (kimg, logged as progress/kimg). The default --steps 720312 is 25000 kimg of the default 64x64
@@ -43,7 +45,7 @@ schedule (`steps_for_kimg`).
 
 Usage:
     python stylegan.py --dataset celeba --cuda                   # CelebA 64x64 (the default)
-    python stylegan.py --dataset ~/ffhq-thumbnails --image-size 128 --cuda   # any image folder
+    python stylegan.py --dataset ~/ffhq-thumbnails --image-size 128 --flip --cuda   # any image folder
     # a CPU run: MNIST grown 8 → 32 (phases of 10k images; EMA half-life 1k images; ~25 min on one core),
     # scored with the digit classifier per phase. Without style mixing: with the paper's p = 0.9 these tiny
     # nets mode-collapsed in such a short run (3 digits at 16 px), without it they cover all ten (see README)
@@ -55,7 +57,8 @@ Usage:
         # with --eval --metrics cfid on digits also the figures' claims as numbers (see figure_claims)
 
 Differences from the paper:
-- Data: CelebA at 64x64 by default (FFHQ 1024 is not downloadable here; any folder works via --dataset).
+- Data: CelebA at 64x64 by default (FFHQ 1024 is not downloadable here; any folder works via --dataset, with
+  --flip to mirror it as the FFHQ config does).
 - The nets run at the current resolution instead of always at the target one; the R1 norm is taken as the
   code did, with respect to the target-resolution image (the squared norm at resolution r times (r/R)²).
 - G's upsampling + conv and D's conv + downsampling are unfused (the code fuses them from 128 px on; same
@@ -115,12 +118,16 @@ def parse_args(argv=None):
     p.add_argument("--cutoff", type=int, default=8, help="truncation applies to layers below this index")
     p.add_argument("--ema-kimg", type=float, default=10.0, help="G EMA half-life in thousands of images")
     p.add_argument("--mbstd-group", type=int, default=4, help="minibatch standard deviation group size")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror each real image left-right with probability 1/2 (the configs' mirror_augment) "
+                        "(None: on for celeba, standing in for FFHQ / CelebA-HQ whose configs mirror; off otherwise)")
     runlib.add_args(p, dataset="celeba", image_size=64, batch_size=4, steps=720312, log_every=1000,
                     sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, digits=True, metrics="fid")
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "z_dim": 16, "w_dim": 16, "mapping_layers": 2, "fmap_base": 64,
         "fmap_max": 8, "initial_resolution": 4, "steps": 6, "batch_size": 8, "batch_schedule": "",
-        "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1})
+        "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1},
+        defaults=lambda a: {"flip": a.dataset == "celeba"})
     try:
         args.batch_dict = parse_schedule(args.batch_schedule, int)
         args.lr_dict = parse_schedule(args.lr_schedule, float)
@@ -422,6 +429,12 @@ def phase_of(lod, resolution):
     return int(math.log2(r)) - 2, r, 1.0 - (lod - math.floor(lod))
 
 
+def mirror(x):
+    """mirror_augment: each image flipped left-right with probability ½."""
+    flipped = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flipped, x.flip(3), x)
+
+
 def process_reals(x, resolution, alpha):
     """Reals at the nets' resolution, cross-faded as G's output: (1 − α)·upsample(avgpool(x_r)) + α·x_r."""
     x = downscale(x, x.shape[-1] // resolution)
@@ -596,7 +609,7 @@ def train(args):
 
         # D step: softplus(D(G(z))) + softplus(−D(x)) + (γ/2)‖∇D(x)‖²
         x, _ = next(batches(b))
-        x = process_reals(x, res, alpha)
+        x = process_reals(mirror(x) if args.flip else x, res, alpha)
         with r.autocast():
             with torch.no_grad():
                 fake = G(sample_noise(bl, args.z_dim, device), level, alpha, **train_kw)

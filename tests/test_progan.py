@@ -442,3 +442,26 @@ def test_loop_ema_of_g_with_decay_0999(loop):
     assert saved.keys() == avg.keys()
     for n in avg:
         assert torch.allclose(saved[n], avg[n], rtol=0, atol=1e-7), n
+
+
+def test_flip_is_on_for_celeba_only():
+    """Mirroring follows the official configs: CelebA(-HQ) mirrored, CIFAR-10 not; an explicit flag wins."""
+    flip = lambda *argv: progan.parse_args(list(argv)).flip
+    assert flip("--dataset", "celeba") and not flip() and not flip("--dataset", "mnist")
+    assert flip("--flip") and not flip("--dataset", "celeba", "--no-flip")
+
+
+def test_loop_flip_mirrors_about_half_of_the_real_images(tmp_path):
+    """With --flip, D's real batch holds each drawn image mirrored or not (both occur); the fakes are G's output."""
+    rec = watch_training(progan, tmp_path, 2, "--flip")
+    mirrored = []
+    for k, s in enumerate(rec.steps):
+        (fake,) = [c.out for c in s.d_calls if c.net == "G"]
+        assert any(c.x is fake for c in s.d_calls if c.net == "D")
+        (real,) = [c.x for c in s.d_calls if c.net == "D" and c.x is not fake and not c.x.requires_grad]
+        plain, flipped = reals_by_hand(rec.batches[k], 4, 1.0), reals_by_hand(rec.batches[k].flip(3), 4, 1.0)
+        for i in range(len(real)):
+            same, mirror = torch.allclose(real[i], plain[i], atol=1e-6), torch.allclose(real[i], flipped[i], atol=1e-6)
+            assert same != mirror, (k, i)
+            mirrored.append(mirror)
+    assert 0 < sum(mirrored) < len(mirrored)

@@ -500,3 +500,27 @@ def test_loop_ema_of_g_with_a_half_life_of_10k_images(loop):
     for n, v in saved.items():
         expected = avg[n] if n in params else loop.steps[-1].g_step.after["G"][n]
         assert torch.allclose(v, expected, rtol=0, atol=1e-7), n
+
+
+def test_flip_is_on_for_celeba_only():
+    """Mirroring follows the official configs: FFHQ / CelebA-HQ (celeba stands in) mirrored, others not."""
+    flip = lambda *argv: stylegan.parse_args(list(argv)).flip
+    assert flip() and flip("--dataset", "celeba") and not flip("--dataset", "mnist")
+    assert flip("--dataset", "mnist", "--flip") and not flip("--no-flip")
+
+
+def test_loop_flip_mirrors_about_half_of_the_real_images(tmp_path):
+    """With --flip, D's real batch (the one R1 is taken on) holds each drawn image mirrored or not (both occur);
+    the fakes are G's output."""
+    rec = watch_training(stylegan, tmp_path, 2, "--flip")
+    mirrored = []
+    for k, s in enumerate(rec.steps):
+        (fake,) = [c.out for c in s.d_calls if c.net == "G"]
+        assert any(c.x is fake for c in s.d_calls if c.net == "D")
+        (real,) = [c.x for c in s.d_calls if c.net == "D" and c.x is not fake]
+        plain, flipped = reals_by_hand(rec.batches[k], 4, 1.0), reals_by_hand(rec.batches[k].flip(3), 4, 1.0)
+        for i in range(len(real)):
+            same, mirror = torch.allclose(real[i], plain[i], atol=1e-6), torch.allclose(real[i], flipped[i], atol=1e-6)
+            assert same != mirror, (k, i)
+            mirrored.append(mirror)
+    assert 0 < sum(mirrored) < len(mirrored)
