@@ -524,3 +524,18 @@ def test_loop_flip_mirrors_about_half_of_the_real_images(tmp_path):
             assert same != mirror, (k, i)
             mirrored.append(mirror)
     assert 0 < sum(mirrored) < len(mirrored)
+
+
+def test_an_image_folder_is_not_grown_past_its_images(tmp_path, capsys):
+    """A folder of 32x32 PNGs: --image-size 64 is refused at start-up (it would only learn upsampled images), as for
+    the named datasets; 32 passes the start-up checks."""
+    from PIL import Image
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "x"
+    err = helpers.expect_usage_error(stylegan, ["--dry-run", "--dataset", str(folder), "--image-size", "64", "--out", str(out)],
+                                     capsys, "32 pixels")
+    assert "--image-size 32" in err and not out.exists()
+    stylegan.check(stylegan.parse_args(["--dry-run", "--dataset", str(folder), "--image-size", "32"]))
