@@ -27,9 +27,11 @@ channels at stage s = log2(resolution) − 1):
        minibatch stddev (group 4) → conv3 → dense (the paper's 4x4 conv) → dense 1 (gain 1). LeakyReLU 0.2.
     Biases are separate from the scaled weights and start at 0.
 
-The schedule (train.py TrainingSchedule): with n = images seen, a phase of stable_kimg + fade_kimg per
-resolution; the level of detail lod = log2(target) − log2(initial) − phase − max(n_phase − stable, 0) / fade;
-the nets run at resolution target / 2^floor(lod) with α = 1 − frac(lod). It is re-evaluated every
+The schedule (train.py TrainingSchedule): each resolution gets a round of a stabilisation phase (stable_kimg
+images) and a fade-in phase of the next resolution (fade_kimg images). With n images seen, k = floor(n /
+(stable + fade)) rounds done and n_k = n − k (stable + fade) images into the current one, the level of detail
+is lod = log2(target / initial) − k − max(n_k − stable, 0) / fade, and the nets run at resolution
+target / 2^floor(lod) with α = 1 − frac(lod). It is re-evaluated every
 minibatch_repeats = 4 minibatches; Adam's state (moments and step count) is reset whenever floor(lod) or
 ceil(lod) changes, i.e. at the start of each fade-in and of each stabilisation. The minibatch size and
 learning rate may depend on the resolution (--batch-schedule, --lr-schedule).
@@ -243,6 +245,12 @@ def num_levels(resolution, initial=4):
     return log2 - 1
 
 
+def feature_maps(resolution, fmap_base, fmap_max):
+    """nf[k]: the channels of the layers at level k (resolution 4·2^k), min(fmap_base / 2^(k + 1), fmap_max)
+    (Table 2; the code's nf(stage) at stage k + 1)."""
+    return [min(int(fmap_base / 2 ** (k + 1)), fmap_max) for k in range(num_levels(resolution))]
+
+
 # ------------------------------------------------------------------------------------------------
 # Models (Fig. 1, Table 2)
 # ------------------------------------------------------------------------------------------------
@@ -253,14 +261,13 @@ class Generator(nn.Module):
 
     def __init__(self, z_dim, resolution, channels=3, fmap_base=8192, fmap_max=512):
         super().__init__()
-        n = num_levels(resolution)
-        nf = [min(int(fmap_base / 2 ** (s + 1)), fmap_max) for s in range(n)]  # level k: nf(stage k + 1)
+        nf = feature_maps(resolution, fmap_base, fmap_max)
         self.z_dim, self.nf = z_dim, nf
         # 4x4: a dense layer (the paper's 4x4 "conv" on a 1x1 input; gain √2/4 as the code) + conv3
         self.dense = EqualizedLinear(z_dim, nf[0] * 16, gain=math.sqrt(2) / 4, bias=False)
         self.dense_bias = nn.Parameter(torch.zeros(nf[0]))
         self.blocks = nn.ModuleList([nn.ModuleList([EqualizedConv2d(nf[0], nf[0], 3)])])
-        for k in range(1, n):  # [upsample, conv3, conv3] per doubling
+        for k in range(1, len(nf)):  # [upsample, conv3, conv3] per doubling
             self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k - 1], nf[k], 3), EqualizedConv2d(nf[k], nf[k], 3)]))
         self.to_rgb = nn.ModuleList([EqualizedConv2d(c, channels, 1, gain=1) for c in nf])
 
@@ -291,17 +298,17 @@ class Discriminator(nn.Module):
 
     def __init__(self, resolution, channels=3, fmap_base=8192, fmap_max=512, mbstd_group=4):
         super().__init__()
-        n = num_levels(resolution)
-        nf = [min(int(fmap_base / 2 ** s), fmap_max) for s in range(n + 1)]  # nf[s] = channels at stage s
+        nf = feature_maps(resolution, fmap_base, fmap_max)
         self.mbstd_group = mbstd_group
-        self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, nf[k + 1], 1) for k in range(n)])
+        self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, c, 1) for c in nf])
         self.blocks = nn.ModuleList([nn.ModuleList()])  # level 0 is the final block below
-        for k in range(1, n):  # [conv3, conv3, 2x2 average pool] per halving
-            self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k + 1], nf[k + 1], 3), EqualizedConv2d(nf[k + 1], nf[k], 3)]))
+        for k in range(1, len(nf)):  # [conv3, conv3, 2x2 average pool] per halving
+            self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k], nf[k], 3), EqualizedConv2d(nf[k], nf[k - 1], 3)]))
         extra = 1 if mbstd_group > 1 else 0
-        self.final_conv = EqualizedConv2d(nf[1] + extra, nf[1], 3)
-        self.final_dense = EqualizedLinear(nf[1] * 16, nf[0])      # the paper's 4x4 conv
-        self.out = EqualizedLinear(nf[0], 1, gain=1)
+        self.final_conv = EqualizedConv2d(nf[0] + extra, nf[0], 3)
+        dense = min(fmap_base, fmap_max)                               # the code's nf(0)
+        self.final_dense = EqualizedLinear(nf[0] * 16, dense)          # the paper's 4x4 conv
+        self.out = EqualizedLinear(dense, 1, gain=1)
 
     def block(self, x, k):
         for conv in self.blocks[k]:
@@ -333,17 +340,17 @@ def sample_noise(n, z_dim, device, generator=None):
 # ------------------------------------------------------------------------------------------------
 
 def level_of_detail(nimg, resolution, initial, stable_img, fade_img):
-    """lod after nimg images: log2(resolution / initial) at the start, −1 per phase, falling linearly
-    during the fade-in part of each phase; 0 at the target."""
-    phase_dur = stable_img + fade_img
-    phase = nimg // phase_dur if phase_dur > 0 else 0
-    lod = math.log2(resolution) - math.log2(initial) - phase
+    """lod after nimg images: log2(resolution / initial) at the start, −1 per round (a stabilisation phase
+    then a fade-in phase), falling linearly during the fade-in phase; 0 at the target."""
+    round_img = stable_img + fade_img
+    rounds = nimg // round_img if round_img > 0 else 0
+    lod = math.log2(resolution) - math.log2(initial) - rounds
     if fade_img > 0:
-        lod -= max(nimg - phase * phase_dur - stable_img, 0) / fade_img
+        lod -= max(nimg - rounds * round_img - stable_img, 0) / fade_img
     return max(lod, 0.0)
 
 
-def phase_of(lod, resolution):
+def nets_at(lod, resolution):
     """(level, resolution r of the nets, α) for a level of detail: r = target / 2^floor(lod), α = 1 − frac."""
     r = resolution >> int(math.floor(lod))
     return int(math.log2(r)) - 2, r, 1.0 - (lod - math.floor(lod))
@@ -496,8 +503,8 @@ def train(args):
     nimg, lod, prev_lod = 0, None, -1.0
     start = r.resume({"G": g_raw, "D": d_raw, "Gs": Gs}, {"G": opt_g, "D": opt_d})
     if start:
-        phase = r.resume_state["phase"]
-        nimg, lod, prev_lod = phase["nimg"], phase["lod"], phase["prev_lod"]
+        schedule = r.resume_state["schedule"]
+        nimg, lod, prev_lod = schedule["nimg"], schedule["lod"], schedule["prev_lod"]
     iterators = {}
 
     def batches(b):  # one infinite iterator per minibatch size of the schedule
@@ -516,7 +523,7 @@ def train(args):
     def state():
         return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
                 "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                "phase": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
+                "schedule": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
                           "resolution": res, "alpha": alpha},
                 "data_shape": list(data.shape)}
 
@@ -526,11 +533,11 @@ def train(args):
             lod = level_of_detail(nimg, R, initial, stable_img, fade_img)
             if math.floor(lod) != math.floor(prev_lod) or math.ceil(lod) != math.ceil(prev_lod):
                 if prev_lod >= 0 and prev_lod == math.floor(prev_lod):  # a stabilisation phase ends
-                    pl, pres, _ = phase_of(prev_lod, R)
+                    pl, pres, _ = nets_at(prev_lod, R)
                     snapshot(f"res{pres}", pl, pres, 1.0, step - 1, to_target=False)
                 opt_g, opt_d = adam(G), adam(D)                         # reset Adam at each new lod
             prev_lod = lod
-        level, res, alpha = phase_of(lod, R)
+        level, res, alpha = nets_at(lod, R)
         b = args.batch_dict.get(res, args.batch_size)
         lr = args.lr_dict.get(res, args.lr)
         for opt in (opt_g, opt_d):
@@ -567,7 +574,7 @@ def train(args):
                       evaluate=(lambda: evaluate(Gs, level, res, alpha, R, args, device, real_stats, data, clf))
                       if args.metrics or clf is not None else None):
             break
-    level, res, alpha = phase_of(lod, R)
+    level, res, alpha = nets_at(lod, R)
     return r.finish(step, kimg=nimg / 1000, resolution=res, alpha=alpha)
 
 
@@ -595,9 +602,9 @@ def sample(args):
     Gs = Generator(targs.z_dim, shape[1], shape[0], targs.fmap_base, targs.fmap_max)
     Gs.load_state_dict(state["models"]["Gs"])
     Gs.to(device).eval()
-    phase = state["phase"]
-    level, res, alpha = phase["level"], phase["resolution"], phase["alpha"]
-    print(f"checkpoint at {phase['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
+    schedule = state["schedule"]
+    level, res, alpha = schedule["level"], schedule["resolution"], schedule["alpha"]
+    print(f"checkpoint at {schedule['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
     g = torch.Generator().manual_seed(args.seed)
     grid = Gs(sample_noise(100, targs.z_dim, "cpu", g).to(device), level, alpha)
     ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)

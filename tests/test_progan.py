@@ -21,17 +21,18 @@ from tests import helpers, wiring
 
 
 def test_dry_run_grows_through_two_resolutions(tmp_path):
-    """The dry run (6 steps of 8 images, phases of 8 + 16 images) goes 4x4 → 8x8 → fading into 16x16."""
+    """The dry run (6 steps of 8 images; stabilisation phases of 8 images, fade-in phases of 16) goes 4x4 → 8x8 →
+    fading into 16x16."""
     out, summary, state = helpers.dry_run(progan, tmp_path)
     assert summary["resolution"] == 16 and summary["alpha"] == 0.5
-    assert state["phase"]["lod"] == 0.5 and state["phase"]["nimg"] == 48
+    assert state["schedule"]["lod"] == 0.5 and state["schedule"]["nimg"] == 48
     assert {p.name.split("-")[0] for p in (out / "samples").glob("*.png")} >= {"samples", "res4", "res8"}
 
 
 def test_resume_is_exact_in_a_fade_in(tmp_path, monkeypatch):
-    """Interrupted after step 3 (fading 4 → 8, α = 0.5), resumed: the same weights, Adam state and phase."""
+    """Interrupted after step 3 (fading 4 → 8, α = 0.5), resumed: the same weights, Adam state and schedule."""
     a, b = helpers.assert_resume_exact(progan, tmp_path, monkeypatch, [],
-                                       state_keys=("models", "optimizers", "phase"))
+                                       state_keys=("models", "optimizers", "schedule"))
     interrupted = progan.main(["--dry-run", "--steps", "3", "--out", str(tmp_path / "three")])
     assert interrupted["resolution"] == 8 and interrupted["alpha"] == 0.5
 
@@ -176,9 +177,9 @@ def test_schedule_as_train_py():
     """32x32 from 4x4, 600k + 600k: lod 3 → 3 (stable 4x4) → 2.5 (half-way fading in 8x8) → 2 → ... → 0."""
     lod = lambda k: progan.level_of_detail(int(k * 1000), 32, 4, 600_000, 600_000)
     assert [lod(k) for k in (0, 599, 600, 900, 1200, 1800, 2100, 3600, 99999)] == [3, 3, 3, 2.5, 2, 2, 1.5, 0, 0]
-    assert progan.phase_of(2.5, 32) == (1, 8, 0.5)
-    assert progan.phase_of(3.0, 32) == (0, 4, 1.0)
-    assert progan.phase_of(0.0, 32) == (3, 32, 1.0)
+    assert progan.nets_at(2.5, 32) == (1, 8, 0.5)
+    assert progan.nets_at(3.0, 32) == (0, 4, 1.0)
+    assert progan.nets_at(0.0, 32) == (3, 32, 1.0)
 
 
 class Linear(nn.Module):
@@ -237,7 +238,7 @@ def test_grows_under_torchrun_two_cpu_processes(tmp_path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["losses"]["progress/resolution"] == 16 and 0 < summary["losses"]["progress/alpha"] < 1
     state = ckpt_io.load(tmp_path / "ddp" / "ckpt.pt", "progan")
-    assert len(state["rng"]["ranks"]) == 2 and state["phase"]["resolution"] == 16
+    assert len(state["rng"]["ranks"]) == 2 and state["schedule"]["resolution"] == 16
 
 
 # ---- the training loop: a short dry run watched from outside ----
@@ -311,8 +312,8 @@ DRY_SCHEDULE = [(0, 4, 1.0), (0, 4, 1.0), (1, 8, 0.5), (1, 8, 1.0), (1, 8, 1.0),
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
-    """Six steps of the dry run (phases of 8 + 16 images, minibatch 8, 16x16 target) with the CIFAR-10
-    configuration's GP target γ = 750 and a learning rate of its own at 8x8, watched."""
+    """Six steps of the dry run (stabilisation phases of 8 images, fade-in phases of 16, minibatch 8, 16x16
+    target) with the CIFAR-10 configuration's GP target γ = 750 and a learning rate of its own at 8x8, watched."""
     return watch_training(progan, tmp_path_factory.mktemp("loop"), 6, "--gp-target", "750", "--lr-schedule", "8:0.002")
 
 
