@@ -248,6 +248,12 @@ def num_levels(resolution, initial=4):
     return log2 - 1
 
 
+def feature_maps(resolution, fmap_base, fmap_max):
+    """nf[k]: the channels of the layers at level k (resolution 4·2^k), min(fmap_base / 2^(k + 1), fmap_max)
+    (the code's nf(stage) at stage k + 1)."""
+    return [min(int(fmap_base / 2 ** (k + 1)), fmap_max) for k in range(num_levels(resolution))]
+
+
 # ------------------------------------------------------------------------------------------------
 # Mapping, truncation, mixing (Fig. 1b, Sec. 3.1, 3.4)
 # ------------------------------------------------------------------------------------------------
@@ -302,38 +308,41 @@ class StyleLayer(nn.Module):
         return adain(x, self.affine(w))
 
 
+class SynthesisBlock(nn.Module):
+    """One resolution of g: two layers, each a conv3 then a StyleLayer with its own style. Above 4x4 the first
+    conv works on the upsampled input and is followed by the blur; at 4x4 the first layer takes the learned
+    constant as it is (no conv)."""
+
+    def __init__(self, cin, cout, w_dim, size):
+        super().__init__()
+        self.conv0 = EqualizedConv2d(cin, cout, 3, bias=False) if size > 4 else None
+        self.conv1 = EqualizedConv2d(cout, cout, 3, bias=False)
+        self.style0, self.style1 = StyleLayer(cout, w_dim, size), StyleLayer(cout, w_dim, size)
+
+    def forward(self, x, w0, w1, randomize_noise=True):
+        if self.conv0 is not None:   # upsample → conv3 → blur
+            x = blur(self.conv0(upscale(x)))
+        x = self.style0(x, w0, randomize_noise)
+        return self.style1(self.conv1(x), w1, randomize_noise)
+
+
 class Synthesis(nn.Module):
-    """g of Fig. 1b: constant 4x4 input, two style layers per resolution, toRGB per resolution.
+    """g of Fig. 1b: a learned constant 4x4 input, one SynthesisBlock per resolution (at resolution 4·2^k layers
+    2k and 2k + 1, styles ws[:, 2k] and ws[:, 2k + 1]), toRGB per resolution.
     forward(ws, level, alpha): ws (N, layers, w_dim); fades the newest block in as ProGAN."""
 
     def __init__(self, w_dim, resolution, channels=3, fmap_base=8192, fmap_max=512):
         super().__init__()
-        n = num_levels(resolution)
-        nf = [min(int(fmap_base / 2 ** (k + 1)), fmap_max) for k in range(n)]
-        self.num_layers = 2 * n
+        nf = feature_maps(resolution, fmap_base, fmap_max)
+        self.num_layers = 2 * len(nf)
         self.const = nn.Parameter(torch.ones(1, nf[0], 4, 4))         # constant input, initialised to ones
-        self.convs = nn.ModuleList([nn.Identity()] + [EqualizedConv2d(nf[0], nf[0], 3, bias=False)])
-        self.layers = nn.ModuleList([StyleLayer(nf[0], w_dim, 4), StyleLayer(nf[0], w_dim, 4)])
-        for k in range(1, n):  # upsample → conv3 → blur → style layer; conv3 → style layer
-            size = 4 * 2 ** k
-            self.convs.extend([EqualizedConv2d(nf[k - 1], nf[k], 3, bias=False), EqualizedConv2d(nf[k], nf[k], 3, bias=False)])
-            self.layers.extend([StyleLayer(nf[k], w_dim, size), StyleLayer(nf[k], w_dim, size)])
+        self.blocks = nn.ModuleList([SynthesisBlock(nf[max(k - 1, 0)], nf[k], w_dim, 4 * 2 ** k) for k in range(len(nf))])
         self.to_rgb = nn.ModuleList([EqualizedConv2d(c, channels, 1, gain=1) for c in nf])
 
-    def block(self, x, ws, k, randomize_noise):
-        i = 2 * k
-        if k == 0:
-            x = self.layers[0](self.const.expand(ws.shape[0], -1, -1, -1), ws[:, 0], randomize_noise)
-        else:
-            x = self.layers[i](blur(self.convs[i](upscale(x))), ws[:, i], randomize_noise)
-        return self.layers[i + 1](self.convs[i + 1](x), ws[:, i + 1], randomize_noise)
-
     def forward(self, ws, level, alpha=1.0, randomize_noise=True):
-        x = None
-        for k in range(level):
-            x = self.block(x, ws, k, randomize_noise)
-        old = x
-        x = self.block(x, ws, level, randomize_noise)
+        x = self.const.expand(ws.shape[0], -1, -1, -1)
+        for k in range(level + 1):
+            old, x = x, self.blocks[k](x, ws[:, 2 * k], ws[:, 2 * k + 1], randomize_noise)
         img = self.to_rgb[level](x)
         if level > 0 and alpha < 1:   # ProGAN Fig. 2: (1 − α)·upsample(toRGB(old)) + α·toRGB(new)
             img = torch.lerp(upscale(self.to_rgb[level - 1](old)), img, alpha)
@@ -374,17 +383,17 @@ class Discriminator(nn.Module):
 
     def __init__(self, resolution, channels=3, fmap_base=8192, fmap_max=512, mbstd_group=4):
         super().__init__()
-        n = num_levels(resolution)
-        nf = [min(int(fmap_base / 2 ** s), fmap_max) for s in range(n + 1)]
+        nf = feature_maps(resolution, fmap_base, fmap_max)
         self.mbstd_group = mbstd_group
-        self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, nf[k + 1], 1) for k in range(n)])
-        self.blocks = nn.ModuleList([nn.ModuleList()])
-        for k in range(1, n):  # conv3, blur, conv3, 2x2 average pool
-            self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k + 1], nf[k + 1], 3), EqualizedConv2d(nf[k + 1], nf[k], 3)]))
+        self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, c, 1) for c in nf])
+        self.blocks = nn.ModuleList([nn.ModuleList()])   # level 0 is the final block below
+        for k in range(1, len(nf)):  # conv3, blur, conv3, 2x2 average pool
+            self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k], nf[k], 3), EqualizedConv2d(nf[k], nf[k - 1], 3)]))
         extra = 1 if mbstd_group > 1 else 0
-        self.final_conv = EqualizedConv2d(nf[1] + extra, nf[1], 3)
-        self.final_dense = EqualizedLinear(nf[1] * 16, nf[0])
-        self.out = EqualizedLinear(nf[0], 1, gain=1)
+        self.final_conv = EqualizedConv2d(nf[0] + extra, nf[0], 3)
+        dense = min(fmap_base, fmap_max)                               # the code's nf(0)
+        self.final_dense = EqualizedLinear(nf[0] * 16, dense)
+        self.out = EqualizedLinear(dense, 1, gain=1)
 
     def block(self, x, k):
         conv0, conv1 = self.blocks[k]
@@ -416,17 +425,17 @@ def sample_noise(n, z_dim, device, generator=None):
 # ------------------------------------------------------------------------------------------------
 
 def level_of_detail(nimg, resolution, initial, stable_img, fade_img):
-    """lod after nimg images: log2(resolution / initial) at the start, −1 per phase, falling linearly
-    during the fade-in part of each phase; 0 at the target."""
-    phase_dur = stable_img + fade_img
-    phase = nimg // phase_dur if phase_dur > 0 else 0
-    lod = math.log2(resolution) - math.log2(initial) - phase
+    """lod after nimg images: log2(resolution / initial) at the start, −1 per round (a stabilisation phase
+    then a fade-in phase), falling linearly during the fade-in phase; 0 at the target."""
+    round_img = stable_img + fade_img
+    rounds = nimg // round_img if round_img > 0 else 0
+    lod = math.log2(resolution) - math.log2(initial) - rounds
     if fade_img > 0:
-        lod -= max(nimg - phase * phase_dur - stable_img, 0) / fade_img
+        lod -= max(nimg - rounds * round_img - stable_img, 0) / fade_img
     return max(lod, 0.0)
 
 
-def phase_of(lod, resolution):
+def nets_at(lod, resolution):
     """(level, resolution r of the nets, α) for a level of detail."""
     r = resolution >> int(math.floor(lod))
     return int(math.log2(r)) - 2, r, 1.0 - (lod - math.floor(lod))
@@ -451,7 +460,7 @@ def steps_for_kimg(kimg, args):
     R, stable, fade = args.image_size, round(args.stable_kimg * 1000), round(args.fade_kimg * 1000)
     nimg, steps = 0, 0
     while nimg < kimg * 1000:
-        res = phase_of(level_of_detail(nimg, R, args.initial_resolution, stable, fade), R)[1]
+        res = nets_at(level_of_detail(nimg, R, args.initial_resolution, stable, fade), R)[1]
         b = args.batch_dict.get(res, args.batch_size)
         nimg, steps = nimg + args.minibatch_repeats * b, steps + args.minibatch_repeats
     return steps
@@ -591,8 +600,8 @@ def train(args):
     nimg, lod, prev_lod = 0, None, -1.0
     start = r.resume({"G": g_raw, "D": d_raw, "Gs": Gs}, {"G": opt_g, "D": opt_d})
     if start:
-        phase = r.resume_state["phase"]
-        nimg, lod, prev_lod = phase["nimg"], phase["lod"], phase["prev_lod"]
+        schedule = r.resume_state["schedule"]
+        nimg, lod, prev_lod = schedule["nimg"], schedule["lod"], schedule["prev_lod"]
     iterators = {}
 
     def batches(b):
@@ -611,7 +620,7 @@ def train(args):
     def state():
         return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
                 "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                "phase": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
+                "schedule": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
                           "resolution": res, "alpha": alpha},
                 "data_shape": list(data.shape)}
 
@@ -622,11 +631,11 @@ def train(args):
             lod = level_of_detail(nimg, R, initial, stable_img, fade_img)
             if math.floor(lod) != math.floor(prev_lod) or math.ceil(lod) != math.ceil(prev_lod):
                 if prev_lod >= 0 and prev_lod == math.floor(prev_lod):
-                    pl, pres, _ = phase_of(prev_lod, R)
+                    pl, pres, _ = nets_at(prev_lod, R)
                     snapshot(f"res{pres}", pl, pres, 1.0, step - 1, to_target=False)
                 opt_g, opt_d = adam(G), adam(D)                         # reset Adam at each new lod
             prev_lod = lod
-        level, res, alpha = phase_of(lod, R)
+        level, res, alpha = nets_at(lod, R)
         b = batch_at[res]
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
@@ -661,7 +670,7 @@ def train(args):
                       evaluate=(lambda: evaluate(Gs, level, res, alpha, R, args, device, real_stats, data, clf))
                       if args.metrics or clf is not None else None):
             break
-    level, res, alpha = phase_of(lod, R)
+    level, res, alpha = nets_at(lod, R)
     return r.finish(step, kimg=nimg / 1000, resolution=res, alpha=alpha)
 
 
@@ -743,9 +752,9 @@ def sample(args):
                    targs.fmap_base, targs.fmap_max)
     Gs.load_state_dict(state["models"]["Gs"])
     Gs.to(device).eval()
-    phase = state["phase"]
-    level, res, alpha = phase["level"], phase["resolution"], phase["alpha"]
-    print(f"checkpoint at {phase['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
+    schedule = state["schedule"]
+    level, res, alpha = schedule["level"], schedule["resolution"], schedule["alpha"]
+    print(f"checkpoint at {schedule['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
     g = torch.Generator().manual_seed(args.seed)
     z = sample_noise(100, targs.z_dim, "cpu", g).to(device)
     grids = {"samples_psi1.0": Gs(z, level, alpha),

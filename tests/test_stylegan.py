@@ -18,13 +18,13 @@ from tests import helpers, wiring
 def test_dry_run_grows_through_two_resolutions(tmp_path):
     out, summary, state = helpers.dry_run(stylegan, tmp_path)
     assert summary["resolution"] == 16 and summary["alpha"] == 0.5
-    assert state["phase"]["lod"] == 0.5
+    assert state["schedule"]["lod"] == 0.5
     assert state["models"]["Gs"]["w_avg"].abs().sum() > 0       # w̄ is tracked (and copied into the EMA)
 
 
 def test_resume_is_exact_in_a_fade_in(tmp_path, monkeypatch):
-    """Interrupted after step 3 (fading 4 → 8, α = 0.5): mixing draws, noise, w̄, Adam, phase all continue."""
-    helpers.assert_resume_exact(stylegan, tmp_path, monkeypatch, [], state_keys=("models", "optimizers", "phase"))
+    """Interrupted after step 3 (fading 4 → 8, α = 0.5): mixing draws, noise, w̄, Adam, schedule all continue."""
+    helpers.assert_resume_exact(stylegan, tmp_path, monkeypatch, [], state_keys=("models", "optimizers", "schedule"))
 
 
 def test_sample_writes_the_papers_figures(tmp_path):
@@ -205,8 +205,9 @@ def test_synthesis_details():
     assert torch.equal(G.synthesis.const, torch.ones_like(G.synthesis.const)) and G.num_layers == 8
     z = torch.randn(2, 8)
     assert torch.allclose(G(z, 3), G(z, 3), atol=1e-6)
-    for layer in G.synthesis.layers:
-        layer.noise_strength.data.fill_(1.0)
+    for layer in G.synthesis.modules():
+        if isinstance(layer, stylegan.StyleLayer):
+            layer.noise_strength.data.fill_(1.0)
     assert not torch.allclose(G(z, 3), G(z, 3), atol=1e-4)
     assert torch.allclose(stylegan.blur(torch.full((1, 2, 6, 6), 3.0))[..., 1:-1, 1:-1], torch.full((1, 2, 4, 4), 3.0))
 
@@ -328,8 +329,8 @@ DRY_SCHEDULE = [(0, 4, 1.0), (0, 4, 1.0), (1, 8, 0.5), (1, 8, 1.0), (1, 8, 1.0),
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
-    """Six steps of the dry run (phases of 8 + 16 images, minibatch 8, 4x4 → 16x16) with a learning rate of
-    its own at 8x8, watched."""
+    """Six steps of the dry run (stabilisation phases of 8 images, fade-in phases of 16, minibatch 8, 4x4 →
+    16x16) with a learning rate of its own at 8x8, watched."""
     return watch_training(stylegan, tmp_path_factory.mktemp("loop"), 6, "--lr-schedule", "8:0.002")
 
 
@@ -475,7 +476,7 @@ def test_loop_mapping_learns_100_times_slower(loop):
     G = loop.nets.G
     grads = applied(step, G)
     for prefix, layer, lrmul, gain in [("mapping.fcs.0", G.mapping.fcs[0], 0.01, math.sqrt(2)),
-                                       ("synthesis.layers.0.affine", G.synthesis.layers[0].affine, 1, 1)]:
+                                       ("synthesis.blocks.0.style0.affine", G.synthesis.blocks[0].style0.affine, 1, 1)]:
         fan_in = layer.weight.shape[1]
         eye = torch.eye(fan_in)
         used = [loaded(layer, {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
