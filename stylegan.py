@@ -336,7 +336,8 @@ class Synthesis(nn.Module):
         nf = feature_maps(resolution, fmap_base, fmap_max)
         self.num_layers = 2 * len(nf)
         self.const = nn.Parameter(torch.ones(1, nf[0], 4, 4))         # constant input, initialised to ones
-        self.blocks = nn.ModuleList([SynthesisBlock(nf[max(k - 1, 0)], nf[k], w_dim, 4 * 2 ** k) for k in range(len(nf))])
+        self.blocks = nn.ModuleList([SynthesisBlock(nf[max(k - 1, 0)], nf[k], w_dim, 4 * 2 ** k)
+                                     for k in range(len(nf))])
         self.to_rgb = nn.ModuleList([EqualizedConv2d(c, channels, 1, gain=1) for c in nf])
 
     def forward(self, ws, level, alpha=1.0, randomize_noise=True):

@@ -56,9 +56,11 @@ def test_defaults_are_the_cifar10_configuration():
     """Table 3's run as the Theano config.py sets it: 4 → 32, fmap 4096/128, latent 128, 400k + 400k images per
     resolution, minibatch 16, 20M images, WGAN-GP γ = 750 with λ 10 and ε_drift 0.001, G EMA 0.999."""
     a = progan.parse_args([])
-    assert (a.dataset, a.image_size, a.initial_resolution, a.fmap_base, a.fmap_max, a.z_dim) == ("cifar10", 32, 4, 4096, 128, 128)
-    assert (a.stable_kimg, a.fade_kimg, a.batch_size, a.steps * a.batch_size) == (400, 400, 16, 20_000_000)
-    assert (a.gp_target, a.gp_lambda, a.eps_drift, a.ema, a.lr, a.beta1, a.beta2) == (750, 10, 0.001, 0.999, 1e-3, 0, 0.99)
+    assert (a.dataset, a.image_size, a.initial_resolution, a.z_dim) == ("cifar10", 32, 4, 128)
+    assert (a.fmap_base, a.fmap_max, a.stable_kimg, a.fade_kimg) == (4096, 128, 400, 400)
+    assert (a.batch_size, a.steps * a.batch_size, a.flip) == (16, 20_000_000, False)
+    assert (a.gp_target, a.gp_lambda, a.eps_drift, a.ema) == (750, 10, 0.001, 0.999)
+    assert (a.lr, a.beta1, a.beta2, a.adam_eps) == (1e-3, 0, 0.99, 1e-8)
 
 
 def test_help(capsys):
@@ -355,7 +357,8 @@ def test_loop_d_step_is_wgan_gp_with_drift(loop):
         (fake,) = [c.out for c in s.d_calls if c.net == "G"]
         (mixed,) = [c.x for c in s.d_calls if c.net == "D" and c.x.requires_grad and c.x.grad_fn is None]
         u = ((mixed - real).flatten(1) * (fake - real).flatten(1)).sum(1) / (fake - real).flatten(1).pow(2).sum(1)
-        assert torch.allclose(mixed, real + u.view(-1, 1, 1, 1) * (fake - real), atol=1e-5) and (0 <= u).all() and (u <= 1).all()
+        assert torch.allclose(mixed, real + u.view(-1, 1, 1, 1) * (fake - real), atol=1e-5)
+        assert (0 <= u).all() and (u <= 1).all()
 
         def loss(net):
             x = mixed.detach().requires_grad_(True)
@@ -477,7 +480,7 @@ def test_an_image_folder_is_not_grown_past_its_images(tmp_path, capsys):
     for i in range(12):
         Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
     out = tmp_path / "x"
-    err = helpers.expect_usage_error(progan, ["--dry-run", "--dataset", str(folder), "--image-size", "64", "--out", str(out)],
-                                     capsys, "32 pixels")
+    argv = ["--dry-run", "--dataset", str(folder), "--image-size", "64", "--out", str(out)]
+    err = helpers.expect_usage_error(progan, argv, capsys, "32 pixels")
     assert "--image-size 32" in err and not out.exists()
     progan.check(progan.parse_args(["--dry-run", "--dataset", str(folder), "--image-size", "32"]))

@@ -431,7 +431,7 @@ def test_loop_each_step_changes_only_its_net(loop):
     for k, s in enumerate(loop.steps, 1):
         for step, mine, other in ((s.d_step, "D", "G"), (s.g_step, "G", "D")):
             net = getattr(loop.nets, mine)
-            assert not moved(previous["G"], step.before["G"], names["G"]) | moved(previous["D"], step.before["D"], names["D"])
+            assert not any(moved(previous[n], step.before[n], names[n]) for n in "GD"), k
             assert moved(step.before[other], step.after[other], names[other]) == set(), (k, mine)
             with_grad = {n for n, g in applied(step, net).items() if g is not None and g.any()}
             assert moved(step.before[mine], step.after[mine], names[mine]) == with_grad, (k, mine)
@@ -536,7 +536,7 @@ def test_an_image_folder_is_not_grown_past_its_images(tmp_path, capsys):
     for i in range(12):
         Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
     out = tmp_path / "x"
-    err = helpers.expect_usage_error(stylegan, ["--dry-run", "--dataset", str(folder), "--image-size", "64", "--out", str(out)],
-                                     capsys, "32 pixels")
+    argv = ["--dry-run", "--dataset", str(folder), "--image-size", "64", "--out", str(out)]
+    err = helpers.expect_usage_error(stylegan, argv, capsys, "32 pixels")
     assert "--image-size 32" in err and not out.exists()
     stylegan.check(stylegan.parse_args(["--dry-run", "--dataset", str(folder), "--image-size", "32"]))
