@@ -74,9 +74,7 @@ Differences from the paper:
 """
 import argparse
 import copy
-import itertools
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -88,8 +86,6 @@ from common import metrics
 from common import run as runlib
 
 SCRIPT = "stylegan"
-NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32, "stl10": 96,
-               "celeba": 178}   # CelebA: the 178x178 face crop
 BATCH_1GPU = "4:128,8:128,16:128,32:64,64:32,128:16,256:8,512:4"   # train.py, '-1gpu' (minibatch_base 4)
 LR_SCHEDULE = "128:0.0015,256:0.002,512:0.003,1024:0.003"          # train.py, sched.G_lrate_dict
 
@@ -511,27 +507,6 @@ def build(args, shape):
     return G, D
 
 
-def image_side(dataset):
-    """The side of a named dataset's images; for an image folder the largest shorter side among its first 16
-    images (or the side of its idx files); None when unknown."""
-    if dataset in NATIVE_SIZE:
-        return NATIVE_SIZE[dataset]
-    folder = Path(dataset).expanduser()
-    if not folder.is_dir():
-        return None
-    if any(folder.glob("*images-idx3-ubyte*")):
-        return datasets.read_idx_folder(folder)[0].shape[-1]
-    from PIL import Image
-    sides = []
-    for f in itertools.islice((f for f in folder.rglob("*") if f.suffix.lower() in datasets.IMAGE_EXTENSIONS), 16):
-        try:
-            with Image.open(f) as img:
-                sides.append(min(img.size))
-        except OSError:   # an unreadable file: the loader deals with it
-            pass
-    return max(sides, default=None)
-
-
 def check(args):
     try:
         num_levels(args.image_size, args.initial_resolution)
@@ -550,9 +525,9 @@ def check(args):
         b = args.batch_dict.get(res, args.batch_size)
         if b % min(args.mbstd_group, b):
             raise runlib.UsageError(f"minibatch {b} at {res}x{res} is not divisible by the stddev group size")
-    native = image_side(args.dataset)
+    native = datasets.native_side(args.dataset)
     if native and args.image_size > 2 ** math.ceil(math.log2(native)):
-        what = (f"{args.dataset} images are {native}x{native}" if args.dataset in NATIVE_SIZE else
+        what = (f"{args.dataset} images are {native}x{native}" if args.dataset in datasets.NATIVE_SIDE else
                 f"the images in {args.dataset} are {native} pixels on their shorter side")
         raise runlib.UsageError(f"{what}: growing to {args.image_size} would only learn upsampled images "
                                 f"(use --image-size {2 ** math.ceil(math.log2(native))})")

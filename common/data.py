@@ -11,6 +11,7 @@ channel) is deterministic synthetic data for dry runs and benchmarks. `ring8` an
 Gaussian mixtures of the PacGAN protocol, sampled afresh for every batch.
 """
 import gzip
+import itertools
 import math
 import os
 import sys
@@ -26,6 +27,8 @@ STREAMED = ("stl10", "celeba", "lsun")
 SYNTHETIC = ("fake", "ring8", "grid25")
 NAMES = IN_MEMORY + STREAMED + SYNTHETIC
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+NATIVE_SIDE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32, "stl10": 96,
+               "celeba": 178}   # CelebA: the 178x178 face crop
 
 
 @dataclass
@@ -266,6 +269,27 @@ def _image_folder(path, size):
         raise UsageError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     ds = ImageFiles(files, labels or [-1] * len(files), _transform(size))
     return Data(str(path), "image", (3, size, size), len(classes), dataset=ds)
+
+
+def native_side(dataset):
+    """The side of a named dataset's images; for an image folder the largest shorter side among its first 16
+    images (or the side of its idx files); None when unknown."""
+    if dataset in NATIVE_SIDE:
+        return NATIVE_SIDE[dataset]
+    folder = Path(dataset).expanduser()
+    if not folder.is_dir():
+        return None
+    if any(folder.glob("*images-idx3-ubyte*")):
+        return read_idx_folder(folder)[0].shape[-1]
+    from PIL import Image
+    sides = []
+    for f in itertools.islice((f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS), 16):
+        try:
+            with Image.open(f) as img:
+                sides.append(min(img.size))
+        except OSError:   # an unreadable file: the loader deals with it
+            pass
+    return max(sides, default=None)
 
 
 def read_idx(path):

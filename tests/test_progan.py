@@ -1,13 +1,10 @@
 import json
 import copy
-import inspect
 import math
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +13,6 @@ import torch.nn.functional as F
 
 import progan
 from common import checkpoint as ckpt_io
-from common import data as datasets
 from tests import helpers, wiring
 
 
@@ -245,70 +241,6 @@ def test_grows_under_torchrun_two_cpu_processes(tmp_path):
 
 # ---- the training loop: a short dry run watched from outside ----
 
-def watch_training(script, tmp_path, steps, *flags):
-    """Run `steps` steps of the dry-run configuration and record what train() did: the real batches it
-    drew (known random images), every call of G and D (input, level, α, output, and the gradient that
-    reached a G output fed to D) and every optimizer step (its settings then, the gradients it applied,
-    G's and D's parameters before and after). Returns the record, grouped by training step."""
-    rec = SimpleNamespace(batches=[], events=[], nets=None, built=None)
-    with pytest.MonkeyPatch.context() as mp:
-        def iterate(data, batch_size, device, **kwargs):
-            g = torch.Generator().manual_seed(1000 + batch_size)
-            while True:
-                x = torch.rand(batch_size, *data.shape, generator=g) * 2 - 1
-                rec.batches.append(x)
-                yield x.clone().to(device), torch.full((batch_size,), -1)
-        mp.setattr(datasets, "iterate", iterate)
-
-        def build(args, shape):
-            G, D = original_build(args, shape)
-            rec.nets = SimpleNamespace(G=G, D=D)
-            for name, net in (("G", G), ("D", D)):
-                net.register_forward_hook(partial(on_forward, name), with_kwargs=True)
-            return G, D
-        original_build = script.build
-        mp.setattr(script, "build", build)
-
-        def on_forward(name, module, args, kwargs, out):
-            if module is not getattr(rec.nets, name):     # the EMA copy of G (Gs) shares the hook
-                return
-            bound = inspect.signature(module.forward).bind(*args, **kwargs)
-            bound.apply_defaults()
-            _, *rest = bound.arguments
-            call = SimpleNamespace(net=name, x=args[0], out=out, grad=None, **{k: bound.arguments[k] for k in rest})
-            if name == "D" and args[0].grad_fn is not None:      # a G output: keep the gradient D returns
-                args[0].register_hook(lambda g: setattr(call, "grad", g.detach().clone()))
-            rec.events.append(call)
-
-        def step(opt, *args, **kwargs):
-            params = [p for group in opt.param_groups for p in group["params"]]
-            group = opt.param_groups[0]
-            record = SimpleNamespace(net="step", opt=opt, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                     grads={id(p): p.grad.detach().clone() for p in params if p.grad is not None},
-                                     before={k: wiring.snapshot(getattr(rec.nets, k)) for k in "GD"})
-            result = original_step(opt, *args, **kwargs)
-            record.after = {k: wiring.snapshot(getattr(rec.nets, k)) for k in "GD"}
-            ids = {id(p) for p in params}
-            record.owner = next((k for k in "GD" if {id(p) for p in getattr(rec.nets, k).parameters()} <= ids), "?")
-            rec.events.append(record)
-            return result
-        original_step = torch.optim.Adam.step
-        mp.setattr(torch.optim.Adam, "step", step)
-        rec.built = wiring.record_optimizers(mp)
-        rec.summary = wiring.train_steps(script, tmp_path, steps, *flags)
-    rec.ckpt = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", script.SCRIPT)
-    rec.steps, current = [], SimpleNamespace(d_calls=[], g_calls=[], d_step=None, g_step=None)
-    for e in rec.events:   # a training step: G and D calls, D's optimizer step, G and D calls, G's step
-        if e.net == "step":
-            setattr(current, f"{e.owner.lower()}_step", e)
-            if e.owner == "G":
-                rec.steps.append(current)
-                current = SimpleNamespace(d_calls=[], g_calls=[], d_step=None, g_step=None)
-        else:
-            (current.g_calls if current.d_step else current.d_calls).append(e)
-    return rec
-
-
 DRY_SCHEDULE = [(0, 4, 1.0), (0, 4, 1.0), (1, 8, 0.5), (1, 8, 1.0), (1, 8, 1.0), (2, 16, 0.5)]   # (level, r, α)
 
 
@@ -316,7 +248,7 @@ DRY_SCHEDULE = [(0, 4, 1.0), (0, 4, 1.0), (1, 8, 0.5), (1, 8, 1.0), (1, 8, 1.0),
 def loop(tmp_path_factory):
     """Six steps of the dry run (stabilisation phases of 8 images, fade-in phases of 16, minibatch 8, 16x16
     target) with the CIFAR-10 configuration's GP target γ = 750 and a learning rate of its own at 8x8, watched."""
-    return watch_training(progan, tmp_path_factory.mktemp("loop"), 6, "--gp-target", "750", "--lr-schedule", "8:0.002")
+    return wiring.watch_training(progan, tmp_path_factory.mktemp("loop"), 6, "--gp-target", "750", "--lr-schedule", "8:0.002")
 
 
 def reals_by_hand(x, r, alpha):
@@ -457,7 +389,7 @@ def test_flip_is_on_for_celeba_only():
 
 def test_loop_flip_mirrors_about_half_of_the_real_images(tmp_path):
     """With --flip, D's real batch holds each drawn image mirrored or not (both occur); the fakes are G's output."""
-    rec = watch_training(progan, tmp_path, 2, "--flip")
+    rec = wiring.watch_training(progan, tmp_path, 2, "--flip")
     mirrored = []
     for k, s in enumerate(rec.steps):
         (fake,) = [c.out for c in s.d_calls if c.net == "G"]

@@ -11,7 +11,15 @@ watch it from outside:
 A wiring test should fail when the loop is mis-wired; check each one by breaking the loop in a scratch
 copy (swap real and fake, drop a term, change a learning rate or a decay) and watching it fail.
 """
+import inspect
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
 import torch
+
+from common import checkpoint as ckpt_io
+from common import data as datasets
 
 OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop)
 
@@ -131,3 +139,67 @@ def record_steps():
     handles = [register_optimizer_step_pre_hook(lambda opt, args, kwargs: taken.append(Step(opt))),
                register_optimizer_step_post_hook(lambda opt, args, kwargs: taken[-1].finish())]
     return taken, lambda: [h.remove() for h in handles]
+
+
+def watch_training(script, tmp_path, steps, *flags):
+    """For scripts with a G and a D built by script.build(args, shape) and stepped by Adam: run `steps` steps of the dry-run configuration and record what train() did: the real batches it
+    drew (known random images), every call of G and D (input, level, α, output, and the gradient that
+    reached a G output fed to D) and every optimizer step (its settings then, the gradients it applied,
+    G's and D's parameters before and after). Returns the record, grouped by training step."""
+    rec = SimpleNamespace(batches=[], events=[], nets=None, built=None)
+    with pytest.MonkeyPatch.context() as mp:
+        def iterate(data, batch_size, device, **kwargs):
+            g = torch.Generator().manual_seed(1000 + batch_size)
+            while True:
+                x = torch.rand(batch_size, *data.shape, generator=g) * 2 - 1
+                rec.batches.append(x)
+                yield x.clone().to(device), torch.full((batch_size,), -1)
+        mp.setattr(datasets, "iterate", iterate)
+
+        def build(args, shape):
+            G, D = original_build(args, shape)
+            rec.nets = SimpleNamespace(G=G, D=D)
+            for name, net in (("G", G), ("D", D)):
+                net.register_forward_hook(partial(on_forward, name), with_kwargs=True)
+            return G, D
+        original_build = script.build
+        mp.setattr(script, "build", build)
+
+        def on_forward(name, module, args, kwargs, out):
+            if module is not getattr(rec.nets, name):     # the EMA copy of G (Gs) shares the hook
+                return
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            bound.apply_defaults()
+            _, *rest = bound.arguments
+            call = SimpleNamespace(net=name, x=args[0], out=out, grad=None, **{k: bound.arguments[k] for k in rest})
+            if name == "D" and args[0].grad_fn is not None:      # a G output: keep the gradient D returns
+                args[0].register_hook(lambda g: setattr(call, "grad", g.detach().clone()))
+            rec.events.append(call)
+
+        def step(opt, *args, **kwargs):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            group = opt.param_groups[0]
+            record = SimpleNamespace(net="step", opt=opt, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                     grads={id(p): p.grad.detach().clone() for p in params if p.grad is not None},
+                                     before={k: snapshot(getattr(rec.nets, k)) for k in "GD"})
+            result = original_step(opt, *args, **kwargs)
+            record.after = {k: snapshot(getattr(rec.nets, k)) for k in "GD"}
+            ids = {id(p) for p in params}
+            record.owner = next((k for k in "GD" if {id(p) for p in getattr(rec.nets, k).parameters()} <= ids), "?")
+            rec.events.append(record)
+            return result
+        original_step = torch.optim.Adam.step
+        mp.setattr(torch.optim.Adam, "step", step)
+        rec.built = record_optimizers(mp)
+        rec.summary = train_steps(script, tmp_path, steps, *flags)
+    rec.ckpt = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", script.SCRIPT)
+    rec.steps, current = [], SimpleNamespace(d_calls=[], g_calls=[], d_step=None, g_step=None)
+    for e in rec.events:   # a training step: G and D calls, D's optimizer step, G and D calls, G's step
+        if e.net == "step":
+            setattr(current, f"{e.owner.lower()}_step", e)
+            if e.owner == "G":
+                rec.steps.append(current)
+                current = SimpleNamespace(d_calls=[], g_calls=[], d_step=None, g_step=None)
+        else:
+            (current.g_calls if current.d_step else current.d_calls).append(e)
+    return rec
