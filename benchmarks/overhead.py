@@ -52,7 +52,8 @@ def time_script(script, flags, steps, threads):
             script.main(args)
     finally:
         runlib.Run.end_step = original
-    times = [(t1 - t0, log) for (_, t0, _), (_, t1, log) in zip(stamps, stamps[1:])]
+    # the last step also writes the final samples, checkpoint and evaluation: not a step of the loop
+    times = [(t1 - t0, log) for (_, t0, _), (_, t1, log) in zip(stamps[:-1], stamps[1:-1])]
     return [t for t, log in times if not log], [t for t, log in times if log]
 
 
