@@ -488,14 +488,10 @@ def sample(args):
     value_range = (0, 1) if targs.net == "mnist" else (-1, 1)
     g = torch.Generator().manual_seed(args.seed)
     step = state["step"]
-    paths = {}
+    result = {}
     for code in range(targs.n_cat + targs.n_cont):
         latent, columns = code_figure(targs, code, g, sweep=args.sweep)
-        name = f"c{code + 1}"
-        paths[name] = out / f"{name}-{step:07d}.png"
-        runlib.save_grid(G(latent.to(device)), paths[name], nrow=columns, value_range=value_range)
-        print(f"wrote {paths[name]}")
-    result = {k: str(v) for k, v in paths.items()}
+        result.update(runlib.write_samples(out, step, {f"c{code + 1}": G(latent.to(device))}, value_range, columns))
     # --eval: the digit metrics of the checkpoint
     result.update(metrics.score(args, targs, lambda n: G(latent_vector(*sample_latent(n, targs, device), targs.cat_dim)),
                                 device, value_range=value_range, out=out, step=step))
