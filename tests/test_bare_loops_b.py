@@ -39,9 +39,12 @@ CASES = {
                                                   "AveragedModel": ("D_avg",)}, 2, 2, ["--mode", "generate"]),
     "infogan": (infogan, {"build": ("G", "D")}, 3, 3, ["--q-lr", "5e-4", "--lambda-cont", "0.5"]),
     "gmmn-pixels": (gmmn, {"build": ("G", "AE")}, 3, 3, ["--switch-step", "2"]),
-    "gmmn-ae": (gmmn, {"build": ("G", "AE")}, 2, 5, ["--mode", "ae", "--ae-steps", "1", "--switch-step", "2"]),
-    # 480 training images in batches of 160: 3 steps an epoch, searches at steps 1 and 7
-    "imle": (imle, {"build": ("G",)}, 7, 7, ["--batch-size", "160", "--staleness", "2"]),
+    # 3 x 50 autoencoder steps (a fresh SGD per phase; the fine-tuning's momentum 0, then 0.5 at its 50th
+    # step; a clipping norm small enough to act), then 2 GMMN steps on the codes
+    "gmmn-ae": (gmmn, {"build": ("G", "AE")}, 2, 152, ["--mode", "ae", "--ae-steps", "50", "--switch-step", "2",
+                                                     "--ae-max-grad-norm", "0.01", "--log-every", "0"]),
+    # 480 training images in batches of 150: 3 steps an epoch (450 images), searches at steps 1 and 7
+    "imle": (imle, {"build": ("G",)}, 7, 7, ["--batch-size", "150", "--staleness", "2"]),
 }
 
 
