@@ -5,7 +5,8 @@ a size a CPU user trains at, on the same threads, alternating script and bare lo
     python benchmarks/overhead.py                         # every script with a bare loop
     python benchmarks/overhead.py gan dcgan --reps 7 --threads 2
 
-For each script it prints the median time of a plain step (no log line) of each, their ratio, and the
+For each script it prints the mean time of a plain step (no log line) of each (the median over the
+repetitions), their ratio, and the
 ratio at the script's default --log-every, where the extra time of a log step (reading the losses, the
 console line, TensorBoard) is spread over the steps between log lines. The target is 1.03 or less.
 
@@ -78,11 +79,11 @@ def main(argv=None):
         plain, logged, base = [], [], []
         for _ in range(args.reps):   # alternate, so that a slow spell of the machine hits both
             a, b = time_script(script, bare.CONFIG, steps, args.threads)
-            plain.append(statistics.median(a[2:]))   # the first steps warm up
+            plain.append(statistics.mean(a[2:]))   # the first steps warm up; the mean keeps periodic work (imle's search)
             logged.append(statistics.mean(b) if b else plain[-1])
             torch.set_num_threads(args.threads)
-            base.append(statistics.median(bare.run(script.parse_args([*bare.CONFIG, "--threads", str(args.threads)]),
-                                                   steps)[2:]))
+            base.append(statistics.mean(bare.run(script.parse_args([*bare.CONFIG, "--threads", str(args.threads)]),
+                                                 steps)[2:]))
         s, b, log = statistics.median(plain), statistics.median(base), statistics.median(logged)
         default_every = script.parse_args([]).log_every
         amortised = s + max(log - s, 0.0) / max(default_every, 1)
