@@ -1,11 +1,15 @@
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import cgan
-from tests import helpers
+from common import data as datasets
+from tests import helpers, wiring
 
 
 def test_dry_run(tmp_path):
@@ -123,3 +127,187 @@ def test_bad_input(tmp_path, capsys):
                                capsys, "power-of-two")
     helpers.expect_usage_error(cgan, ["--dataset", "nope", "--out", str(tmp_path / "c")], capsys, "unknown dataset")
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+def watch(net):
+    """Make `net` record, at every forward call, (its state dict, its inputs) in net.calls."""
+    class Watched(type(net)):
+        def forward(self, *inputs):
+            self.calls.append(({k: v.detach().clone() for k, v in self.state_dict().items()},
+                               [x.detach().clone() for x in inputs]))
+            return super().forward(*inputs)
+    net.__class__, net.calls = Watched, []
+    return net
+
+
+def replica(net, state, params=None):
+    """A copy of a watched net in a recorded `state`, with `params` (in net.parameters() order) if given."""
+    twin = copy.deepcopy(net, {id(net.calls): []})
+    twin.load_state_dict(state)
+    if params is not None:
+        with torch.no_grad():
+            for p, value in zip(twin.parameters(), params):
+                p.copy_(value)
+    return twin
+
+
+@pytest.fixture
+def steps():
+    """Every optimizer step train() takes, in order: the optimizer, its settings at that step, the
+    gradients it stepped with, and its parameters before and after."""
+    record = []
+
+    def pre(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        record.append({"opt": opt, "settings": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                       "grads": [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params],
+                       "before": [p.detach().clone() for p in params]})
+
+    def post(opt, args, kwargs):
+        record[-1]["after"] = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    yield record
+    for h in hooks:
+        h.remove()
+
+
+def record_batches(monkeypatch):
+    """The batches train() draws from common.data.iterate, in order."""
+    drawn, original = [], datasets.iterate
+
+    def iterate(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            drawn.append([t.clone() for t in batch])
+            yield batch
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    return drawn
+
+
+def who_steps(steps, **nets):
+    """Which net each recorded step updates ("D", "G"; "GD" if one optimizer holds both)."""
+    def owns(opt, net):
+        mine = {id(p) for g in opt.param_groups for p in g["params"]}
+        return any(id(p) in mine for p in net.parameters())
+    return ["".join(name for name, net in nets.items() if owns(s["opt"], net)) for s in steps]
+
+
+def setting(step, key):
+    values = {repr(g[key]) for g in step["settings"]}
+    assert len(values) == 1, values
+    return step["settings"][0][key]
+
+
+def grads(loss, net):
+    return torch.autograd.grad(loss, list(net.parameters()))
+
+
+def assert_same_gradients(recorded, expected, what):
+    """The loop's gradients equal the replayed ones (to float rounding, relative to each tensor's scale)."""
+    assert len(recorded) == len(expected), what
+    for i, (a, b) in enumerate(zip(recorded, expected)):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-4 * scale + 1e-12, \
+            f"{what}: tensor {i} differs (max |diff| {(a - b).abs().max().item():.3g}, scale {scale:.3g})"
+
+
+def assert_update(step, deltas, what):
+    """The step moved its parameters by `deltas` (to float rounding of the parameters and the deltas)."""
+    for i, (after, before, d) in enumerate(zip(step["after"], step["before"], deltas)):
+        tol = 1e-4 * d.abs().max().item() + 4 * torch.finfo(before.dtype).eps * before.abs().max().item()
+        assert (after - (before + d)).abs().max().item() <= tol, f"{what}: tensor {i} moved otherwise"
+
+
+def assert_same(a, b, what):
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b), what
+
+
+def watch_build(monkeypatch):
+    """The (G, D) that train() builds, watched. The MLP D's output bias starts at 1.5 instead of 0: at D = ½
+    the non-saturating and the minimax G losses have the same gradient, and they should be told apart."""
+    nets, original = {}, cgan.build
+
+    def build(*args, **kwargs):
+        G, D = original(*args, **kwargs)
+        if isinstance(D, cgan.MLPDiscriminator):
+            torch.nn.init.constant_(D.joint[-1].bias, 1.5)
+        nets["G"], nets["D"] = watch(G), watch(D)
+        return G, D
+    monkeypatch.setattr(cgan, "build", build)
+    return nets
+
+
+# the MLP's dropout masks cannot be replayed: D without dropout (G has none by default)
+ARCHS = {"mlp": ("--d-dropout", "0", "--d-input-dropout", "0"), "conv": ("--arch", "conv")}
+OPTIMIZERS = {"mlp": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "weight_decay": 0}),
+              "conv": (torch.optim.Adam, {"lr": 2e-4, "betas": (0.5, 0.999), "weight_decay": 0})}
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_one_step_follows_the_equations_with_paired_labels(tmp_path, monkeypatch, steps, arch):
+    """One step (Eq. 2): D sees the data batch with its own labels and G's samples with the labels G was given,
+    and descends ½ (−E log D(x|y) − E log(1 − D(G(z|y')|y'))); then G, on fresh noise and labels y'', descends
+    −E log D(G(z|y'')|y'') against the updated D. MLP: SGD lr 0.1, momentum 0.5 (a first step is −lr·g);
+    conv: Adam lr 2e-4, betas (0.5, 0.999) (a first step is −lr·sign(g)). Each step moves only its own net."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(cgan, tmp_path, 1, *ARCHS[arch])
+    G, D = nets["G"], nets["D"]
+    assert who_steps(steps, G=G, D=D) == ["D", "G"]
+    d_step, g_step = steps
+    G0, D0 = replica(G, G.calls[0][0]), replica(D, D.calls[0][0])
+    x, y = batches[0]
+    z, y_fake = G.calls[0][1]
+    with torch.no_grad():
+        fake = G0(z, y_fake)
+    # D's two inputs of its step: (data, its labels) and (samples, the labels G made them for)
+    seen = [inputs for _, inputs in D.calls[:2]]
+    real_seen = [s for s in seen if torch.equal(s[0], x)]
+    fake_seen = [s for s in seen if torch.allclose(s[0], fake, atol=1e-6)]
+    assert len(real_seen) == 1 and len(fake_seen) == 1, "D's step must see the data batch once and G's samples once"
+    assert torch.equal(real_seen[0][1], y), "the data batch reaches D with other labels than its own"
+    assert torch.equal(fake_seen[0][1], y_fake), "G's samples reach D with other labels than G was given"
+    assert not torch.equal(y_fake, y)
+    loss_d = 0.5 * (F.softplus(-D0(x, y)).mean() + F.softplus(D0(fake, y_fake)).mean())   # −log σ(l) = softplus(−l)
+    assert_same_gradients(d_step["grads"], grads(loss_d, D0), "D's gradient")
+
+    assert_same(g_step["before"], list(G0.parameters()), "G moved during D's step")
+    z, y_g = G.calls[1][1]
+    assert torch.equal(D.calls[2][1][1], y_g), "G's samples reach D with other labels than G was given"
+    D1 = replica(D, D.calls[0][0], d_step["after"])
+    assert_same_gradients(g_step["grads"], grads(F.softplus(-D1(G0(z, y_g), y_g)).mean(), G0), "G's gradient")
+
+    kind, settings = OPTIMIZERS[arch]
+    for s, net in ((d_step, D), (g_step, G)):
+        assert type(s["opt"]) is kind
+        assert {k: setting(s, k) for k in settings} == settings
+        lr = settings["lr"]
+        first = [-lr * g for g in s["grads"]] if arch == "mlp" else [wiring.adam_first_update(lr, g) for g in s["grads"]]
+        assert_update(s, first, "the first update")
+        assert_same(list(net.parameters()), s["after"], "a net moved after its own step")
+
+
+def test_sgd_learning_rate_decay_and_momentum_ramp(tmp_path, monkeypatch, steps):
+    """Both nets' SGD (Sec. 4.1): lr divided by --lr-decay at every update down to --min-lr; momentum linear from
+    --momentum at epoch 1 to --final-momentum at --momentum-epochs; every update is momentum SGD
+    (v ← m v + g, θ ← θ − lr v) with the values of its step."""
+    nets = watch_build(monkeypatch)
+    wiring.train_steps(cgan, tmp_path, 5, "--batch-size", "240", "--lr-decay", "2", "--min-lr", "0.02",
+                       "--momentum-epochs", "2")
+    # 480 training images (the 512 fake ones less 32 held out) in batches of 240: update t starts at epoch (t − 1)/2
+    lrs, momenta = [0.1, 0.05, 0.025, 0.02, 0.02], [0.5, 0.5, 0.5, 0.6, 0.7]
+    who = who_steps(steps, G=nets["G"], D=nets["D"])
+    assert who == ["D", "G"] * 5
+    for name in "DG":
+        mine = [s for s, w in zip(steps, who) if w == name]
+        assert [setting(s, "lr") for s in mine] == pytest.approx(lrs, rel=1e-12), name
+        assert [setting(s, "momentum") for s in mine] == pytest.approx(momenta, rel=1e-12), name
+        velocity = None
+        for t, (s, lr, m) in enumerate(zip(mine, lrs, momenta)):
+            velocity = s["grads"] if velocity is None else [m * v + g for v, g in zip(velocity, s["grads"])]
+            assert_update(s, [-lr * v for v in velocity], f"{name}'s update {t + 1}")

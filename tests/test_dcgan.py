@@ -1,13 +1,16 @@
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import dcgan
+from common import data as datasets
 from common import metrics
-from tests import helpers
+from tests import helpers, wiring
 
 
 def test_dry_run(tmp_path):
@@ -139,3 +142,144 @@ def test_toy_data_is_refused(tmp_path, capsys):
     helpers.expect_usage_error(dcgan, ["--dry-run", "--dataset", "ring8", "--out", str(tmp_path / "x")],
                                capsys, "images")
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+def watch(net):
+    """Make `net` record, at every forward call, (its state dict, its inputs) in net.calls."""
+    class Watched(type(net)):
+        def forward(self, *inputs):
+            self.calls.append(({k: v.detach().clone() for k, v in self.state_dict().items()},
+                               [x.detach().clone() for x in inputs]))
+            return super().forward(*inputs)
+    net.__class__, net.calls = Watched, []
+    return net
+
+
+def replica(net, state, params=None):
+    """A copy of a watched net in a recorded `state`, with `params` (in net.parameters() order) if given."""
+    twin = copy.deepcopy(net, {id(net.calls): []})
+    twin.load_state_dict(state)
+    if params is not None:
+        with torch.no_grad():
+            for p, value in zip(twin.parameters(), params):
+                p.copy_(value)
+    return twin
+
+
+@pytest.fixture
+def steps():
+    """Every optimizer step train() takes, in order: the optimizer, its settings at that step, the
+    gradients it stepped with, and its parameters before and after."""
+    record = []
+
+    def pre(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        record.append({"opt": opt, "settings": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                       "grads": [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params],
+                       "before": [p.detach().clone() for p in params]})
+
+    def post(opt, args, kwargs):
+        record[-1]["after"] = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    yield record
+    for h in hooks:
+        h.remove()
+
+
+def record_batches(monkeypatch):
+    """The batches train() draws from common.data.iterate, in order."""
+    drawn, original = [], datasets.iterate
+
+    def iterate(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            drawn.append([t.clone() for t in batch])
+            yield batch
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    return drawn
+
+
+def who_steps(steps, **nets):
+    """Which net each recorded step updates ("D", "G"; "GD" if one optimizer holds both)."""
+    def owns(opt, net):
+        mine = {id(p) for g in opt.param_groups for p in g["params"]}
+        return any(id(p) in mine for p in net.parameters())
+    return ["".join(name for name, net in nets.items() if owns(s["opt"], net)) for s in steps]
+
+
+def setting(step, key):
+    values = {repr(g[key]) for g in step["settings"]}
+    assert len(values) == 1, values
+    return step["settings"][0][key]
+
+
+def grads(loss, net):
+    return torch.autograd.grad(loss, list(net.parameters()))
+
+
+def assert_same_gradients(recorded, expected, what):
+    """The loop's gradients equal the replayed ones (to float rounding, relative to each tensor's scale)."""
+    assert len(recorded) == len(expected), what
+    for i, (a, b) in enumerate(zip(recorded, expected)):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-4 * scale + 1e-12, \
+            f"{what}: tensor {i} differs (max |diff| {(a - b).abs().max().item():.3g}, scale {scale:.3g})"
+
+
+def assert_update(step, deltas, what):
+    """The step moved its parameters by `deltas` (to float rounding of the parameters and the deltas)."""
+    for i, (after, before, d) in enumerate(zip(step["after"], step["before"], deltas)):
+        tol = 1e-4 * d.abs().max().item() + 4 * torch.finfo(before.dtype).eps * before.abs().max().item()
+        assert (after - (before + d)).abs().max().item() <= tol, f"{what}: tensor {i} moved otherwise"
+
+
+def assert_same(a, b, what):
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b), what
+
+
+def watch_build(monkeypatch):
+    """The (G, D) that train() builds, watched."""
+    nets, original = {}, dcgan.build
+
+    def build(*args, **kwargs):
+        G, D = original(*args, **kwargs)
+        nets["G"], nets["D"] = watch(G), watch(D)
+        return G, D
+    monkeypatch.setattr(dcgan, "build", build)
+    return nets
+
+
+def test_one_step_follows_the_equations(tmp_path, monkeypatch, steps):
+    """One step: D descends −E log D(x) − E log(1 − D(G(z))) with x the data batch (real and generated
+    batches normalised separately, in training mode), then G descends −E log D(G(z)) on fresh noise against
+    the updated D; each with Adam lr 2e-4, betas (0.5, 0.999), weight decay 1e-5, moving only its own net."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(dcgan, tmp_path, 1)
+    G, D = nets["G"], nets["D"]
+    assert who_steps(steps, G=G, D=D) == ["D", "G"]
+    d_step, g_step = steps
+    G0, D0 = replica(G, G.calls[0][0]), replica(D, D.calls[0][0])
+    x, (z,) = batches[0][0], G.calls[0][1]
+    with torch.no_grad():
+        fake = G0(z)
+    loss_d = F.softplus(-D0(x)).mean() + F.softplus(D0(fake)).mean()   # −log σ(l) = softplus(−l)
+    assert_same_gradients(d_step["grads"], grads(loss_d, D0), "D's gradient")
+
+    assert_same(g_step["before"], list(G0.parameters()), "G moved during D's step")
+    (z,) = G.calls[1][1]
+    D1 = replica(D, D.calls[0][0], d_step["after"])
+    assert_same_gradients(g_step["grads"], grads(F.softplus(-D1(G0(z))).mean(), G0), "G's gradient")
+
+    for s, net in ((d_step, D), (g_step, G)):
+        assert type(s["opt"]) is torch.optim.Adam
+        assert (setting(s, "lr"), setting(s, "betas"), setting(s, "weight_decay")) == (2e-4, (0.5, 0.999), 1e-5)
+        # Adam's first step with L2 weight decay: −lr · sign(g + wd·θ)
+        assert_update(s, [wiring.adam_first_update(2e-4, g + 1e-5 * p) for g, p in zip(s["grads"], s["before"])],
+                      "Adam's first update")
+        assert_same(list(net.parameters()), s["after"], "a net moved after its own step")

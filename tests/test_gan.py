@@ -1,9 +1,14 @@
+import copy
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import gan
-from tests import helpers
+from common import data as datasets
+from tests import helpers, wiring
 
 
 def test_dry_run(tmp_path):
@@ -75,3 +80,213 @@ def test_dry_run_alternating_updates(tmp_path):
     """Algorithm 1 as printed (k D steps per G step) alongside the official code's simultaneous updates."""
     _, summary, _ = helpers.dry_run(gan, tmp_path, "--update", "alternating", "--k", "2")
     assert summary["step"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+def watch(net):
+    """Make `net` record, at every forward call, (its state dict, its inputs) in net.calls."""
+    class Watched(type(net)):
+        def forward(self, *inputs):
+            self.calls.append(({k: v.detach().clone() for k, v in self.state_dict().items()},
+                               [x.detach().clone() for x in inputs]))
+            return super().forward(*inputs)
+    net.__class__, net.calls = Watched, []
+    return net
+
+
+def replica(net, state, params=None):
+    """A copy of a watched net in a recorded `state`, with `params` (in net.parameters() order) if given."""
+    twin = copy.deepcopy(net, {id(net.calls): []})
+    twin.load_state_dict(state)
+    if params is not None:
+        with torch.no_grad():
+            for p, value in zip(twin.parameters(), params):
+                p.copy_(value)
+    return twin
+
+
+@pytest.fixture
+def steps():
+    """Every optimizer step train() takes, in order: the optimizer, its settings at that step, the
+    gradients it stepped with, and its parameters before and after."""
+    record = []
+
+    def pre(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        record.append({"opt": opt, "settings": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                       "grads": [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params],
+                       "before": [p.detach().clone() for p in params]})
+
+    def post(opt, args, kwargs):
+        record[-1]["after"] = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    yield record
+    for h in hooks:
+        h.remove()
+
+
+def record_batches(monkeypatch):
+    """The batches train() draws from common.data.iterate, in order."""
+    drawn, original = [], datasets.iterate
+
+    def iterate(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            drawn.append([t.clone() for t in batch])
+            yield batch
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    return drawn
+
+
+def who_steps(steps, **nets):
+    """Which net each recorded step updates ("D", "G"; "GD" if one optimizer holds both)."""
+    def owns(opt, net):
+        mine = {id(p) for g in opt.param_groups for p in g["params"]}
+        return any(id(p) in mine for p in net.parameters())
+    return ["".join(name for name, net in nets.items() if owns(s["opt"], net)) for s in steps]
+
+
+def setting(step, key):
+    values = {repr(g[key]) for g in step["settings"]}
+    assert len(values) == 1, values
+    return step["settings"][0][key]
+
+
+def grads(loss, net):
+    return torch.autograd.grad(loss, list(net.parameters()))
+
+
+def assert_same_gradients(recorded, expected, what):
+    """The loop's gradients equal the replayed ones (to float rounding, relative to each tensor's scale)."""
+    assert len(recorded) == len(expected), what
+    for i, (a, b) in enumerate(zip(recorded, expected)):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-4 * scale + 1e-12, \
+            f"{what}: tensor {i} differs (max |diff| {(a - b).abs().max().item():.3g}, scale {scale:.3g})"
+
+
+def assert_update(step, deltas, what):
+    """The step moved its parameters by `deltas` (to float rounding of the parameters and the deltas)."""
+    for i, (after, before, d) in enumerate(zip(step["after"], step["before"], deltas)):
+        tol = 1e-4 * d.abs().max().item() + 4 * torch.finfo(before.dtype).eps * before.abs().max().item()
+        assert (after - (before + d)).abs().max().item() <= tol, f"{what}: tensor {i} moved otherwise"
+
+
+def assert_same(a, b, what):
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b), what
+
+
+def watch_build(monkeypatch):
+    """The (G, D) that train() builds, watched. D's output bias starts at 1.5 instead of 0: at D = ½ the two G
+    losses have the same gradient, and they should be told apart."""
+    nets, original = {}, gan.build
+
+    def build(*args, **kwargs):
+        G, D = original(*args, **kwargs)
+        torch.nn.init.constant_(D.net[-1].bias, 1.5)
+        nets["G"], nets["D"] = watch(G), watch(D)
+        return G, D
+    monkeypatch.setattr(gan, "build", build)
+    return nets
+
+
+NO_DROPOUT = ("--d-input-dropout", "0", "--d-hidden-dropout", "0")   # dropout masks cannot be replayed
+
+
+def log_d(logits):        # log D(x) = −softplus(−l), D = sigmoid(l)
+    return -F.softplus(-logits)
+
+
+def log_1m_d(logits):     # log(1 − D(x)) = −softplus(l)
+    return -F.softplus(logits)
+
+
+@pytest.mark.parametrize("g_loss", ["nonsaturating", "minimax"])
+def test_simultaneous_update_follows_the_equations(tmp_path, monkeypatch, steps, g_loss):
+    """The official code's update: D's gradient is that of ½ (−E log D(x) − E log(1 − D(G(z)))) with x the data
+    batch; G's is that of −E log D(G(z)) (Sec. 3; minimax: E log(1 − D(G(z))), Eq. 1) on the same samples and the
+    same D, before either net moves. Each takes one SGD step at lr 0.1, momentum 0.5 (a first step is −lr·g),
+    and neither step touches the other net."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(gan, tmp_path, 1, *NO_DROPOUT, "--g-loss", g_loss)
+    G, D = nets["G"], nets["D"]
+    assert who_steps(steps, G=G, D=D) == ["D", "G"]
+    d_step, g_step = steps
+    (g_state, (z,)), (d_state, _) = G.calls[0], D.calls[0]
+    G0, D0 = replica(G, g_state), replica(D, d_state)
+    x, fake = batches[0][0], G0(z)
+    loss_d = 0.5 * (-log_d(D0(x)).mean() - log_1m_d(D0(fake.detach())).mean())
+    assert_same_gradients(d_step["grads"], grads(loss_d, D0), "D's gradient")
+    loss_g = -log_d(D0(fake)).mean() if g_loss == "nonsaturating" else log_1m_d(D0(fake)).mean()
+    assert_same_gradients(g_step["grads"], grads(loss_g, G0), "G's gradient")
+    for s, net0, net in ((d_step, D0, D), (g_step, G0, G)):
+        assert type(s["opt"]) is torch.optim.SGD
+        assert (setting(s, "lr"), setting(s, "momentum"), setting(s, "weight_decay")) == (0.1, 0.5, 0)
+        assert_same(s["before"], list(net0.parameters()), "a net moved before its own step")
+        assert_update(s, [-0.1 * g for g in s["grads"]], "the first SGD update")
+        assert_same(list(net.parameters()), s["after"], "a net moved after its own step")
+
+
+def test_alternating_update_takes_k_d_steps_then_one_g_step(tmp_path, monkeypatch, steps):
+    """Algorithm 1 (--update alternating --k 3): three D steps, each on a fresh data batch and fresh samples of
+    the current G, then one G step against the updated D; twice."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(gan, tmp_path, 2, *NO_DROPOUT, "--update", "alternating", "--k", "3")
+    G, D = nets["G"], nets["D"]
+    assert who_steps(steps, G=G, D=D) == ["D", "D", "D", "G"] * 2
+    g_params, d_params = list(replica(G, G.calls[0][0]).parameters()), list(replica(D, D.calls[0][0]).parameters())
+    for it in range(2):
+        for j in range(3):
+            s = steps[4 * it + j]
+            assert_same(s["before"], d_params, "D's step starts where the last one ended")
+            _, (z,) = G.calls[4 * it + j]
+            Gi, Dj = replica(G, G.calls[0][0], g_params), replica(D, D.calls[0][0], d_params)
+            x = batches[3 * it + j][0]
+            fake = Gi(z).detach()
+            loss_d = 0.5 * (-log_d(Dj(x)).mean() - log_1m_d(Dj(fake)).mean())
+            assert_same_gradients(s["grads"], grads(loss_d, Dj), f"iteration {it + 1}, D step {j + 1}")
+            d_params = s["after"]
+        s = steps[4 * it + 3]
+        assert_same(s["before"], g_params, "G moved during D's steps")
+        _, (z,) = G.calls[4 * it + 3]
+        Gi, Dk = replica(G, G.calls[0][0], g_params), replica(D, D.calls[0][0], d_params)
+        assert_same_gradients(s["grads"], grads(-log_d(Dk(Gi(z))).mean(), Gi), f"iteration {it + 1}, G step")
+        g_params = s["after"]
+
+
+def test_sgd_learning_rate_decay_and_momentum_ramp(tmp_path, monkeypatch, steps):
+    """Both nets' SGD (mnist.yaml): lr divided by --lr-decay at every update down to --min-lr; momentum linear
+    from --momentum at epoch 1 to --final-momentum at --momentum-epochs; every update is momentum SGD
+    (v ← m v + g, θ ← θ − lr v) with the values of its step."""
+    nets = watch_build(monkeypatch)
+    wiring.train_steps(gan, tmp_path, 5, "--batch-size", "240", "--lr-decay", "2", "--min-lr", "0.02",
+                       "--momentum-epochs", "2")
+    # 480 training images (the 512 fake ones less 32 held out) in batches of 240: update t starts at epoch (t − 1)/2
+    lrs, momenta = [0.1, 0.05, 0.025, 0.02, 0.02], [0.5, 0.5, 0.5, 0.6, 0.7]
+    who = who_steps(steps, G=nets["G"], D=nets["D"])
+    assert who == ["D", "G"] * 5
+    for name in "DG":
+        mine = [s for s, w in zip(steps, who) if w == name]
+        assert [setting(s, "lr") for s in mine] == pytest.approx(lrs, rel=1e-12), name
+        assert [setting(s, "momentum") for s in mine] == pytest.approx(momenta, rel=1e-12), name
+        velocity = None
+        for t, (s, lr, m) in enumerate(zip(mine, lrs, momenta)):
+            velocity = s["grads"] if velocity is None else [m * v + g for v, g in zip(velocity, s["grads"])]
+            assert_update(s, [-lr * v for v in velocity], f"{name}'s update {t + 1}")
+
+
+def test_toys_train_with_adam(tmp_path, monkeypatch, steps):
+    """On the 2D toys both nets use Adam with lr 1e-4, betas (0.8, 0.999) and no schedule."""
+    nets = watch_build(monkeypatch)
+    wiring.train_steps(gan, tmp_path, 2, "--dataset", "ring8")
+    assert who_steps(steps, G=nets["G"], D=nets["D"]) == ["D", "G"] * 2
+    for s in steps:
+        assert type(s["opt"]) is torch.optim.Adam
+        assert (setting(s, "lr"), setting(s, "betas"), setting(s, "weight_decay")) == (1e-4, (0.8, 0.999), 0)
+    for s in steps[:2]:   # Adam's first step: −lr · sign(g)
+        assert_update(s, [wiring.adam_first_update(1e-4, g) for g in s["grads"]], "Adam's first update")

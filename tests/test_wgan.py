@@ -1,11 +1,14 @@
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import wgan
-from tests import helpers
+from common import data as datasets
+from tests import helpers, wiring
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +129,173 @@ def test_sample_toy_with_eval(tmp_path):
     out, _, _ = helpers.dry_run(wgan, tmp_path, "--dataset", "grid25")
     written = helpers.sample_from(wgan, out / "ckpt.pt", tmp_path, "--eval")
     helpers.assert_mode_metrics(written, 25)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+def watch(net):
+    """Make `net` record, at every forward call, (its state dict, its inputs) in net.calls."""
+    class Watched(type(net)):
+        def forward(self, *inputs):
+            self.calls.append(({k: v.detach().clone() for k, v in self.state_dict().items()},
+                               [x.detach().clone() for x in inputs]))
+            return super().forward(*inputs)
+    net.__class__, net.calls = Watched, []
+    return net
+
+
+def replica(net, state, params=None):
+    """A copy of a watched net in a recorded `state`, with `params` (in net.parameters() order) if given."""
+    twin = copy.deepcopy(net, {id(net.calls): []})
+    twin.load_state_dict(state)
+    if params is not None:
+        with torch.no_grad():
+            for p, value in zip(twin.parameters(), params):
+                p.copy_(value)
+    return twin
+
+
+@pytest.fixture
+def steps():
+    """Every optimizer step train() takes, in order: the optimizer, its settings at that step, the
+    gradients it stepped with, and its parameters before and after."""
+    record = []
+
+    def pre(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        record.append({"opt": opt, "settings": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                       "grads": [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params],
+                       "before": [p.detach().clone() for p in params]})
+
+    def post(opt, args, kwargs):
+        record[-1]["after"] = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    yield record
+    for h in hooks:
+        h.remove()
+
+
+def record_batches(monkeypatch):
+    """The batches train() draws from common.data.iterate, in order."""
+    drawn, original = [], datasets.iterate
+
+    def iterate(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            drawn.append([t.clone() for t in batch])
+            yield batch
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    return drawn
+
+
+def who_steps(steps, **nets):
+    """Which net each recorded step updates ("D", "G"; "GD" if one optimizer holds both)."""
+    def owns(opt, net):
+        mine = {id(p) for g in opt.param_groups for p in g["params"]}
+        return any(id(p) in mine for p in net.parameters())
+    return ["".join(name for name, net in nets.items() if owns(s["opt"], net)) for s in steps]
+
+
+def setting(step, key):
+    values = {repr(g[key]) for g in step["settings"]}
+    assert len(values) == 1, values
+    return step["settings"][0][key]
+
+
+def grads(loss, net):
+    return torch.autograd.grad(loss, list(net.parameters()))
+
+
+def assert_same_gradients(recorded, expected, what):
+    """The loop's gradients equal the replayed ones (to float rounding, relative to each tensor's scale)."""
+    assert len(recorded) == len(expected), what
+    for i, (a, b) in enumerate(zip(recorded, expected)):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-4 * scale + 1e-12, \
+            f"{what}: tensor {i} differs (max |diff| {(a - b).abs().max().item():.3g}, scale {scale:.3g})"
+
+
+def assert_update(step, deltas, what):
+    """The step moved its parameters by `deltas` (to float rounding of the parameters and the deltas)."""
+    for i, (after, before, d) in enumerate(zip(step["after"], step["before"], deltas)):
+        tol = 1e-4 * d.abs().max().item() + 4 * torch.finfo(before.dtype).eps * before.abs().max().item()
+        assert (after - (before + d)).abs().max().item() <= tol, f"{what}: tensor {i} moved otherwise"
+
+
+def assert_same(a, b, what):
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b), what
+
+
+def watch_build(monkeypatch):
+    """The G and critic that train() builds, watched."""
+    nets = {}
+    for name, builder in (("G", "build_generator"), ("D", "build_critic")):
+        def build(*args, _original=getattr(wgan, builder), _name=name, **kwargs):
+            nets[_name] = watch(_original(*args, **kwargs))
+            return nets[_name]
+        monkeypatch.setattr(wgan, builder, build)
+    return nets
+
+
+def rmsprop_first_update(lr, grad, alpha=0.99, eps=1e-8):
+    """RMSProp's first step: v = (1 − α) g², θ ← θ − lr g / (√v + ε)."""
+    return -lr * grad / (((1 - alpha) * grad ** 2).sqrt() + eps)
+
+
+def test_critic_and_generator_steps_follow_algorithm_1(tmp_path, monkeypatch, steps):
+    """Algorithm 1 with --n-critic 3 and c = 0.02, two G iterations: each critic step descends
+    E f(G(z)) − E f(x) on a fresh data batch x and fresh samples of the current G, then every critic weight is
+    clipped to [−c, c] (also at initialisation); then G descends −E f(G(z)) on fresh noise against the clipped
+    critic. Both use RMSProp (lr 5e-5, α 0.99); each step moves only its own net."""
+    c = 0.02
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(wgan, tmp_path, 2, "--n-critic", "3", "--clip", str(c), "--no-boost-critic")
+    G, D = nets["G"], nets["D"]
+    assert who_steps(steps, G=G, D=D) == (["D"] * 3 + ["G"]) * 2
+    g_state, d_state = G.calls[0][0], D.calls[0][0]
+    g_params, d_params = list(replica(G, g_state).parameters()), list(replica(D, d_state).parameters())
+    assert max(p.abs().max() for p in d_params) <= c, "the critic starts outside [−c, c]"
+    clipping_binds = False
+    for it in range(2):
+        Gi = replica(G, g_state, g_params)
+        for j in range(3):
+            s = steps[4 * it + j]
+            assert_same(s["before"], d_params, "the critic's step must start from the clipped weights")
+            Dj = replica(D, d_state, d_params)
+            (z,) = G.calls[4 * it + j][1]
+            with torch.no_grad():
+                fake = Gi(z)
+            loss = Dj(fake).mean() - Dj(batches[3 * it + j][0]).mean()
+            assert_same_gradients(s["grads"], grads(loss, Dj), f"iteration {it + 1}, critic step {j + 1}")
+            clipping_binds |= any(bool((p.abs() > c).any()) for p in s["after"])
+            d_params = [p.clamp(-c, c) for p in s["after"]]
+        s = steps[4 * it + 3]
+        assert_same(s["before"], g_params, "G moved during the critic's steps")
+        (z,) = G.calls[4 * it + 3][1]
+        Dk = replica(D, d_state, d_params)
+        assert_same_gradients(s["grads"], grads(-Dk(Gi(z)).mean(), Gi), f"iteration {it + 1}, G step")
+        g_params = s["after"]
+    assert clipping_binds, "no update left [−c, c]: the test does not exercise the clipping"
+    assert_same(list(D.parameters()), d_params, "the critic's weights at the end")
+    assert_same(list(G.parameters()), g_params, "G's weights at the end")
+
+    for s in steps:
+        assert type(s["opt"]) is torch.optim.RMSprop
+        assert {k: setting(s, k) for k in ("lr", "alpha", "eps", "momentum", "centered", "weight_decay")} == \
+            {"lr": 5e-5, "alpha": 0.99, "eps": 1e-8, "momentum": 0, "centered": False, "weight_decay": 0}
+    for s in (steps[0], steps[3]):   # each optimizer's first step
+        assert_update(s, [rmsprop_first_update(5e-5, g) for g in s["grads"]], "RMSProp's first update")
+
+
+def test_critic_is_boosted_to_100_steps_at_the_start(tmp_path, monkeypatch, steps):
+    """The official schedule: 100 critic steps (each clipped) before the first G iteration."""
+    c = 0.01
+    nets = watch_build(monkeypatch)
+    wiring.train_steps(wgan, tmp_path, 1, "--boost-critic")
+    assert who_steps(steps, G=nets["G"], D=nets["D"]) == ["D"] * 100 + ["G"]
+    for previous, s in zip(steps[:99], steps[1:100]):
+        assert_same(s["before"], [p.clamp(-c, c) for p in previous["after"]], "a boosted critic step went unclipped")

@@ -1,13 +1,16 @@
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import wgan_gp
+from common import data as datasets
 from common import metrics
-from tests import helpers
+from tests import helpers, wiring
 
 
 def test_dry_run(tmp_path):
@@ -191,3 +194,191 @@ def test_bad_image_size(tmp_path, capsys, size):
     out = tmp_path / "x"
     helpers.expect_usage_error(wgan_gp, ["--dry-run", "--image-size", size, "--out", str(out)], capsys, "power of two")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+def watch(net):
+    """Make `net` record, at every forward call, (its state dict, its inputs) in net.calls."""
+    class Watched(type(net)):
+        def forward(self, *inputs):
+            self.calls.append(({k: v.detach().clone() for k, v in self.state_dict().items()},
+                               [x.detach().clone() for x in inputs]))
+            return super().forward(*inputs)
+    net.__class__, net.calls = Watched, []
+    return net
+
+
+def replica(net, state, params=None):
+    """A copy of a watched net in a recorded `state`, with `params` (in net.parameters() order) if given."""
+    twin = copy.deepcopy(net, {id(net.calls): []})
+    twin.load_state_dict(state)
+    if params is not None:
+        with torch.no_grad():
+            for p, value in zip(twin.parameters(), params):
+                p.copy_(value)
+    return twin
+
+
+@pytest.fixture
+def steps():
+    """Every optimizer step train() takes, in order: the optimizer, its settings at that step, the
+    gradients it stepped with, and its parameters before and after."""
+    record = []
+
+    def pre(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        record.append({"opt": opt, "settings": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                       "grads": [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params],
+                       "before": [p.detach().clone() for p in params]})
+
+    def post(opt, args, kwargs):
+        record[-1]["after"] = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    yield record
+    for h in hooks:
+        h.remove()
+
+
+def record_batches(monkeypatch):
+    """The batches train() draws from common.data.iterate, in order."""
+    drawn, original = [], datasets.iterate
+
+    def iterate(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            drawn.append([t.clone() for t in batch])
+            yield batch
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    return drawn
+
+
+def who_steps(steps, **nets):
+    """Which net each recorded step updates ("D", "G"; "GD" if one optimizer holds both)."""
+    def owns(opt, net):
+        mine = {id(p) for g in opt.param_groups for p in g["params"]}
+        return any(id(p) in mine for p in net.parameters())
+    return ["".join(name for name, net in nets.items() if owns(s["opt"], net)) for s in steps]
+
+
+def setting(step, key):
+    values = {repr(g[key]) for g in step["settings"]}
+    assert len(values) == 1, values
+    return step["settings"][0][key]
+
+
+def grads(loss, net):
+    return torch.autograd.grad(loss, list(net.parameters()))
+
+
+def assert_same_gradients(recorded, expected, what):
+    """The loop's gradients equal the replayed ones (to float rounding, relative to each tensor's scale)."""
+    assert len(recorded) == len(expected), what
+    for i, (a, b) in enumerate(zip(recorded, expected)):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-4 * scale + 1e-12, \
+            f"{what}: tensor {i} differs (max |diff| {(a - b).abs().max().item():.3g}, scale {scale:.3g})"
+
+
+def assert_update(step, deltas, what):
+    """The step moved its parameters by `deltas` (to float rounding of the parameters and the deltas)."""
+    for i, (after, before, d) in enumerate(zip(step["after"], step["before"], deltas)):
+        tol = 1e-4 * d.abs().max().item() + 4 * torch.finfo(before.dtype).eps * before.abs().max().item()
+        assert (after - (before + d)).abs().max().item() <= tol, f"{what}: tensor {i} moved otherwise"
+
+
+def assert_same(a, b, what):
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b), what
+
+
+def watch_build(monkeypatch):
+    """The (G, D) that train() builds, watched."""
+    nets, original = {}, wgan_gp.build
+
+    def build(*args, **kwargs):
+        G, D = original(*args, **kwargs)
+        nets["G"], nets["D"] = watch(G), watch(D)
+        return G, D
+    monkeypatch.setattr(wgan_gp, "build", build)
+    return nets
+
+
+def check_iterations(G, D, steps, batches, iterations, n_critic, lam, g_batch):
+    """Replay every step of `iterations` generator iterations from the docstring's equations: n_critic critic
+    steps, each descending E D(x̃) − E D(x) + λ E (‖∇_x̂ D(x̂)‖₂ − 1)² on a fresh data batch x, fresh samples x̃ of
+    the current G and points x̂ on the lines between them; then one G step descending −E D(G(z)) on g_batch
+    fresh samples against the updated critic. Returns the number of critic forward calls per critic step."""
+    assert who_steps(steps, G=G, D=D) == (["D"] * n_critic + ["G"]) * iterations
+    g_state, d_state = G.calls[0][0], D.calls[0][0]
+    g_params, d_params = list(replica(G, g_state).parameters()), list(replica(D, d_state).parameters())
+    d_call = 0
+    for it in range(iterations):
+        Gi = replica(G, g_state, g_params)
+        for j in range(n_critic):
+            s = steps[(n_critic + 1) * it + j]
+            assert_same(s["before"], d_params, "the critic's step must start where its last one ended")
+            (z,) = G.calls[(n_critic + 1) * it + j][1]
+            real = batches[n_critic * it + j][0]
+            with torch.no_grad():
+                fake = Gi(z)
+            # the critic's inputs in this step: the data, the samples, and the points of the penalty
+            seen = [x for _, (x,) in D.calls[d_call:d_call + 3]]
+            d_call += 3
+            x_hat = [x for x in seen if not torch.equal(x, real) and not torch.allclose(x, fake, atol=1e-6)]
+            assert len(x_hat) == 1, "the penalty must be taken at points other than the data and the samples"
+            x_hat = x_hat[0]
+            diff = (real - fake).flatten(1)
+            eps = ((x_hat - fake).flatten(1) * diff).sum(1) / (diff * diff).sum(1)
+            on_line = fake + eps.view(-1, *[1] * (real.dim() - 1)) * (real - fake)
+            assert torch.allclose(x_hat, on_line, atol=1e-5), "x̂ is not on the line between x and x̃"
+            assert (eps >= -1e-5).all() and (eps <= 1 + 1e-5).all() and eps.std() > 0.05, eps
+
+            Dj = replica(D, d_state, d_params)
+            x_hat = x_hat.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(Dj(x_hat).sum(), x_hat, create_graph=True)
+            penalty = lam * ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+            loss = Dj(fake).mean() - Dj(real).mean() + penalty
+            assert_same_gradients(s["grads"], grads(loss, Dj), f"iteration {it + 1}, critic step {j + 1}")
+            d_params = s["after"]
+        s = steps[(n_critic + 1) * it + n_critic]
+        assert_same(s["before"], g_params, "G moved during the critic's steps")
+        (z,) = G.calls[(n_critic + 1) * it + n_critic][1]
+        assert len(z) == g_batch
+        Dk = replica(D, d_state, d_params)
+        assert_same_gradients(s["grads"], grads(-Dk(Gi(z)).mean(), Gi), f"iteration {it + 1}, G step")
+        d_call += 1
+        g_params = s["after"]
+    assert_same(list(D.parameters()), d_params, "the critic's weights at the end")
+    assert_same(list(G.parameters()), g_params, "G's weights at the end")
+
+
+def test_images_critic_and_generator_steps_follow_eq_3(tmp_path, monkeypatch, steps):
+    """The CIFAR-10 configuration (--n-critic 2 here), two G iterations: the critic loss of Eq. 3 with λ = 10,
+    G's batch twice the critic's; Adam betas (0, 0.9) for both, lr 2e-4 decayed linearly to 0 over --steps
+    (so 2e-4 in the first iteration, 1e-4 in the second); each step moves only its own net."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(wgan_gp, tmp_path, 2, "--n-critic", "2")
+    check_iterations(nets["G"], nets["D"], steps, batches, iterations=2, n_critic=2, lam=10.0, g_batch=2 * 8)
+    for s, lr in zip(steps, [2e-4] * 3 + [1e-4] * 3):
+        assert type(s["opt"]) is torch.optim.Adam
+        assert {k: setting(s, k) for k in ("lr", "betas", "eps", "weight_decay")} == \
+            {"lr": lr, "betas": (0.0, 0.9), "eps": 1e-8, "weight_decay": 0}
+    for s in (steps[0], steps[2]):   # each optimizer's first step: −lr · sign(g)
+        assert_update(s, [wiring.adam_first_update(2e-4, g) for g in s["grads"]], "Adam's first update")
+
+
+def test_toy_critic_and_generator_steps_follow_gan_toy_py(tmp_path, monkeypatch, steps):
+    """gan_toy.py's settings on ring8: 5 critic steps per G step, λ = 0.1, batch 256 for both nets, Adam
+    lr 1e-4 (no decay), betas (0.5, 0.9). (Narrower MLPs than gan_toy.py's 512 units, to keep the test quick.)"""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(wgan_gp, tmp_path, 2, "--dataset", "ring8", "--g-width", "64", "--d-width", "64")
+    check_iterations(nets["G"], nets["D"], steps, batches, iterations=2, n_critic=5, lam=0.1, g_batch=256)
+    assert len(batches[0][0]) == 256
+    for s in steps:
+        assert type(s["opt"]) is torch.optim.Adam
+        assert {k: setting(s, k) for k in ("lr", "betas", "eps", "weight_decay")} == \
+            {"lr": 1e-4, "betas": (0.5, 0.9), "eps": 1e-8, "weight_decay": 0}
