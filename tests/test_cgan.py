@@ -45,6 +45,8 @@ def test_sample_has_one_row_per_class(tmp_path):
 def test_help(capsys):
     text = helpers.help_text(cgan, capsys)
     assert "--arch" in text and "--lr-decay" in text
+    own = " ".join(text.split("run (shared by every script)")[0].split())   # this script's flags, unwrapped
+    assert "(default: None)" not in own and "None:" not in own
 
 
 def test_paper_mlp_sizes():

@@ -49,6 +49,7 @@ def test_inception_metrics_are_logged_and_sampled(tmp_path, monkeypatch):
 def test_help(capsys):
     text = helpers.help_text(dcgan, capsys)
     assert "--kernel-size" in text and "--g-width" in text
+    assert "(default: None)" not in " ".join(text.split("run (shared by every script)")[0].split())
 
 
 @pytest.mark.parametrize("size", [32, 64])

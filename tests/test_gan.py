@@ -32,7 +32,11 @@ def test_sample(tmp_path):
 
 
 def test_help(capsys):
-    assert "--g-loss" in helpers.help_text(gan, capsys)
+    text = helpers.help_text(gan, capsys)
+    assert "--g-loss" in text
+    own = " ".join(text.split("run (shared by every script)")[0].split())   # this script's flags, unwrapped
+    assert "(default: None)" not in own
+    assert "(default: sgd)" in own and "adam" in own
 
 
 def test_losses_match_value_function():

@@ -60,6 +60,9 @@ def test_sample(tmp_path):
 def test_help(capsys):
     text = helpers.help_text(sngan, capsys)
     assert "--no-sn" in text and "--n-dis" in text
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat.split("run (shared by every script)")[0]
+    assert "--image-size IMAGE_SIZE image side in pixels (default: 32)" in flat
 
 
 def test_bad_input(tmp_path, capsys):

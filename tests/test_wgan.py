@@ -48,6 +48,7 @@ def test_sample(tmp_path):
 def test_help(capsys):
     text = helpers.help_text(wgan, capsys)
     assert "--clip" in text and "--no-boost-critic" in text
+    assert "(default: None)" not in " ".join(text.split("run (shared by every script)")[0].split())
 
 
 def test_bad_input(tmp_path, capsys):

@@ -75,6 +75,7 @@ def test_inception_metrics_are_logged_and_sampled(tmp_path, monkeypatch):
 def test_help(capsys):
     text = helpers.help_text(wgan_gp, capsys)
     assert "--gp-lambda" in text and "--n-critic" in text
+    assert "(default: None)" not in " ".join(text.split("run (shared by every script)")[0].split())
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 4, 4)])
