@@ -96,9 +96,9 @@ def parse_args(argv=None):
     g.add_argument("--valid-size", type=int, default=10000,
                    help="training images held out as the validation split (Parzen sigma selection)")
     o = p.add_argument_group("optimiser")
-    o.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="None: the paper's SGD (decaying lr, rising momentum) for mlp, DCGAN's Adam for conv")
-    o.add_argument("--lr", type=float, default=None, help="learning rate; None: 0.1 for SGD, 2e-4 for Adam")
+    o.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="the paper's SGD (decaying lr, rising momentum); --arch conv defaults to DCGAN's Adam")
+    o.add_argument("--lr", type=float, default=0.1, help="learning rate (Adam: 2e-4)")
     o.add_argument("--lr-decay", type=float, default=1.00004, help="SGD lr is divided by this every update")
     o.add_argument("--min-lr", type=float, default=1e-6, help="floor of the decayed learning rate")
     o.add_argument("--momentum", type=float, default=0.5, help="initial SGD momentum")

@@ -35,3 +35,12 @@ def steps():
     taken, stop = wiring.record_steps()
     yield taken
     stop()
+
+
+@pytest.fixture
+def updates():
+    """The optimizer steps taken while the test runs, as dicts of lists (tests.wiring.record_updates)."""
+    from tests import wiring
+    record, stop = wiring.record_updates()
+    yield record
+    stop()

@@ -11,6 +11,7 @@ watch it from outside:
 A wiring test should fail when the loop is mis-wired; check each one by breaking the loop in a scratch
 copy (swap real and fake, drop a term, change a learning rate or a decay) and watching it fail.
 """
+import copy
 import inspect
 from functools import partial
 from types import SimpleNamespace
@@ -203,3 +204,97 @@ def watch_training(script, tmp_path, steps, *flags):
         else:
             (current.g_calls if current.d_step else current.d_calls).append(e)
     return rec
+
+# -- A loop replayed by hand: nets that record what they are fed, optimizer updates as lists, the data drawn.
+# A test recomputes the docstring's losses on the recorded inputs and compares the gradients (gan.py's tests).
+
+def watch(net):
+    """Make `net` record, at every forward call, (its state dict, its inputs) in net.calls."""
+    class Watched(type(net)):
+        def forward(self, *inputs):
+            self.calls.append(({k: v.detach().clone() for k, v in self.state_dict().items()},
+                               [x.detach().clone() for x in inputs]))
+            return super().forward(*inputs)
+    net.__class__, net.calls = Watched, []
+    return net
+
+
+def replica(net, state, params=None):
+    """A copy of a watched net in a recorded `state`, with `params` (in net.parameters() order) if given."""
+    twin = copy.deepcopy(net, {id(net.calls): []})
+    twin.load_state_dict(state)
+    if params is not None:
+        with torch.no_grad():
+            for p, value in zip(twin.parameters(), params):
+                p.copy_(value)
+    return twin
+
+
+def record_updates():
+    """Start recording every optimizer step as a dict: the optimizer, its settings at that step, the gradients
+    it stepped with (zeros where none) and its parameters before and after, as lists in the optimizer's
+    parameter order. Returns (records, stop)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    record = []
+
+    def pre(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        record.append({"opt": opt, "settings": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                       "grads": [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params],
+                       "before": [p.detach().clone() for p in params]})
+
+    def post(opt, args, kwargs):
+        record[-1]["after"] = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    return record, lambda: [h.remove() for h in hooks]
+
+
+def record_batches(monkeypatch):
+    """The batches train() draws from common.data.iterate, in order."""
+    drawn, original = [], datasets.iterate
+
+    def iterate(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            drawn.append([t.clone() for t in batch])
+            yield batch
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    return drawn
+
+
+def who_steps(steps, **nets):
+    """Which net each recorded step updates ("D", "G"; "GD" if one optimizer holds both)."""
+    def owns(opt, net):
+        mine = {id(p) for g in opt.param_groups for p in g["params"]}
+        return any(id(p) in mine for p in net.parameters())
+    return ["".join(name for name, net in nets.items() if owns(s["opt"], net)) for s in steps]
+
+
+def setting(step, key):
+    """A setting shared by every parameter group of a recorded update."""
+    values = {repr(g[key]) for g in step["settings"]}
+    assert len(values) == 1, values
+    return step["settings"][0][key]
+
+
+def grads(loss, net):
+    return torch.autograd.grad(loss, list(net.parameters()))
+
+
+def assert_same_gradients(recorded, expected, what):
+    """The loop's gradients equal the replayed ones (to float rounding, relative to each tensor's scale)."""
+    assert len(recorded) == len(expected), what
+    for i, (a, b) in enumerate(zip(recorded, expected)):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-4 * scale + 1e-12, \
+            f"{what}: tensor {i} differs (max |diff| {(a - b).abs().max().item():.3g}, scale {scale:.3g})"
+
+
+def assert_update(step, deltas, what):
+    """The step moved its parameters by `deltas` (to float rounding of the parameters and the deltas)."""
+    for i, (after, before, d) in enumerate(zip(step["after"], step["before"], deltas)):
+        tol = 1e-4 * d.abs().max().item() + 4 * torch.finfo(before.dtype).eps * before.abs().max().item()
+        assert (after - (before + d)).abs().max().item() <= tol, f"{what}: tensor {i} moved otherwise"
+
+
+def assert_same(a, b, what):
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b), what
