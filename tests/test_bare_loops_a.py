@@ -22,7 +22,7 @@ import wgan
 import wgan_gp
 from common import checkpoint as ckpt_io
 from common import run as runlib
-from tests import wiring
+from tests import helpers, wiring
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -42,22 +42,6 @@ CASES = {
     "sngan-cnn": (sngan, {"build_generator": "G", "build_discriminator": "D"}, 2,
                   ["--arch", "cnn", "--loss", "nonsaturating"], {}),
 }
-
-
-def assert_equal(mine, theirs, where):
-    """Nested dicts / lists of tensors and numbers, equal bit for bit."""
-    if isinstance(theirs, dict):
-        assert mine.keys() == theirs.keys(), where
-        for k in theirs:
-            assert_equal(mine[k], theirs[k], f"{where}.{k}")
-    elif isinstance(theirs, (list, tuple)):
-        assert len(mine) == len(theirs), where
-        for i, (a, b) in enumerate(zip(mine, theirs)):
-            assert_equal(a, b, f"{where}[{i}]")
-    elif torch.is_tensor(theirs):
-        assert torch.equal(mine, theirs), f"the bare loop's {where} differs from the script's"
-    else:
-        assert mine == theirs, f"the bare loop's {where}: {mine!r}, the script's {theirs!r}"
 
 
 def watch(m, script, builders):
@@ -114,8 +98,8 @@ def test_bare_loop_trains_the_same_weights_as_the_script(case, tmp_path, monkeyp
     assert passes_bare == passes   # the same passes of G and D in the same order: none extra, none missing
     for name in "GD":
         assert kept[name] is nets[name]
-        assert_equal(kept[name].state_dict(), ckpt["models"][name], name)
-        assert_equal(kept[f"opt_{name}"].state_dict(), ckpt["optimizers"][name], f"optimizer of {name}")
+        helpers.assert_same(kept[name].state_dict(), ckpt["models"][name], name)
+        helpers.assert_same(kept[f"opt_{name}"].state_dict(), ckpt["optimizers"][name], f"optimizer of {name}")
     assert torch.equal(rng, ckpt["rng"]["torch"]), "the bare loop drew other random numbers than the script"
 
     # the weights compared are trained ones: both optimizers moved their net's parameters

@@ -17,7 +17,7 @@ import torch
 import progan
 import stylegan
 from common import checkpoint as ckpt_io
-from tests import wiring
+from tests import helpers, wiring
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -25,22 +25,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 STEPS = 9
 SCHEDULE = ["--minibatch-repeats", "2", "--batch-schedule", "8:4", "--lr-schedule", "8:0.002", "--flip"]
 CASES = {"progan": (progan, SCHEDULE), "stylegan": (stylegan, [*SCHEDULE, "--ema-kimg", "0.01"])}
-
-
-def assert_equal(mine, theirs, where):
-    """Nested dicts / lists of tensors and numbers, equal bit for bit."""
-    if isinstance(theirs, dict):
-        assert mine.keys() == theirs.keys(), where
-        for k in theirs:
-            assert_equal(mine[k], theirs[k], f"{where}.{k}")
-    elif isinstance(theirs, (list, tuple)):
-        assert len(mine) == len(theirs), where
-        for i, (a, b) in enumerate(zip(mine, theirs)):
-            assert_equal(a, b, f"{where}[{i}]")
-    elif torch.is_tensor(theirs):
-        assert torch.equal(mine, theirs), f"the bare loop's {where} differs from the script's"
-    else:
-        assert mine == theirs, f"the bare loop's {where}: {mine!r}, the script's {theirs!r}"
 
 
 def watch(m, script):
@@ -85,10 +69,10 @@ def test_bare_loop_trains_the_same_weights_as_the_script(case, tmp_path, monkeyp
     assert len(passes) >= 5 * STEPS
     assert passes_bare == passes   # the same passes of G and D in the same order: none extra, none missing
     for name in ("G", "D", "Gs"):
-        assert_equal(kept[name].state_dict(), ckpt["models"][name], name)
+        helpers.assert_same(kept[name].state_dict(), ckpt["models"][name], name)
     for name in ("G", "D"):
-        assert_equal(kept[f"opt_{name}"].state_dict(), ckpt["optimizers"][name], f"optimizer of {name}")
-    assert_equal(kept["schedule"], {k: schedule[k] for k in ("nimg", "lod", "prev_lod")}, "schedule")
+        helpers.assert_same(kept[f"opt_{name}"].state_dict(), ckpt["optimizers"][name], f"optimizer of {name}")
+    helpers.assert_same(kept["schedule"], {k: schedule[k] for k in ("nimg", "lod", "prev_lod")}, "schedule")
 
     # the weights compared are trained ones: G and D moved, and G's EMA is neither G's start nor G
     G, D, Gs = kept["G"], kept["D"], kept["Gs"]
