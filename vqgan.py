@@ -45,8 +45,9 @@ Architecture and defaults (CompVis/taming-transformers; the paper gives few numb
       linear weights only, lr = 4.5e-6 × batch (cond_transformer.py), batch 2 (faceshq_transformer.yaml).
       Sampling: top-k 100, temperature 1 (cond_transformer.py's log_images).
 
-Metrics: stage 1 logs reconstruction L1 and PSNR on held-out images (the test split, else the first training
-images), codebook usage (the share of the n_embed codes used and the perplexity exp H(p) of their frequencies,
+Metrics: stage 1 logs reconstruction L1 and PSNR on held-out images (the test split; a set without one, such as an
+image folder or a folder of MNIST idx files, holds out its first tenth, at most 10,000 images, and trains on the
+rest), codebook usage (the share of the n_embed codes used and the perplexity exp H(p) of their frequencies,
 over each --log-every window in training and on the held-out images; dead codes are the known failure of VQ
 models) and rFID (FID of the reconstructions against the held-out images, as Table 5; --metrics, needs the
 FID Inception weights). Stage 2 logs the cross-entropy (nats per code) and FID of samples (Table 3).
@@ -93,6 +94,7 @@ Differences from the paper:
 - Sampling recomputes the whole prefix for every token (the code's sample(); no key/value cache).
 """
 import argparse
+import dataclasses
 import functools
 
 import torch
@@ -559,16 +561,39 @@ def first_tokens(n_embed, labels=None, n=None, device="cpu"):
     return labels.long() + n_embed
 
 
-def held_out_images(args, data, n):
-    """Up to n real uint8 images to reconstruct: the test split of an in-memory dataset, else the first training
-    images. Returns (images, labels)."""
-    if args.dataset in datasets.IN_MEMORY:
-        test = datasets.load(args, split="test")
-        return test.images[:n], test.labels[:n]
-    if data.images is not None:
-        return data.images[:n], data.labels[:n]
-    items = [data.dataset[i] for i in range(min(n, len(data.dataset)))]
-    return torch.stack([metrics.to_uint8(x, (0, 1)) for x, _ in items]), torch.tensor([y for _, y in items])
+def has_test_split(dataset):
+    return dataset in datasets.IN_MEMORY + datasets.STREAMED or dataset.startswith("lsun:") or dataset == "stacked-mnist"
+
+
+def held_out_count(n_images):
+    """A set without a test split of its own holds out its first tenth, at most 10,000 images (the size of the
+    validation lists of the official FFHQ split)."""
+    return max(1, min(n_images // 10, 10_000))
+
+
+def split_held_out(args, data, n):
+    """(training data, up to n held-out uint8 images, their labels) for the reconstruction metrics: the test split
+    of a named dataset; of any other set (an image folder, a folder of MNIST idx files, fake) its first
+    held_out_count images, which are then left out of the training data. They are never trained on, and they are
+    apart from the last 2,000 images of a folder of idx files, which the digit classifier holds out
+    (common/digits.py). With class subfolders the first tenth is the first classes."""
+    if has_test_split(args.dataset):
+        held, train = datasets.load(args, split="test"), data
+    else:
+        if len(data) < 2:
+            raise runlib.UsageError(f"{args.dataset} holds {len(data)} image; at least 2 are needed (one is held out)")
+        k = held_out_count(len(data))
+        held, n = data, min(n, k)
+        if data.images is not None:
+            labels = data.labels[k:] if data.labels is not None else None
+            train = dataclasses.replace(data, images=data.images[k:], labels=labels)
+        else:
+            train = dataclasses.replace(data, dataset=torch.utils.data.Subset(data.dataset, range(k, len(data))))
+    if held.images is not None:
+        labels = held.labels[:n] if held.labels is not None else torch.full((min(n, len(held)),), -1)
+        return train, held.images[:n], labels
+    items = [held.dataset[i] for i in range(min(n, len(held.dataset)))]
+    return train, torch.stack([metrics.to_uint8(x, (0, 1)) for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 def to_unit(images):
@@ -685,7 +710,7 @@ def train_stage1(args):
     data = datasets.load(args)
     if data.kind != "image":
         raise runlib.UsageError(f"vqgan.py models images; {args.dataset} is 2D toy data")
-    held, held_labels = held_out_images(args, data, max(args.eval_samples, 50))   # the first 50 are shown
+    data, held, held_labels = split_held_out(args, data, max(args.eval_samples, 50))   # the first 50 are shown
     perceptual = lpips_lib.load_lpips(args.lpips_weights) if args.perceptual_weight > 0 else None
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
@@ -891,7 +916,7 @@ def sample(args):
     stage = state.get("stage")
     vq, _ = load_vqgan(state if stage == 1 else state["vqgan"], device)
     data = datasets.load(targs)
-    held, _ = held_out_images(targs, data, 50)
+    _, held, _ = split_held_out(targs, data, 50)
     grids = {"reconstructions": interleave(to_unit(held), reconstruct(vq, held, device)[0])}
     if stage == 2:
         gpt = build_gpt(targs, vq.n_embed, vq.side, state["num_classes"])
@@ -905,7 +930,7 @@ def sample(args):
         grids["samples"] = make(100, torch.arange(100, device=device) // 10 % k if k else None)
     result = dict(runlib.write_samples(out, state["step"], grids))
     if args.eval and stage == 1:
-        held, _ = held_out_images(targs, data, args.eval_samples)
+        _, held, _ = split_held_out(targs, data, args.eval_samples)
         scores = evaluate_stage1(vq, held, args, device, held_out_stats(held, args, device) if args.metrics else None)
         scores = {k: float(v) for k, v in scores.items()}
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
