@@ -666,9 +666,10 @@ def generate(vq, gpt, n, n_embed, device, num_classes=0, top_k=100, temperature=
 
 
 def interleave(x, rec, nrow=10):
-    """Rows of nrow originals above rows of their reconstructions."""
-    n = len(x) // nrow * nrow
-    return torch.stack([x[:n].view(-1, nrow, *x.shape[1:]), rec[:n].view(-1, nrow, *x.shape[1:])], 1).flatten(0, 2)
+    """Rows of nrow originals above rows of their reconstructions (a short last row is padded with black)."""
+    pad = -len(x) % nrow
+    x, rec = (torch.cat([t, t.new_full((pad, *t.shape[1:]), -1.0)]) for t in (x, rec))
+    return torch.stack([x.view(-1, nrow, *x.shape[1:]), rec.view(-1, nrow, *x.shape[1:])], 1).flatten(0, 2)
 
 
 # ------------------------------------------------------------------------------------------------

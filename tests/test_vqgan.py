@@ -1,3 +1,4 @@
+import argparse
 import math
 
 import pytest
@@ -6,8 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vqgan
+from common import data as datasets
+from common import digits
 from common import lpips as lpips_lib
-from tests import helpers
+from tests import helpers, wiring
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +26,71 @@ def stage1(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------
 
 def test_stage1_dry_run(stage1):
+    """The held-out scores the run logs are those of its checkpoint on the first tenth of `fake` (51 of its 512
+    images, left out of training), computed here from their definitions."""
     _, summary, state = stage1
     assert state["stage"] == 1 and state["data_shape"] == [3, 16, 16]
     assert {"loss/rec", "loss/codebook", "loss/G", "loss/lambda", "loss/D"} <= set(summary["losses"])
+    vq, _ = vqgan.load_vqgan(state, "cpu")
+    fake = datasets.load(argparse.Namespace(dataset="fake", image_size=16, seed=0, data_root="unused"))
+    x = fake.images[:51].float() / 127.5 - 1
+    with torch.no_grad():
+        rec, _, idx = vq(x)
+    rec = rec.clamp(-1, 1)
+    mse = (rec - x).square().flatten(1).mean(1)
+    counts = torch.bincount(idx.flatten(), minlength=32).double()
+    p = counts[counts > 0] / counts.sum()
     m = summary["metrics"]
-    assert 0 < m["metric/usage"] <= 1 and 1 <= m["metric/perplexity"] <= 32 and m["metric/psnr"] > 0
-    assert 0 < m["metric/train_usage"] <= 1
+    assert m["metric/l1"] == pytest.approx((rec - x).abs().mean().item(), rel=1e-5)
+    assert m["metric/psnr"] == pytest.approx((10 * torch.log10(2 ** 2 / mse)).mean().item(), rel=1e-5)  # peak 2 on [−1, 1]
+    assert m["metric/usage"] == pytest.approx(len(p) / 32)
+    assert m["metric/perplexity"] == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-6)
+
+
+def write_idx_folder(folder, images, labels):
+    """A folder of MNIST-format idx files (uint8 images (N, H, W), labels (N,))."""
+    folder.mkdir()
+    for name, t in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
+        header = bytes([0, 0, 8, t.dim()]) + b"".join(d.to_bytes(4, "big") for d in t.shape)
+        (folder / name).write_bytes(header + t.to(torch.uint8).numpy().tobytes())
+
+
+def test_a_folder_trains_without_its_held_out_tenth(tmp_path, monkeypatch):
+    """A folder without a test split: its first tenth is scored and never trained on."""
+    n = 40
+    write_idx_folder(tmp_path / "digits", (torch.arange(n) * 5).view(n, 1, 1).expand(n, 28, 28), torch.arange(n) % 10)
+    trained = wiring.record_calls(monkeypatch, datasets, "iterate")
+    scored = wiring.record_calls(monkeypatch, vqgan, "evaluate_stage1")
+    wiring.train_steps(vqgan, tmp_path, 1, "--dataset", str(tmp_path / "digits"))
+    image_ids = lambda images: (images[:, 0, 0, 0].long() // 5).tolist()   # image i is the constant 5 i
+    assert image_ids(trained[0][0][0].images) == list(range(4, n))
+    assert image_ids(scored[0][0][1]) == list(range(4))
+
+
+def test_held_out_images_are_apart_from_the_training_and_the_classifiers_ones():
+    """MNIST's 10,000 test digits as a folder: the first 1,000 are held out, the digit classifier holds out the
+    last 2,000 (common/digits.py), the VQGAN trains on the other 9,000; labels travel with their images."""
+    n = 10_000
+    ids = torch.arange(n)
+    images = torch.stack([ids // 256, ids % 256], 1).to(torch.uint8).view(n, 1, 1, 2)   # image i encodes i
+    data = datasets.Data("digits", "image", (1, 1, 2), 10, images=images, labels=ids % 10)
+    train, held, labels = vqgan.split_held_out(argparse.Namespace(dataset="/data/digits"), data, 5000)
+    decode = lambda x: set((x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()).tolist())
+    assert decode(held) == set(range(1000)) and torch.equal(labels, ids[:1000] % 10)
+    assert decode(train.images) == set(range(1000, n)) and torch.equal(train.labels, ids[1000:] % 10)
+    assert not decode(held) & decode(images[-digits.HOLDOUT:])
+
+
+def test_an_image_folder_holds_out_its_first_tenth(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("RGB", (8, 8), (10 * i,) * 3).save(folder / f"{i:02d}.png")
+    args = argparse.Namespace(dataset=str(folder), image_size=8, data_root="unused")
+    train, held, _ = vqgan.split_held_out(args, datasets.load(args), 50)
+    assert held[:, 0, 0, 0].tolist() == [0, 10]
+    assert [round(255 * train.dataset[i][0][0, 0, 0].item()) for i in range(len(train))] == list(range(20, 200, 10))
 
 
 def test_stage2_dry_runs_and_sample(stage1, tmp_path):
