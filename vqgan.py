@@ -58,6 +58,8 @@ Perceptual loss: common/lpips.py (the VGG16 LPIPS of the lpips package); its wei
 Usage:
     python vqgan.py --cuda                                        # stage 1: VQGAN, faces (CelebA) at 256 px
     python vqgan.py --stage 2 --vqgan runs/vqgan/celeba-.../ckpt.pt --cuda          # stage 2: the transformer
+    # (stage 1 writes <out>/ckpt.pt, stage 2 <out>/transformer.pt, so the two may share --out; --resume auto
+    # continues the stage asked for)
     python vqgan.py --dataset /path/to/ffhq --cuda                # the paper's FFHQ (an image folder)
     # a quick CPU run on digits at 32 px, f = 4 (8x8 codes), without the LPIPS and Inception weights, scored
     # with the digit classifier (about 1.4 steps/s on one core; --disc-start 500 gives the GAN term the second
@@ -67,11 +69,13 @@ Usage:
         --restart-dead-codes 100 --perceptual-weight 0 --metrics cfid,agree --eval-samples 1000
     python vqgan.py --stage 2 --vqgan runs/vqgan/mnist-.../ckpt.pt --n-layer 4 --n-head 4 --n-embd 128 \\
         --batch-size 32 --steps 2000 --metrics cfid --eval-samples 1000   # ~10 min on one core
-    python vqgan.py --sample runs/vqgan/.../ckpt.pt [--eval]     # stage 1: reconstructions; stage 2: samples too
+    python vqgan.py --sample runs/vqgan/.../ckpt.pt [--eval]     # stage 1: reconstructions
+    python vqgan.py --sample runs/vqgan/.../transformer.pt        # stage 2: samples (and reconstructions)
 
 Differences from the paper:
-- Two commands, one per stage, each with its own step counter and run directory; a stage-2 checkpoint holds
-  the frozen VQGAN it was trained on.
+- Two commands, one per stage, each with its own step counter and checkpoint (ckpt.pt, transformer.pt; in a
+  shared --out, args.json and summary.json are the last command's); a stage-2 checkpoint holds the frozen
+  VQGAN it was trained on.
 - β sits on the codebook term by default, as the official code trained it (see above); --beta-on commitment
   gives the paper's Eq. 4. The adaptive weight uses the code's δ = 1e-4 and clamp [0, 1e4] (paper: δ = 1e-6).
 - D's update reuses the reconstruction of the autoencoder's step (before that step's update); the official
@@ -109,6 +113,7 @@ from common import metrics
 from common import run as runlib
 
 SCRIPT = "vqgan"
+CKPT_NAMES = {1: "ckpt.pt", 2: "transformer.pt"}   # one checkpoint file per stage in the run directory
 BASE_LR = 4.5e-6   # base_learning_rate of every config; lr = base × batch (main.py)
 STAGE1_FLAGS = {"g_width", "ch_mult", "num_res_blocks", "attn_resolutions", "norm_groups", "n_embed", "embed_dim",
                 "beta", "beta_on", "d_width", "disc_layers", "disc_start", "disc_weight", "disc_factor",
@@ -128,7 +133,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VQGAN + transformer (Esser, Rombach, Ommer 2020)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], default=1,
-                   help="1: train the VQGAN; 2: train the transformer on the codes of a --vqgan checkpoint")
+                   help="1: train the VQGAN (writes <out>/ckpt.pt); 2: train the transformer on the codes of a --vqgan "
+                        "checkpoint (writes <out>/transformer.pt)")
     g = p.add_argument_group("stage 1: the VQGAN")
     g.add_argument("--g-width", type=int, default=128, help="ch: base channels of the encoder and the decoder")
     g.add_argument("--ch-mult", type=ints, default=(1, 1, 2, 2, 4),
@@ -677,7 +683,7 @@ def interleave(x, rec, nrow=10):
 # ------------------------------------------------------------------------------------------------
 
 def check_flags(args):
-    """A flag of the other stage cannot act: a start-up error."""
+    """A flag of the other stage cannot act, nor can a checkpoint of the other stage be resumed: start-up errors."""
     other = STAGE2_FLAGS | {"top_k", "temperature"} if args.stage == 1 else STAGE1_FLAGS
     wrong = sorted(set(args.explicit) & other)
     if wrong:
@@ -693,6 +699,11 @@ def check_flags(args):
         raise runlib.UsageError(f"--restart-dead-codes must be >= 0 (0: never), got {args.restart_dead_codes}")
     if args.stage == 2 and (args.top_k < 0 or not args.temperature > 0):
         raise runlib.UsageError(f"--top-k must be >= 0 and --temperature > 0, got {args.top_k}, {args.temperature}")
+    if args.resume and args.resume != "auto":   # (auto finds only this stage's own file)
+        stage = ckpt_io.load(args.resume, SCRIPT).get("stage")
+        if stage != args.stage:
+            raise runlib.UsageError(f"--resume {args.resume} is a stage-{stage} checkpoint; resume it with --stage "
+                                    f"{stage}, or train stage {args.stage} without --resume")
     if args.lr is None:
         args.lr = BASE_LR * args.batch_size   # main.py: base_learning_rate × batch (× GPUs × accumulation)
 
@@ -716,7 +727,7 @@ def train_stage1(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)   # agree: reconstructions
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, ckpt_name=CKPT_NAMES[1])
     device = r.device
     clf = clf.to(device) if clf is not None else None
     if args.compile:   # the adaptive weight backpropagates twice through the same compiled graph (retain_graph)
@@ -851,7 +862,7 @@ def train_stage2(args):
     if args.n_embd % args.n_head:
         raise runlib.UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=num_classes > 0)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, ckpt_name=CKPT_NAMES[2])
     device = r.device
     clf = clf.to(device) if clf is not None else None
     vq, _ = load_vqgan(vq_state, device)

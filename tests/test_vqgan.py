@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import vqgan
+from common import checkpoint as ckpt_io
 from common import data as datasets
 from common import digits
 from common import lpips as lpips_lib
@@ -95,17 +96,51 @@ def test_an_image_folder_holds_out_its_first_tenth(tmp_path):
     assert [round(255 * train.dataset[i][0][0, 0, 0].item()) for i in range(len(train))] == list(range(20, 200, 10))
 
 
+def stage2_dry_run(tmp_path, *extra):
+    """helpers.dry_run for stage 2, whose checkpoint is <out>/transformer.pt."""
+    out = tmp_path / "dry"
+    summary = vqgan.main(["--dry-run", "--stage", "2", "--out", str(out), *extra])
+    for name in ("args.json", "transformer.pt", "summary.json"):
+        assert (out / name).is_file(), f"{name} missing"
+    assert not (out / "ckpt.pt").exists()
+    assert list(out.glob("events.out.tfevents.*")) and list((out / "samples").glob("*.png"))
+    assert all(math.isfinite(v) for v in summary["losses"].values()), summary["losses"]
+    state = ckpt_io.load(out / "transformer.pt", vqgan.SCRIPT)
+    assert state["step"] == summary["step"] > 0
+    return out, summary, state
+
+
 def test_stage2_dry_runs_and_sample(stage1, tmp_path):
     ckpt, _, _ = stage1
-    out, summary, state = helpers.dry_run(vqgan, tmp_path, "--stage", "2", "--vqgan", str(ckpt))
+    out, summary, state = stage2_dry_run(tmp_path, "--vqgan", str(ckpt))
     assert state["stage"] == 2 and state["num_classes"] == 0 and "loss/ce" in summary["losses"]
-    written = helpers.sample_from(vqgan, out / "ckpt.pt", tmp_path)
+    written = helpers.sample_from(vqgan, out / "transformer.pt", tmp_path)
     assert set(written) == {"reconstructions", "samples"}
     cond = tmp_path / "cond"
     cond.mkdir()
-    out, summary, state = helpers.dry_run(vqgan, cond, "--stage", "2", "--vqgan", str(ckpt), "--conditional")
+    out, summary, state = stage2_dry_run(cond, "--vqgan", str(ckpt), "--conditional")
     assert state["num_classes"] == 10
     assert state["models"]["gpt"]["tok_emb.weight"].shape[0] == 32 + 10   # codes, then one token per class
+
+
+def test_stages_keep_their_own_checkpoints_in_one_run_directory(tmp_path, capsys):
+    """Stage 2 into the VQGAN's run directory leaves the VQGAN's checkpoint alone; --resume auto continues each
+    stage from its own file; resuming the other stage's checkpoint is one line and changes nothing."""
+    run = tmp_path / "run"
+    common = ["--dry-run", "--out", str(run), "--ckpt-every", "0", "--sample-every", "0", "--eval-samples", "0"]
+    stage2 = ["--stage", "2", "--vqgan", str(run / "ckpt.pt")]
+    vqgan.main([*common, "--steps", "1"])
+    vqgan.main([*common, *stage2, "--steps", "1"])
+    files = {name: (run / name).read_bytes() for name in ("ckpt.pt", "transformer.pt", "args.json")}
+    assert ckpt_io.load(run / "ckpt.pt", vqgan.SCRIPT)["stage"] == 1
+    for argv, match in ((common, "is a stage-2 checkpoint"), ([*common, *stage2], "is a stage-1 checkpoint")):
+        resume = "transformer.pt" if match.endswith("2 checkpoint") else "ckpt.pt"
+        helpers.expect_usage_error(vqgan, [*argv, "--steps", "2", "--resume", str(run / resume)], capsys, match)
+        assert all((run / name).read_bytes() == data for name, data in files.items())
+    for argv, name, stage in ((common, "ckpt.pt", 1), ([*common, *stage2], "transformer.pt", 2)):
+        assert vqgan.main([*argv, "--steps", "2", "--resume", "auto"])["step"] == 2
+        state = ckpt_io.load(run / name, vqgan.SCRIPT)
+        assert state["stage"] == stage and state["step"] == 2
 
 
 def test_stage1_sample(stage1, tmp_path):
@@ -142,8 +177,18 @@ def test_dead_codes_move_onto_encoder_outputs():
 
 
 def test_resume_is_exact_stage2(stage1, tmp_path, monkeypatch):
-    helpers.assert_resume_exact(vqgan, tmp_path, monkeypatch, ["--stage", "2", "--vqgan", str(stage1[0])],
-                                state_keys=("models", "optimizers"))
+    """helpers.assert_resume_exact for stage 2's transformer.pt: 6 steps == 3, Ctrl-C, --resume auto, 3."""
+    args = ["--dry-run", "--stage", "2", "--vqgan", str(stage1[0]), "--steps", "6", "--ckpt-every", "1000",
+            "--eval-every", "0"]
+    assert vqgan.main([*args, "--out", str(tmp_path / "full")])["step"] == 6
+    with monkeypatch.context() as m:
+        helpers._interrupt_at(m, 3)
+        half = vqgan.main([*args, "--out", str(tmp_path / "split")])
+    assert half["interrupted"] and half["step"] == 3
+    assert vqgan.main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"])["step"] == 6
+    a, b = (ckpt_io.load(tmp_path / run / "transformer.pt", vqgan.SCRIPT) for run in ("full", "split"))
+    for key in ("models", "optimizers"):
+        helpers.assert_same(a[key], b[key], key)
 
 
 class TwoLayers(nn.Module):
@@ -438,7 +483,7 @@ def test_stage2_refuses_other_checkpoints(stage1, tmp_path, capsys):
     ckpt2 = tmp_path / "s2"
     vqgan.main(["--dry-run", "--stage", "2", "--vqgan", str(stage1[0]), "--steps", "1", "--out", str(ckpt2)])
     capsys.readouterr()
-    helpers.expect_usage_error(vqgan, ["--dry-run", "--stage", "2", "--vqgan", str(ckpt2 / "ckpt.pt"),
+    helpers.expect_usage_error(vqgan, ["--dry-run", "--stage", "2", "--vqgan", str(ckpt2 / "transformer.pt"),
                                        "--out", str(out)], capsys, "stage-2 checkpoint")
     helpers.expect_usage_error(vqgan, ["--dry-run", "--stage", "2", "--vqgan", str(stage1[0]), "--image-size", "32",
                                        "--out", str(out)], capsys, "trained at 16 px")
