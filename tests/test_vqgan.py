@@ -191,27 +191,6 @@ def test_resume_is_exact_stage2(stage1, tmp_path, monkeypatch):
         helpers.assert_same(a[key], b[key], key)
 
 
-class TwoLayers(nn.Module):
-    """A stand-in for VGG16: two feature maps of 4 channels."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, 2, 1)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        return [h, torch.relu(self.b(h))]
-
-
-def test_perceptual_term_is_trained_with_lpips(tmp_path, monkeypatch):
-    """--perceptual-weight 1 uses common.lpips (a stand-in backbone: the VGG weights are not here)."""
-    stub = lpips_lib.LPIPS(TwoLayers(), channels=(4, 4))
-    stub.heads.apply(lambda m: nn.init.uniform_(m.weight) if isinstance(m, nn.Conv2d) else None)
-    monkeypatch.setattr(lpips_lib, "load_lpips", lambda weights=None: stub)
-    _, summary, _ = helpers.dry_run(vqgan, tmp_path, "--perceptual-weight", "1")
-    assert summary["losses"]["loss/perceptual"] > 0
-
-
 def test_help(capsys):
     text = helpers.help_text(vqgan, capsys)
     for flag in ("--stage", "--vqgan", "--ch-mult", "--n-embed", "--disc-start", "--perceptual-weight",
@@ -267,7 +246,20 @@ def fixed_batches(monkeypatch, shape=(3, 16, 16), seed=1):
     return drawn
 
 
+class TwoLayers(nn.Module):
+    """A stand-in for VGG16: two feature maps of 4 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return [h, torch.relu(self.b(h))]
+
+
 def stand_in_lpips(monkeypatch):
+    """--perceptual-weight > 0 without the VGG16 weights: LPIPS on TwoLayers, heads ~ U(0, 1)."""
     torch.manual_seed(0)
     stub = lpips_lib.LPIPS(TwoLayers(), channels=(4, 4))
     stub.heads.apply(lambda m: nn.init.uniform_(m.weight) if isinstance(m, nn.Conv2d) else None)
