@@ -568,12 +568,14 @@ def first_tokens(n_embed, labels=None, n=None, device="cpu"):
 
 
 def has_test_split(dataset):
-    return dataset in datasets.IN_MEMORY + datasets.STREAMED or dataset.startswith("lsun:") or dataset == "stacked-mnist"
+    """Named datasets come with a test split; folders and fake data do not."""
+    return (dataset in datasets.IN_MEMORY + datasets.STREAMED or dataset.startswith("lsun:")
+            or dataset == "stacked-mnist")
 
 
 def held_out_count(n_images):
-    """A set without a test split of its own holds out its first tenth, at most 10,000 images (the size of the
-    validation lists of the official FFHQ split)."""
+    """A set without a test split holds out its first tenth, at most 10,000 images (the size of the official
+    FFHQ validation list, 10,000 of 70,000)."""
     return max(1, min(n_images // 10, 10_000))
 
 
@@ -584,10 +586,10 @@ def split_held_out(args, data, n):
     apart from the last 2,000 images of a folder of idx files, which the digit classifier holds out
     (common/digits.py). With class subfolders the first tenth is the first classes."""
     if has_test_split(args.dataset):
-        held, train = datasets.load(args, split="test"), data
+        train, held = data, datasets.load(args, split="test")
     else:
         if len(data) < 2:
-            raise runlib.UsageError(f"{args.dataset} holds {len(data)} image; at least 2 are needed (one is held out)")
+            raise runlib.UsageError(f"{args.dataset} holds a single image; one is held out, so at least 2 are needed")
         k = held_out_count(len(data))
         held, n = data, min(n, k)
         if data.images is not None:

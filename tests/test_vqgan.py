@@ -45,7 +45,8 @@ def test_stage1_dry_run(stage1):
     p = counts[counts > 0] / counts.sum()
     m = summary["metrics"]
     assert m["metric/l1"] == pytest.approx((rec - x).abs().mean().item(), rel=1e-5)
-    assert m["metric/psnr"] == pytest.approx((10 * torch.log10(2 ** 2 / mse)).mean().item(), rel=1e-5)  # peak 2 on [−1, 1]
+    psnr = 10 * torch.log10(2 ** 2 / mse)   # the peak-to-peak of [−1, 1] is 2
+    assert m["metric/psnr"] == pytest.approx(psnr.mean().item(), rel=1e-5)
     assert m["metric/usage"] == pytest.approx(len(p) / 32)
     assert m["metric/perplexity"] == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-6)
 
@@ -378,8 +379,8 @@ def test_stage1_loop_against_the_objective_by_hand(tmp_path, monkeypatch, steps)
 
 
 def test_adaptive_weight_clamp_and_dead_code_restarts_in_the_loop(tmp_path, monkeypatch, steps):
-    """A D whose output barely depends on x̂ and a large perceptual term: λ = ‖∇L_rec‖ / (‖∇L_GAN‖ + δ) passes
-    1e4 and the clamp decides the GAN term's gradient. With --restart-dead-codes 1 the codes unused in step 1
+    """A D whose output barely depends on x̂ and a large perceptual term: λ = ‖∇L_rec‖ / (‖∇L_GAN‖ + δ)
+    passes 1e4 and the clamp decides the GAN term's gradient. With --restart-dead-codes 1 the codes unused in step 1
     move onto encoder outputs of the batch after it, and the used ones stay as Adam left them."""
     batches = fixed_batches(monkeypatch)
     lpips = stand_in_lpips(monkeypatch)
