@@ -221,6 +221,7 @@ class Run:
     def __init__(self, args, script, device, rank, world_size, out, writer, ckpt_name="ckpt.pt"):
         self.args, self.script, self.device = args, script, device
         self.ckpt_path = out / ckpt_name if out is not None else None
+        self.summary_name = run_file("summary", ckpt_name)
         self.rank, self.world_size, self.distributed = rank, world_size, world_size > 1
         self.cuda = device.type == "cuda"
         self.out, self.writer, self.is_main = out, writer, rank == 0
@@ -389,7 +390,7 @@ class Run:
                    "losses": self.last_scalars, "metrics": self.metrics, **extra}
         if self.is_main:
             text = json.dumps(_finite(summary), indent=2, default=str, allow_nan=False)
-            (self.out / "summary.json").write_text(text + "\n")
+            (self.out / self.summary_name).write_text(text + "\n")
             self.writer.close()
             rate = f"{mean_it_s:.3g} it/s" if mean_it_s else "? it/s"
             print(f"done: step {step}, {rate}; results in {self.out}", flush=True)
@@ -467,7 +468,7 @@ def _remove_stale_temp_files(out, ckpt_name):
 
 
 def setup(args, script, ckpt_name="ckpt.pt", data=None):
-    """Device, threads, seeds, torchrun, output directory (args.json), TensorBoard writer, signal
+    """Device, threads, seeds, torchrun, output directory (args.json, see run_file), TensorBoard writer, signal
     handlers, and the start-up line. `ckpt_name` is the checkpoint's file name in the run directory (a
     script with two stages keeps one file per stage); `data` (what the run trains on) is named in the
     start-up line. Nothing is written before the checks: a new run into a directory that holds a
@@ -507,7 +508,7 @@ def setup(args, script, ckpt_name="ckpt.pt", data=None):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_files(out, ckpt_name)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        (out / run_file("args", ckpt_name)).write_text(json.dumps(vars(args), indent=2) + "\n")
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out))
         writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in sorted(vars(args).items())), 0)
@@ -533,6 +534,13 @@ def _finite(x):
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def run_file(kind, ckpt_name):
+    """args.json and summary.json of a run whose checkpoint is ckpt.pt; args-<name>.json and summary-<name>.json
+    beside another checkpoint file (the other stage of a two-stage script keeps its own)."""
+    stem = Path(ckpt_name).stem
+    return f"{kind}.json" if stem == "ckpt" else f"{kind}-{stem}.json"
 
 
 def data_name(args):
