@@ -158,7 +158,7 @@ def main(argv=None):
     p.add_argument("--digits", default="data/mnist-test", help="the MNIST test split as an idx folder")
     p.add_argument("--tasks", default="tasks", help="benchmarks/digit_translation.py's tasks folder")
     p.add_argument("scripts", nargs="*", help="only these scripts (default: all)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     wanted = set(args.scripts or RUNS)
     commands = [(n, c) for n, c in training_commands(args.runs, args.digits, args.tasks) if n.split("-")[0] in wanted]
     if args.action == "commands":
