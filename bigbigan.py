@@ -37,9 +37,9 @@ Networks (BigGAN: Brock et al. 2019 and ajbrock/BigGAN-PyTorch BigGAN.py / layer
        pooling (the "avepool" features), then an MLP head (one hidden layer of --mlp-width) to μ, σ̂.
     At 32x32 and 64x64 BigGAN-PyTorch's arch[32] / arch[64] (ch = 64 at 32x32, no attention as its CIFAR script).
     Orthogonal init (BigGAN-PyTorch --G_init/--D_init ortho).
-Optimizer (unverified, BigGAN-PyTorch's launch_BigGAN_bs256x8.sh, which trains BigGAN at BigBiGAN's
-batch 2048): Adam β = (0, 0.999), ε = 1e-6, G 1e-4, D 4e-4, one D step per E/G step; E shares G's lr (they
-minimise the same L_EG). Batch 2048; 500k steps (the paper's ablation length).
+Optimizer: Adam β = (0, 0.999), ε = 1e-6, G 1e-4, D 4e-4, one D step per E/G step, E at G's learning rate;
+batch 2048, 500k steps (the paper's ablation length). The optimizer values are unverified: see "Differences
+from the paper".
 
 Evaluation (`--eval-every`, and at the end): a linear classifier on E's features of labelled training
 images, its held-out accuracy logged as metric/linear_probe (on μ) and metric/linear_probe_pool (on the
@@ -51,17 +51,24 @@ Usage:
     python bigbigan.py --dataset /path/to/imagenet/train --e-image-size 256 --cuda   # 128 px G, 256 px E
     python bigbigan.py --cuda                                            # CIFAR-10, 32x32
     # a CPU run on digits (~35 min on one core): linear probe, samples' classifier FID, reconstructions
-    # (probe on μ 76.9% at step 500, 73.3% at 2000; random encoders 61–67%, raw pixels 90%: see README)
+    # (on the 10k MNIST test digits, probe on μ at step 2000, seeds 0–2: 74.8% (70.5–79.8%), 65.8% with
+    # --no-unary; random encoders 57–66%, raw pixels 90%: benchmarks/bigbigan_probe.py, see README)
     python bigbigan.py --dataset mnist --g-width 8 --d-width 8 --e-width 16 --mlp-width 128 --batch-size 32 \\
         --steps 2000 --metrics cfid,agree --eval-every 500 --eval-samples 2000
     python bigbigan.py --sample runs/bigbigan/cifar10-.../ckpt.pt     # samples + reconstructions
+    python benchmarks/bigbigan_probe.py RUN/ckpt.pt   # the same probe on random encoders and raw pixels
 
 Differences from the paper:
 - E is a small pre-activation ResNet (one block per resolution) with a one-hidden-layer head instead of
   ResNet-v2-50 / RevNet-50x4 with the paper's MLP head; H and J as described above (their depth and
   width are our reading of the paper).
-- The optimiser settings, E's learning rate and the number of D steps per E/G step are BigGAN-PyTorch's
-  launch values (not checked against the paper's appendix, which we could not read here).
+- Unverified optimiser settings. The paper's appendix states them, but its text could not be checked for
+  this script, so these values come from BigGAN-PyTorch's scripts/launch_BigGAN_bs256x8.sh (BigGAN trained
+  at BigBiGAN's batch of 2048), not from the paper: Adam β1 = 0, β2 = 0.999, ε = 1e-6 (--beta1, --beta2,
+  --adam-eps), G 1e-4 and D 4e-4 (--g-lr, --d-lr), one D step per E/G step (--n-dis). E's learning rate
+  (--e-lr) is set to G's because E and G minimise the same L_EG; that is our choice. A higher E learning
+  rate than G's, which the best rows of the paper's Table 1 reportedly use (also unverified), can be set
+  with --e-lr.
 - The linear probe: an L2-regularised softmax regression fitted by L-BFGS on up to 10k labelled training
   images, tested on up to 10k images of the test split (a fixed random 20% of the data when the dataset
   has no test split, e.g. a folder); the paper trains on all of ImageNet's train set and reports validation
@@ -159,24 +166,26 @@ def sn_linear(c_in, c_out, bias=True):
 
 
 class SelfAttention(nn.Module):
-    """SAGAN's block (BigGAN layers.Attention): y = x + γ·o(softmax(θᵀφ) g), θ, φ to C/8, g to C/2,
-    φ and g 2x2 max-pooled, γ = 0 at init."""
+    """SAGAN's block (Zhang et al. 2018, Eqs. 1–3; BigGAN layers.Attention), named as in the SAGAN paper:
+    y = x + γ·v(Σ_i β_j,i h(x_i)), β_j,· = softmax_i(f(x_i)ᵀ g(x_j)); queries g and keys f with C/8
+    channels, values h with C/2, keys and values 2x2 max-pooled, v back to C, γ = 0 at init.
+    (BigGAN-PyTorch calls g θ, f φ, h g and v o.)"""
 
     def __init__(self, c):
         super().__init__()
         if c < 8 or c % 8:
             raise ValueError(f"self-attention needs a multiple of 8 channels, got {c}")
-        self.theta, self.phi = sn_conv(c, c // 8, 1, False), sn_conv(c, c // 8, 1, False)
-        self.g, self.o = sn_conv(c, c // 2, 1, False), sn_conv(c // 2, c, 1, False)
+        self.f, self.g = sn_conv(c, c // 8, 1, False), sn_conv(c, c // 8, 1, False)   # keys, queries
+        self.h, self.v = sn_conv(c, c // 2, 1, False), sn_conv(c // 2, c, 1, False)   # values, output
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        theta = self.theta(x).flatten(2)
-        phi = F.max_pool2d(self.phi(x), 2).flatten(2)
-        g = F.max_pool2d(self.g(x), 2).flatten(2)
-        beta = torch.softmax(theta.transpose(1, 2) @ phi, -1)
-        return x + self.gamma * self.o((g @ beta.transpose(1, 2)).view(b, c // 2, h, w))
+        b, c, height, width = x.shape
+        queries = self.g(x).flatten(2)                                    # (B, C/8, N)
+        keys = F.max_pool2d(self.f(x), 2).flatten(2)                      # (B, C/8, N/4)
+        values = F.max_pool2d(self.h(x), 2).flatten(2)                    # (B, C/2, N/4)
+        beta = torch.softmax(queries.transpose(1, 2) @ keys, -1)          # softmax over the keys i
+        return x + self.gamma * self.v((values @ beta.transpose(1, 2)).view(b, c // 2, height, width))
 
 
 class LatentBatchNorm(nn.Module):

@@ -1,4 +1,6 @@
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +9,13 @@ from torch.nn.utils import parametrize
 
 import bigbigan
 from common import metrics
-from tests import helpers
+from common import data as datasets_module
+from tests import helpers, wiring
+
+spec = importlib.util.spec_from_file_location(
+    "bigbigan_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "bigbigan_probe.py")
+bigbigan_probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bigbigan_probe)
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +29,12 @@ def one_thread():
 def test_dry_run_logs_the_linear_probe(tmp_path):
     out, summary, state = helpers.dry_run(bigbigan, tmp_path)
     assert set(state["models"]) == {"G", "E", "D"} and set(state["optimizers"]) == {"G", "E", "D"}
-    assert 0 <= summary["metrics"]["metric/linear_probe"] <= 1
-    assert 0 <= summary["metrics"]["metric/linear_probe_pool"] <= 1
+    # the logged probes are those of the final E, fitted on the probe's training images and scored on the held-out
+    # ones (a fixed 20% of `fake`, which has no test split); benchmarks/bigbigan_probe.py recomputes them
+    result = bigbigan_probe.probes(out / "ckpt.pt", random_seeds=[], pixels=False)
+    assert result["probe_images"] == {"train": 512 - 102, "held_out": 102}
+    assert (result["checkpoint"]["mu"], result["checkpoint"]["pool"]) == \
+        (summary["metrics"]["metric/linear_probe"], summary["metrics"]["metric/linear_probe_pool"])
     assert {"train/s_x_data", "train/s_z_gen", "train/s_xz_data"} <= set(summary["losses"])
     assert list((out / "samples").glob("reconstructions-*.png"))
 
@@ -169,6 +181,33 @@ def test_spectral_norm_in_g_and_d_not_in_e():
     assert not any(parametrize.is_parametrized(m) for m in E.modules())
 
 
+class PixelEncoder(nn.Module):
+    """Stands in for E: features = the image's first 6 pixels, μ and σ̂ a fixed linear map of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 8)
+
+    def features(self, x):
+        return x.flatten(1)[:, :6]
+
+
+def test_linear_probe_reads_the_class_from_the_encoder():
+    """Through encode() and both feature sets: images whose first pixels carry the class are probed at high
+    accuracy, images independent of the class at chance (3 classes)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    E = PixelEncoder()
+    y = torch.randint(3, (900,), generator=g)
+    noise = torch.randn(900, 1, 8, 8, generator=g)
+    carrying = noise.clone()
+    carrying.view(900, -1)[:, :6] += 4 * torch.randn(3, 6, generator=g)[y]
+    for images, low, high in ((carrying, 0.95, 1.0), (noise, 0.2, 0.45)):
+        probe = ((images[:600], y[:600]), (images[600:], y[600:]))
+        scores = bigbigan.linear_probe(E, probe, 3)
+        assert all(low <= v <= high for v in scores.values()), scores
+
+
 def test_linear_probe_separates_separable_features():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(3, (600,), generator=g)
@@ -179,3 +218,138 @@ def test_linear_probe_separates_separable_features():
     noise = torch.randn(600, 5, generator=g)
     assert bigbigan.fit_linear_probe(noise[:400], y[:400], noise[400:], y[400:], 3) < 0.6
     assert bigbigan.crelu(torch.tensor([[1.0, -2.0]])).tolist() == [[1.0, 0.0, 0.0, 2.0]]
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop: D steps and the E/G step of train(), watched from outside
+# ------------------------------------------------------------------------------------------------
+
+class ScoringJointD(nn.Module):
+    """Stands in for the joint D with three scores of simple features, each (3 + w_k)·feature_k + c_k with
+    trainable w, c (0 at first): s_x of mean(x), s_z of mean(z), s_xz of mean(x) + mean(z); only s_xz when
+    unary is off. Records each call's inputs, mode and scores, and the gradient of the loss reaching each score."""
+
+    def __init__(self, unary=True):
+        super().__init__()
+        self.unary = unary
+        self.w, self.c = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+        self.calls = []
+
+    def features(self, x, z):
+        mx, mz = x.mean((1, 2, 3)), z.mean(1)
+        return torch.stack([mx, mz, mx + mz])
+
+    def forward(self, x, z):
+        f = self.features(x, z)
+        scores = [(3 + self.w[k]) * f[k] + self.c[k] for k in range(3)]
+        scores = scores if self.unary else scores[2:]
+        call = {"x": x.detach().clone(), "z": z.detach().clone(), "training": self.training,
+                "features": f.detach().clone(), "scores": [s.detach().clone() for s in scores],
+                "grads": [None] * len(scores)}
+        self.calls.append(call)
+        for k, s in enumerate(scores):
+            if s.requires_grad:
+                s.register_hook(lambda g, k=k: call["grads"].__setitem__(k, g.clone()))
+        return tuple(scores)
+
+
+def known_batches(n, batch_size, channels, size):
+    """n different data batches of constant images (image i of batch k has the value −0.9 + 1.8 i / (B − 1) + 0.01 k)."""
+    values = torch.linspace(-0.9, 0.9, batch_size)
+    return [((values + 0.01 * k)[:, None, None, None].expand(batch_size, channels, size, size).clone(),
+             torch.arange(batch_size) % 10) for k in range(n)]
+
+
+def test_training_loop_wiring(tmp_path, monkeypatch):
+    """Two iterations with two D steps per E/G step: each D step scores a fresh data batch x paired with ẑ ~ E(x) as data
+    (y = +1) and G(z) paired with G's z as generated (y = −1) through the hinge on every score (s_x, s_z,
+    s_xz): −1/B on data scores below 1, +1/B on generated scores above −1; it changes D alone. The E/G step,
+    on the next batch and D in eval mode, takes +1/B on each data score and −1/B on each generated one
+    (unhinged, the unary terms included) and changes E and G alone. Adam (β = (0, 0.999), ε = 1e-6) with
+    each net's own learning rate."""
+    batches = known_batches(8, 8, 3, 32)
+    monkeypatch.setattr(datasets_module, "iterate", lambda *a, **k: iter(batches))
+    monkeypatch.setattr(bigbigan, "linear_probe", lambda *a, **k: {})   # not under test here; saves time
+    nets, g_calls, e_calls = {}, [], []
+
+    def build(args, shape):
+        G, E, _ = original_build(args, shape)
+        G.register_forward_hook(lambda m, inputs, out: g_calls.append((inputs[0].detach().clone(), out.detach().clone())))
+        E.register_forward_hook(lambda m, inputs, out: e_calls.append((inputs[0].detach().clone(),
+                                                                       *(t.detach().clone() for t in out))))
+        nets.update(G=G, E=E, D=ScoringJointD(args.unary))
+        return nets["G"], nets["E"], nets["D"]
+    original_build = bigbigan.build
+    monkeypatch.setattr(bigbigan, "build", build)
+    posterior = wiring.record_calls(monkeypatch, bigbigan, "sample_posterior")
+    built = wiring.record_optimizers(monkeypatch)
+    steps = []
+    original_step = torch.optim.Adam.step
+
+    def adam_step(self, *args, **kwargs):   # which nets' parameters each optimizer step changes
+        before = {name: wiring.snapshot(net) for name, net in nets.items()}
+        result = original_step(self, *args, **kwargs)
+        steps.append((self, {name: wiring.changed(net, before[name]) for name, net in nets.items()},
+                      {name: {k: p.detach().clone() for k, p in net.named_parameters()} for name, net in nets.items()},
+                      before))
+        return result
+    monkeypatch.setattr(torch.optim.Adam, "step", adam_step)
+    wiring.train_steps(bigbigan, tmp_path, 2, "--n-dis", "2", "--e-lr", "2e-4")
+    G, E, D = nets["G"], nets["E"], nets["D"]
+    b = len(batches[0][0])
+
+    # the optimizers: each net its own learning rate, BigGAN's Adam settings
+    opts = {name: wiring.optimizer_for(built, net) for name, net in nets.items()}
+    assert {name: o.setting("lr") for name, o in opts.items()} == {"G": 1e-4, "E": 2e-4, "D": 4e-4}
+    for o in opts.values():
+        assert (o.setting("betas"), o.setting("eps")) == ((0.0, 0.999), 1e-6)
+    # two D steps, then E's and G's: each step changes its own net's parameters and no other's
+    owner = {id(o.opt): name for name, o in opts.items()}
+    order = [owner[id(s[0])] for s in steps]
+    assert order[:2] == order[4:6] == ["D", "D"] and sorted(order[2:4]) == sorted(order[6:]) == ["E", "G"]
+    for name, (_, changed, _, _) in zip(order, steps):
+        assert changed[name] and not any(changed[other] for other in nets if other != name), (name, changed)
+
+    # the pairs D scores: data (x, ẑ ~ E(x)) first, generated (G(z), z) after, each step on its own batch
+    assert [c["training"] for c in D.calls] == [True, True, False] * 2
+    for k, call in enumerate(D.calls[:3]):
+        x = batches[k][0]
+        assert torch.equal(e_calls[k][0], x)                                  # E encodes this step's batch
+        assert all(torch.equal(a, e) for a, e in zip(posterior[k][0][:2], e_calls[k][1:]))   # ẑ from E's μ, σ
+        z_hat, (z, x_gen) = posterior[k][2], g_calls[k]
+        assert torch.equal(call["x"][:b], x) and torch.equal(call["z"][:b], z_hat.detach())
+        assert torch.equal(call["x"][b:], x_gen) and torch.equal(call["z"][b:], z)
+
+    # D: the hinge on each of the three scores, +1 for data pairs, −1 for generated pairs (mean over B)
+    for call in D.calls[:2]:
+        for s, g in zip(call["scores"], call["grads"]):
+            assert g is not None, "a score does not reach L_D"
+            assert (s[:b] < 1).any() and (s[b:] > -1).any()
+            assert torch.equal(g, torch.cat([-(s[:b] < 1).float(), (s[b:] > -1).float()]) / b)
+    # E and G: every score unhinged, +1/B on data pairs, −1/B on generated pairs
+    eg = D.calls[2]
+    for g in eg["grads"]:
+        assert g is not None, "a score does not reach L_EG"
+        assert torch.allclose(g, torch.cat([torch.full((b,), 1 / b), torch.full((b,), -1 / b)]))
+    # D's first Adam step: −lr_D · sign(dL_D/dw_k, dL_D/dc_k)
+    call, after = D.calls[0], steps[0][2]["D"]
+    grads = torch.stack(call["grads"])
+    assert torch.allclose(after["c"], wiring.adam_first_update(4e-4, grads.sum(1), eps=1e-6))
+    assert torch.allclose(after["w"], wiring.adam_first_update(4e-4, (grads * call["features"]).sum(1), eps=1e-6))
+    # E's and G's first Adam steps: each parameter moves by lr · |g| / (|g| + ε), i.e. at most lr and about lr
+    for (name, lr), (_, _, after, before) in zip([(n, {"E": 2e-4, "G": 1e-4}[n]) for n in order[2:4]], steps[2:4]):
+        deltas = torch.cat([(after[name][k] - before[name][k]).abs().flatten() for k in after[name]])
+        assert deltas.max() <= lr + 2.5e-7 and deltas.max() > 0.99 * lr, (name, deltas.max())
+
+
+def test_attention_is_sagans_block_under_the_same_names():
+    """G's and F's self-attention is SAGAN's block with the SAGAN paper's names (f keys, g queries, h values,
+    v output): sagan.py's block's weights load into it by name and give the same output."""
+    import sagan
+    torch.manual_seed(0)
+    ours, theirs = bigbigan.SelfAttention(16).eval(), sagan.SelfAttention(16).eval()
+    with torch.no_grad():
+        theirs.gamma.fill_(0.7)
+    ours.load_state_dict(theirs.state_dict())                 # same keys: f, g, h, v, gamma
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6) and not torch.allclose(ours(x), x)

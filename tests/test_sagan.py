@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +8,8 @@ from torch.nn.utils import parametrize
 
 import sagan
 from common import metrics
-from tests import helpers
+from common import data as datasets_module
+from tests import helpers, wiring
 
 
 @pytest.fixture(autouse=True)
@@ -194,3 +197,116 @@ def test_attention_maps_for_query_points():
     assert torch.allclose(maps.amax((2, 3)), torch.ones(1))
     panel = sagan.attention_panel(images, maps, pixels)
     assert panel.shape == (2 * (1 + len(sagan.QUERIES)), 3, 32, 32) and 0 <= panel.min() and panel.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop: one D step and one G step of train(), watched from outside
+# ------------------------------------------------------------------------------------------------
+
+class ScoringD(nn.Module):
+    """Stands in for the projection D: D(x, y) = (4 + w)·mean(x) + offset[y] + c with two trainable scalars
+    w, c (both 0 at first) and fixed class offsets, so that some scores fall inside the hinge margins and some beyond them. Records
+    each call's inputs, mode and scores, and the gradient of the loss with respect to the scores."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.w, self.c = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
+        self.register_buffer("offset", torch.linspace(-2.5, 2.5, num_classes))
+        self.attn = SimpleNamespace(gamma=torch.zeros(()))   # G's attention γ is logged next to D's
+        self.calls = []
+
+    def forward(self, x, y=None):
+        scores = (4 + self.w) * x.mean((1, 2, 3)) + self.offset[y] + self.c
+        call = {"x": x.detach().clone(), "y": y.clone(), "training": self.training,
+                "scores": scores.detach().clone(), "grad": None}
+        self.calls.append(call)
+        if scores.requires_grad:
+            scores.register_hook(lambda g: call.__setitem__("grad", g.clone()))
+        return scores
+
+
+def known_batches(batch_size, channels, size, num_classes):
+    """Real batches of constant images (value v_i for image i) with known labels, the values in (−1, 1) so
+    that 4·v_i + offset[y_i] lands on both sides of the margin at 1."""
+    values = torch.linspace(-0.9, 0.9, batch_size)
+    x = values[:, None, None, None].expand(batch_size, channels, size, size).clone()
+    y = torch.arange(batch_size) % num_classes
+    return x, y
+
+
+def adam_steps(monkeypatch, nets):
+    """Record every Adam step train() takes as (optimizer, {net: names of its parameters that step changed},
+    {net: its parameters after the step}); `nets` is filled once the nets exist."""
+    steps, original = [], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        before = {name: wiring.snapshot(net) for name, net in nets.items()}
+        result = original(self, *args, **kwargs)
+        steps.append((self, {name: wiring.changed(net, before[name]) for name, net in nets.items()},
+                      {name: {k: p.detach().clone() for k, p in net.named_parameters()} for name, net in nets.items()}))
+        return result
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    return steps
+
+
+def test_training_loop_wiring(tmp_path, monkeypatch):
+    """D sees the data batch with its labels as real and G(z, y) with G's labels as fake, through the hinge
+    loss (Eq. 4: −1/B on real scores below 1, +1/B on fake scores above −1, nothing beyond the margins); G
+    minimises −E D(G(z, y), y) against D in eval mode; TTUR (D 4e-4, G 1e-4, β = (0, 0.9)), one D step then
+    one G step, each changing only its own net; spectral norm on G's layers; the EMA of G with its decay."""
+    batch = known_batches(8, 3, 32, 10)
+    monkeypatch.setattr(datasets_module, "iterate", lambda *a, **k: iter([batch] * 100))
+    nets, g_calls = {}, []
+
+    def build(args, shape, num_classes):
+        G, _ = original_build(args, shape, num_classes)
+        G.register_forward_hook(lambda m, inputs, out: g_calls.append((*inputs, out.detach().clone())))
+        nets.update(G=G, D=ScoringD(num_classes))
+        return nets["G"], nets["D"]
+    original_build = sagan.build
+    monkeypatch.setattr(sagan, "build", build)
+    built = wiring.record_optimizers(monkeypatch)
+    steps = adam_steps(monkeypatch, nets)
+    emas = wiring.record_calls(monkeypatch, sagan, "make_ema")
+    wiring.train_steps(sagan, tmp_path, 2, "--ema-decay", "0.9")
+    G, D = nets["G"], nets["D"]
+    x, y = batch
+    b = len(x)
+
+    # the optimizers: TTUR, both with β = (0, 0.9)
+    opt_d, opt_g = wiring.optimizer_for(built, D), wiring.optimizer_for(built, G)
+    assert (opt_d.setting("lr"), opt_d.setting("betas")) == (4e-4, (0.0, 0.9))
+    assert (opt_g.setting("lr"), opt_g.setting("betas")) == (1e-4, (0.0, 0.9))
+    # one D step, then one G step; each changes only its own net's parameters
+    assert [s[0] for s in steps] == [opt_d.opt, opt_g.opt] * 2
+    for opt, changed, _ in steps:
+        assert changed["D" if opt is opt_d.opt else "G"] and not changed["G" if opt is opt_d.opt else "D"]
+
+    # step 1, D: one pass over [real; fake] in training mode, with the data's labels and G's labels
+    d_step, g_step = D.calls[0], D.calls[1]
+    (z1, y1, fake1), (z2, y2, fake2) = g_calls[0], g_calls[1]
+    assert d_step["training"] and torch.equal(d_step["x"][:b], x) and torch.equal(d_step["y"][:b], y)
+    assert torch.equal(d_step["x"][b:], fake1) and torch.equal(d_step["y"][b:], y1)
+    real, fake = d_step["scores"][:b], d_step["scores"][b:]
+    assert (real > 1).any() and (real < 1).any()                       # both sides of the margin are exercised
+    expected = torch.cat([-(real < 1).float(), (fake > -1).float()]) / b
+    assert torch.equal(d_step["grad"], expected)                       # hinge, real vs fake, mean over B
+    # D's first Adam step moves w and c by −lr_D · sign of dL_D/dw = Σ dL_D/dD · mean(x), dL_D/dc = Σ dL_D/dD
+    means = d_step["x"].mean((1, 2, 3))
+    assert torch.isclose(steps[0][2]["D"]["w"], wiring.adam_first_update(4e-4, (expected * means).sum()))
+    assert torch.isclose(steps[0][2]["D"]["c"], wiring.adam_first_update(4e-4, expected.sum()))
+    # step 1, G: G's fresh batch goes through D in eval mode with G's own labels; dL_G/dD = −1/B
+    assert not g_step["training"] and torch.equal(g_step["x"], fake2) and torch.equal(g_step["y"], y2)
+    assert torch.allclose(g_step["grad"], torch.full((b,), -1 / b))
+    # G's first Adam step moves each parameter by lr_G · |g| / (|g| + ε): at most, and for clear gradients, lr_G
+    before, after = steps[0][2]["G"], steps[1][2]["G"]      # (the D step left G as it was built)
+    deltas = torch.cat([(after[k] - before[k]).abs().flatten() for k in after])
+    assert abs(deltas.max() - 1e-4) < 2.5e-7                    # (float32 rounding of parameters near 1)
+    # spectral norm on every conv and dense layer of the G that trained
+    layers = [m for m in G.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert layers and all(parametrize.is_parametrized(m, "weight") for m in layers)
+    # the EMA: a copy of G after step 1, then 0.9 · EMA + 0.1 · G after step 2
+    ema = emas[0][2]
+    g1, g2 = steps[1][2]["G"], steps[3][2]["G"]
+    for k, p in ema.module.named_parameters():
+        assert torch.allclose(p, 0.9 * g1[k] + 0.1 * g2[k], atol=1e-7), k
