@@ -173,9 +173,9 @@ def test_cycle_and_identity_losses_on_hand_made_tensors():
     assert float(terms["G_GAN"]) == 0 and float(terms["F_GAN"]) == 1
     assert torch.isclose(total, torch.tensor(1 + 10 * 1.25))
     idt_b, idt_a = b * 0.5, a + 0.1                            # ‖G(b) − b‖ = 0.5, ‖F(a) − a‖ = 0.1
-    total_id, terms = cyclegan.generator_loss(d_fake_b, d_fake_a, rec_a, a, rec_b, b, 10.0, 0.5, idt_b, idt_a)
+    total_id, terms = cyclegan.generator_loss(d_fake_b, d_fake_a, rec_a, a, rec_b, b, 10.0, 5.0, idt_b, idt_a)
     assert torch.isclose(terms["identity_B"], torch.tensor(0.5)) and torch.isclose(terms["identity_A"], torch.tensor(0.1))
-    assert torch.isclose(total_id, total + 0.5 * 10 * 0.6)   # 0.5 · λ · L_identity
+    assert torch.isclose(total_id, total + 5.0 * 0.6)   # λ_id L_identity, λ_id its own weight
     assert torch.isclose(cyclegan.d_loss(torch.full((4,), 0.5), torch.full((4,), 0.5)), torch.tensor(0.25))
 
 
