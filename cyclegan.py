@@ -388,8 +388,9 @@ def train(args):
         opt_d.step()
 
         scalars = {"loss/G_total": loss_g, **{f"loss/{k}": v for k, v in terms.items()},
-                   "loss/D_A": loss_d_a, "loss/D_B": loss_d_b, "opt/lr": opt_g.param_groups[0]["lr"],
-                   **{f"loss/D_{k}": lsgan_loss(v.detach(), k.endswith("real")) for k, v in scores.items()}}
+                   "loss/D_A": loss_d_a, "loss/D_B": loss_d_b, "opt/lr": opt_g.param_groups[0]["lr"]}
+        if r.is_log_step(step):   # each D's real and fake halves, only for the log
+            scalars.update({f"loss/D_{k}": lsgan_loss(v.detach(), k.endswith("real")) for k, v in scores.items()})
         if r.end_step(step, scalars, samples=samples, state=state,
                       evaluate=lambda: evaluate(raw["G"], raw["F"], test, args, device)):
             break

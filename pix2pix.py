@@ -403,8 +403,10 @@ def train(args):
             loss_d.backward()
             opt_d.step()
             D.requires_grad_(False)
-            scalars = {"loss/D": loss_d, "loss/D_real": gan_loss(real_logits.detach(), True, args.gan_mode),
-                       "loss/D_fake": gan_loss(fake_logits.detach(), False, args.gan_mode)}
+            scalars = {"loss/D": loss_d}
+            if r.is_log_step(step):   # D's real and fake halves, only for the log
+                scalars.update({"loss/D_real": gan_loss(real_logits.detach(), True, args.gan_mode),
+                                "loss/D_fake": gan_loss(fake_logits.detach(), False, args.gan_mode)})
         with r.autocast():
             # Eq. 4: L_cGAN (non-saturating) + λ L_L1
             loss_g, adv, l1 = g_loss(D(x, fake) if D is not None else None, fake, y, args.lambda_l1, args.gan_mode)
