@@ -275,6 +275,12 @@ def generator_loss(d_b_fake, d_a_fake, rec_a, a, rec_b, b, lambda_cyc, lambda_id
 # Training
 # ------------------------------------------------------------------------------------------------
 
+def build(args, c_a, c_b):
+    """G: A -> B, F: B -> A, D_A judging domain A and D_B judging domain B."""
+    return {"G": Generator(c_a, c_b, args.g_width, args.n_blocks), "F": Generator(c_b, c_a, args.g_width, args.n_blocks),
+            "D_A": PatchGAN(c_a, args.d_width, args.d_layers), "D_B": PatchGAN(c_b, args.d_width, args.d_layers)}
+
+
 def lr_factor(step, args):
     """1 for the first (1 − decay_fraction) of the steps, then linear towards 0 (official 'linear' policy)."""
     n_decay = round(args.steps * args.decay_fraction)
@@ -331,8 +337,7 @@ def train(args):
     r = runlib.setup(args, SCRIPT)
     device = r.device
 
-    raw = {"G": Generator(c_a, c_b, args.g_width, args.n_blocks), "F": Generator(c_b, c_a, args.g_width, args.n_blocks),
-           "D_A": PatchGAN(c_a, args.d_width, args.d_layers), "D_B": PatchGAN(c_b, args.d_width, args.d_layers)}
+    raw = build(args, c_a, c_b)
     G, F_, D_A, D_B = (r.prepare(raw[k], channels_last=True) for k in ("G", "F", "D_A", "D_B"))
     adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
     opt_g = torch.optim.Adam(list(G.parameters()) + list(F_.parameters()), **adam)      # one Adam for G and F

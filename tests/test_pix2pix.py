@@ -1,4 +1,6 @@
 import argparse
+import contextlib
+import copy
 import math
 import tarfile
 
@@ -6,11 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import pix2pix
 from common import data as datasets
 from common import metrics
-from tests import helpers
+from tests import helpers, wiring
 
 
 class StubInception(nn.Module):
@@ -269,3 +272,121 @@ def test_learning_rate_schedule():
 def test_psnr():
     y = torch.zeros(2, 1, 4, 4)
     assert torch.isclose(pix2pix.psnr(y + 0.2, y), torch.tensor(10 * math.log10(1 / 0.01)))
+
+
+# -- the training loop: one step against the objective computed by hand -------------------------------
+
+def fixed_batches(monkeypatch, x, y):
+    """train() draws every batch as (x, y)."""
+    def batches(*args, **kwargs):
+        while True:
+            yield x.clone(), y.clone()
+    monkeypatch.setattr(datasets, "translation_batches", batches)
+
+
+@contextlib.contextmanager
+def recorded_steps():
+    """Yields a list that gets each optimizer step, as (optimizer, its gradients, its learning rate) just
+    before the step."""
+    steps = []
+
+    def hook(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        steps.append((opt, [None if p.grad is None else p.grad.clone() for p in params], opt.param_groups[0]["lr"]))
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield steps
+    finally:
+        handle.remove()
+
+
+def built_nets(monkeypatch):
+    """(copies of the nets as built, the nets train() goes on to train) for each call of pix2pix.build."""
+    calls, original = [], pix2pix.build
+
+    def build(*args, **kwargs):
+        nets = original(*args, **kwargs)
+        calls.append((copy.deepcopy(nets), nets))
+        return nets
+    monkeypatch.setattr(pix2pix, "build", build)
+    return calls
+
+
+def assert_grads(got, want, what):
+    for g, w in zip(got, want, strict=True):
+        assert g is not None, f"{what}: a parameter got no gradient"
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6 * float(w.abs().max()) + 1e-12), what
+
+
+def assert_adam_first_step(net, before, grads, lr, what):
+    """Adam's first step moves each parameter by −lr · g / (|g| + eps)."""
+    for p, p0, g in zip(net.parameters(), before.parameters(), grads, strict=True):
+        assert torch.allclose(p.detach() - p0.detach(), wiring.adam_first_update(lr, g), atol=lr * 1e-3), what
+
+
+@pytest.mark.parametrize("extra", [[], ["--gan-mode", "lsgan", "--lambda-l1", "7"], ["--gan-mode", "none"]])
+def test_one_step_follows_the_objective(tmp_path, monkeypatch, extra):
+    """One step of train() against Eq. 1-4 on the same batch: D first, on (x, y) as real and (x, G(x)) as fake,
+    its loss halved; then G on the non-saturating GAN term (D already updated) + λ L1; Adam's first step."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1, torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    fixed_batches(monkeypatch, x, y)
+    nets = built_nets(monkeypatch)
+    lr = 0.01   # large enough that D's update visibly changes G's gradient
+    with recorded_steps() as steps:
+        wiring.train_steps(pix2pix, tmp_path, 1, "--lr", str(lr), *extra)
+    args = pix2pix.parse_args(["--dry-run", *extra])
+    (G0, D0), (G1, D1) = nets[0]
+    mode, lam = args.gan_mode, args.lambda_l1
+    assert lam == (7 if "7" in extra else 100)
+
+    def bce(logits, target):   # Eq. 1's log terms (vanilla) or least squares, a mean over D's patches
+        if mode == "lsgan":
+            return (logits - target).pow(2).mean()
+        return -(target * torch.log(torch.sigmoid(logits)) + (1 - target) * torch.log(1 - torch.sigmoid(logits))).mean()
+
+    if mode == "none":
+        assert D1 is None and len(steps) == 1
+    else:
+        assert [opt for opt, _, _ in steps] == [steps[0][0], steps[1][0]] and steps[0][0] is not steps[1][0]
+        (opt_d, grads_d, lr_d), (opt_g, grads_g, lr_g) = steps   # D is stepped first
+        fake = G0(x).detach()
+        loss_d = 0.5 * (bce(D0(x, y), 1.0) + bce(D0(x, fake), 0.0))   # conditional: D sees the input with each
+        assert_grads(grads_d, torch.autograd.grad(loss_d, list(D0.parameters())), "D's gradient")
+        assert lr_d == lr
+        assert_adam_first_step(D1, D0, grads_d, lr, "D's update")
+    grads_g, lr_g = steps[-1][1], steps[-1][2]
+    fake = G0(x)
+    loss_g = lam * (fake - y).abs().mean()
+    if mode != "none":
+        D_after = copy.deepcopy(D1)   # D as G's step saw it: after D's own step
+        loss_g = loss_g + bce(D_after(x, fake), 1.0)
+    assert_grads(grads_g, torch.autograd.grad(loss_g, list(G0.parameters())), "G's gradient")
+    assert lr_g == lr
+    assert_adam_first_step(G1, G0, grads_g, lr, "G's update")   # D's step left G alone
+
+
+def test_optimizers_and_learning_rate_decay(tmp_path, monkeypatch):
+    """Adam 2e-4, β (0.5, 0.999) for G and for D, each over its own net; the lr constant for the first half of the
+    steps, then lr · (1 − (step − n_const) / (n_decay + 1)) (official 'linear' policy, here per step)."""
+    built = wiring.record_optimizers(monkeypatch)
+    nets = built_nets(monkeypatch)
+    with recorded_steps() as steps:
+        wiring.train_steps(pix2pix, tmp_path, 4)
+    _, (G, D) = nets[0]
+    assert len(built) == 2
+    for net in (G, D):   # one Adam over each net's parameters, and no other's
+        [opt] = [b for b in built if {id(p) for p in b.params} == {id(p) for p in net.parameters()}]
+        assert opt.type == "Adam" and opt.setting("betas") == (0.5, 0.999)
+        seen = [lr for o, _, lr in steps if o is opt.opt]   # 4 steps: 2 at the full lr, 2 decaying (n_decay = 2)
+        assert seen == pytest.approx([2e-4, 2e-4, 2e-4 * (1 - 1 / 3), 2e-4 * (1 - 2 / 3)])
+
+
+def test_log_only_terms_leave_training_unchanged(tmp_path):
+    """D's real and fake halves are computed only at log steps; the weights do not depend on the log interval."""
+    a = wiring.train_steps(pix2pix, tmp_path, 3, name="every")
+    b = pix2pix.main(["--dry-run", "--steps", "3", "--out", str(tmp_path / "rare"), "--log-every", "2",
+                      "--sample-every", "0", "--ckpt-every", "0", "--eval-every", "0"])
+    assert {"loss/D_real", "loss/D_fake"} <= set(a["losses"]) and {"loss/D_real", "loss/D_fake"} <= set(b["losses"])
+    wa, wb = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("every", "rare"))
+    helpers.assert_same(wa["models"], wb["models"])
