@@ -53,7 +53,7 @@ Usage:
     # ... the same without the cycle term (add --lambda-cyc 0 --identity-weight 5: the identity term kept), or
     # without both (add --lambda-cyc 0)
     python cyclegan.py --sample runs/cyclegan/horse2zebra-.../ckpt.pt                          # testA -> B, testB -> A
-    python cyclegan.py --sample runs/cyclegan/horse2zebra-.../ckpt.pt --input DIR [--direction BtoA]
+    python cyclegan.py --sample runs/cyclegan/horse2zebra-.../ckpt.pt --input PATH [--direction BtoA]
 
 Differences from the paper:
 - The identity loss is on by default (official code) rather than only for painting <-> photo; see above.
@@ -63,6 +63,7 @@ Differences from the paper:
 """
 import argparse
 import random
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -100,8 +101,9 @@ def parse_args(argv=None):
                    help="training: swap the domains for BtoA; with --sample --input: AtoB translates with G, BtoA with F")
     d.add_argument("--load-size", type=int, default=286, help="training images are resized to this, then cropped")
     d.add_argument("--no-flip", action="store_true", help="no random left-right flips")
-    d.add_argument("--input", default=None, metavar="DIR",
-                   help="with --sample: translate the images in DIR (any size) and write PNGs of the same names to --out")
+    d.add_argument("--input", default=None, metavar="PATH",
+                   help="with --sample: translate an image, or the images in a folder (any size), into PNGs of the "
+                        "same names in <out>/translated_AtoB/ (or _BtoA/, see --direction)")
     runlib.add_args(p, dataset="horse2zebra", image_size=256, batch_size=1, steps=200 * 1334, log_every=100,
                     sample_every=2000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid")
     args = runlib.parse(p, argv, dry_run_defaults={
@@ -113,7 +115,9 @@ def parse_args(argv=None):
         raise runlib.UsageError("--identity-weight sets the identity loss's weight itself, --lambda-identity sets it "
                                 "as a fraction of --lambda-cyc: give one of them")
     if args.input and not args.sample:
-        raise runlib.UsageError("--input DIR translates your images with a trained model: give --sample CKPT too")
+        raise runlib.UsageError("--input PATH translates your images with a trained model: give --sample CKPT too")
+    if args.input and not Path(args.input).exists():
+        raise runlib.UsageError(f"--input {args.input} does not exist: give an image or a folder of images")
     if not 0 <= args.decay_fraction <= 1:
         raise runlib.UsageError(f"--decay-fraction must be in [0, 1], got {args.decay_fraction}")
     if args.load_size < args.image_size:
@@ -417,9 +421,10 @@ def sample(args):
     if args.input:   # the user's images, any size, resized to the training size
         net, channels = (G, c_a) if args.direction == "AtoB" else (F_, c_b)
         x, names = datasets.read_image_folder(args.input, targs.image_size, channels=channels)
-        datasets.save_images(translate(net, datasets.to_range(x, (-1, 1), True).to(device)), out, names)
-        print(f"wrote {len(names)} translations ({args.direction}) to {out}")
-        return {"translated": len(names), "out": str(out)}
+        folder = out / f"translated_{args.direction}"
+        datasets.save_images(translate(net, datasets.to_range(x, (-1, 1), True).to(device)), folder, names)
+        print(f"translated {len(names)} images from {args.input} ({args.direction}) into {folder}")
+        return {"translated": len(names), "out": str(folder)}
     test = datasets.load_translation(argparse.Namespace(**{**vars(targs), "download": args.download}), "test",
                                      paired=False, size=targs.image_size)
     a, b = (datasets.to_range(t, (-1, 1), True).to(device) for t in (test.a, test.b))

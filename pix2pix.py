@@ -60,7 +60,7 @@ Usage:
     python benchmarks/digit_translation.py make MNIST_TEST_DIR tasks   # a folder of the t10k-* idx files
     python pix2pix.py --dataset tasks/masked --image-size 32 --load-size 36 --g-width 16 --d-width 16 --d-layers 2 --steps 4000 --metrics none
     python pix2pix.py --sample runs/pix2pix/facades-.../ckpt.pt                # translate the test split
-    python pix2pix.py --sample runs/pix2pix/facades-.../ckpt.pt --input DIR   # translate your own images
+    python pix2pix.py --sample runs/pix2pix/facades-.../ckpt.pt --input PATH  # translate your own images
 
 Differences from the paper:
 - Dropout placement is the official code's (the depth − 5 decoder layers after the innermost) rather than
@@ -76,6 +76,7 @@ Differences from the paper:
 """
 import argparse
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -125,15 +126,19 @@ def parse_args(argv=None):
     d.add_argument("--test-noise", action=argparse.BooleanOptionalAction, default=True,
                    help="at test time keep dropout on and normalise each image by its own BN statistics (the paper's noise); "
                         "--no-test-noise = the official --eval")
-    d.add_argument("--input", default=None, metavar="DIR",
-                   help="with --sample: translate the images in DIR (any size) and write PNGs of the same names to --out")
+    d.add_argument("--input", default=None, metavar="PATH",
+                   help="with --sample: translate an image, or the images in a folder (any size; a folder whose images "
+                        "are all twice as wide as high holds A|B pairs, as the datasets: their input halves are "
+                        "translated), into PNGs of the same names in <out>/translated/")
     runlib.add_args(p, dataset="facades", image_size=256, batch_size=1, steps=80_000, log_every=100,
                     sample_every=2000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid")
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 32, "load_size": 36, "g_width": 4, "d_width": 4, "batch_size": 2},
         defaults=lambda a: DATASET_DEFAULTS.get(a.dataset, {}))
     if args.input and not args.sample:
-        raise runlib.UsageError("--input DIR translates your images with a trained model: give --sample CKPT too")
+        raise runlib.UsageError("--input PATH translates your images with a trained model: give --sample CKPT too")
+    if args.input and not Path(args.input).exists():
+        raise runlib.UsageError(f"--input {args.input} does not exist: give an image or a folder of images")
     if args.netD == "pixel" and "d_layers" in args.explicit:
         raise runlib.UsageError("--d-layers sets the PatchGAN's depth; the PixelGAN (--netD pixel) has none")
     if args.gan_mode == "none" and args.lambda_l1 <= 0:
@@ -436,11 +441,17 @@ def sample(args):
     torch.manual_seed(args.seed)   # the test-time dropout
     noise, step = args.test_noise, state["step"]
     if args.input:   # the user's images, any size, resized to the training size
-        x, names = datasets.read_image_folder(args.input, targs.image_size, channels=c_in)
+        try:   # all twice as wide as high: A|B pairs, as in the dataset folders, of which G translates the input half
+            a, b, names = datasets.read_image_folder(args.input, targs.image_size, pairs=True, channels=c_in)
+            x, half = (a, "A") if targs.direction == "AtoB" else (b, "B")
+            what = f"the {half} halves (G's input) of {len(names)} A|B pairs"
+        except runlib.UsageError:   # whole images
+            x, names = datasets.read_image_folder(args.input, targs.image_size, channels=c_in)
+            what = f"{len(names)} images"
         fake = translate(G, datasets.to_range(x, (-1, 1), True).to(device), noise)
-        datasets.save_images(fake, out, names)
-        print(f"wrote {len(names)} translations to {out}")
-        return {"translated": len(names), "out": str(out)}
+        datasets.save_images(fake, out / "translated", names)
+        print(f"translated {what} from {args.input} into {out / 'translated'}")
+        return {"translated": len(names), "out": str(out / "translated")}
     test = datasets.load_translation(argparse.Namespace(**{**vars(targs), "download": args.download}), "test",
                                      paired=True, size=targs.image_size)
     x, y = (datasets.to_range(t, (-1, 1), True).to(device) for t in (test.a, test.b))

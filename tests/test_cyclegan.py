@@ -3,6 +3,7 @@ import contextlib
 import copy
 import random
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def test_sample_both_directions_and_own_images(tmp_path):
         result = cyclegan.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine), "--out", str(o),
                                 "--direction", direction])
         assert result["translated"] == 2
-        with Image.open(o / "grey.png") as img:
+        with Image.open(o / f"translated_{direction}" / "grey.png") as img:
             assert img.size == (16, 16)
 
 
@@ -87,6 +88,9 @@ def test_help(capsys):
     (["--image-size", "16", "--d-layers", "4"], "PatchGAN"),
     (["--input", "x"], "--sample"),
     (["--lambda-cyc", "-1"], ">= 0"),
+    (["--identity-weight", "-1"], ">= 0"),
+    (["--identity-weight", "2", "--lambda-identity", "0.2"], "give one of them"),
+    (["--sample", "ckpt.pt", "--input", "no/such/folder"], "--input no/such/folder does not exist"),
 ])
 def test_bad_flags(tmp_path, capsys, argv, match):
     out = tmp_path / "x"
@@ -355,3 +359,58 @@ def test_log_only_terms_leave_training_unchanged(tmp_path):
     wa, wb = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("every", "rare"))
     helpers.assert_same(wa["models"], wb["models"])
     helpers.assert_same(wa["pools"], wb["pools"])
+
+
+# -- translating your own images; bad images ------------------------------------------------------------
+
+def truncated_png(path, size=(12, 12)):
+    """A PNG cut in half, as an interrupted download leaves it."""
+    noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_translations_of_own_images_leave_the_run_alone(tmp_path):
+    out, _, _ = helpers.dry_run(cyclegan, tmp_path, "--steps", "1")
+    run_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    mine = tmp_path / "mine"
+    write_domain(mine, 2, (0, 200, 0))
+    result = cyclegan.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine)])   # the default --out
+    assert sorted(p.name for p in Path(result["out"]).glob("*.png")) == ["000.png", "001.png"]
+    assert Path(result["out"]).name == "translated_AtoB"
+    assert all(p.read_bytes() == data for p, data in run_files.items())   # no training grid overwritten
+
+
+@pytest.mark.xfail(raises=NotADirectoryError, strict=True,
+                   reason="needs common.data.read_image_folder to accept a single image file")
+def test_sample_translates_one_image(tmp_path):
+    out, _, _ = helpers.dry_run(cyclegan, tmp_path, "--steps", "1")
+    Image.new("RGB", (50, 37), (200, 10, 10)).save(tmp_path / "photo.jpg")
+    result = cyclegan.main(["--sample", str(out / "ckpt.pt"), "--input", str(tmp_path / "photo.jpg"),
+                            "--out", str(tmp_path / "o")])
+    assert result["translated"] == 1
+    with Image.open(tmp_path / "o" / "translated_AtoB" / "photo.png") as img:
+        assert img.size == (16, 16)
+
+
+@pytest.mark.xfail(raises=OSError, strict=True,
+                   reason="needs common.data.read_image_folder to name an unreadable image (it raises PIL's OSError)")
+@pytest.mark.parametrize("bad", ["truncated.png", "notes.jpg"])
+def test_a_bad_image_in_the_dataset_is_named_at_start_up(tmp_path, capsys, bad):
+    """It stops the run at start-up with one line naming it (exit 2, no traceback), or is skipped with a warning
+    that names it."""
+    root = tmp_path / "set"
+    for name in ("trainA", "trainB", "testA", "testB"):
+        write_domain(root / name, 2, (9, 9, 9))
+    if bad == "truncated.png":
+        truncated_png(root / "trainB" / bad)
+    else:
+        (root / "trainB" / bad).write_text("not an image")
+    try:
+        cyclegan.main(["--dry-run", "--dataset", str(root), "--out", str(tmp_path / "run"), "--steps", "1"])
+    except SystemExit as e:
+        err = capsys.readouterr().err.strip()
+        assert e.code == 2 and bad in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    else:
+        assert bad in capsys.readouterr().err

@@ -3,7 +3,9 @@ import contextlib
 import copy
 import math
 import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -74,7 +76,7 @@ def test_sample_test_split_and_own_images(tmp_path):
     result = pix2pix.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine), "--out", str(tmp_path / "o")])
     assert result["translated"] == 2
     for name in ("photo.png", "scan.png"):
-        with Image.open(tmp_path / "o" / name) as img:
+        with Image.open(tmp_path / "o" / "translated" / name) as img:
             assert img.size == (32, 32)   # the training size
 
 
@@ -87,6 +89,7 @@ def test_help(capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--image-size", "48", "--load-size", "48"], "power of two"),
     (["--input", "somewhere"], "--sample"),
+    (["--sample", "ckpt.pt", "--input", "no/such/folder"], "--input no/such/folder does not exist"),
     (["--netD", "pixel", "--d-layers", "2"], "PixelGAN"),
     (["--gan-mode", "none", "--lambda-l1", "0"], "nothing to train"),
     (["--load-size", "16"], "--load-size"),
@@ -390,3 +393,97 @@ def test_log_only_terms_leave_training_unchanged(tmp_path):
     assert {"loss/D_real", "loss/D_fake"} <= set(a["losses"]) and {"loss/D_real", "loss/D_fake"} <= set(b["losses"])
     wa, wb = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("every", "rare"))
     helpers.assert_same(wa["models"], wb["models"])
+
+
+# -- translating your own images ------------------------------------------------------------------------
+
+def truncated_png(path, size=(24, 12)):
+    """A PNG cut in half, as an interrupted download leaves it."""
+    noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def read_png(path):
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+@pytest.mark.parametrize("direction", ["AtoB", "BtoA"])
+def test_sample_translates_the_input_half_of_pairs(tmp_path, direction):
+    """--input on a folder of A|B pairs (the dataset layout) translates the half G was trained on, not the pair
+    squashed into one square; the outputs go to <out>/translated/ and leave the run's grids alone."""
+    out, _, _ = helpers.dry_run(pix2pix, tmp_path, "--direction", direction, "--steps", "1")
+    run_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    pairs = tmp_path / "pairs"
+    write_pairs(pairs, 2, h=20)
+    result = pix2pix.main(["--sample", str(out / "ckpt.pt"), "--input", str(pairs)])   # the default --out
+    assert result["translated"] == 2
+    assert all(p.read_bytes() == data for p, data in run_files.items())   # no training grid overwritten
+    translated = sorted(Path(result["out"]).glob("*.png"))
+    assert [p.name for p in translated] == ["000.png", "001.png"] and Path(result["out"]).name == "translated"
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    G = pix2pix.UNet(3, 3, 32, state["args"]["g_width"])
+    G.load_state_dict(state["models"]["G"])
+    a, b, _ = datasets.read_image_folder(pairs, 32, pairs=True, channels=3)
+    halves = {"AtoB": a, "BtoA": b}
+    want = pix2pix.translate(G, datasets.to_range(halves[direction], (-1, 1), True))   # 32 px: no dropout
+    got = torch.stack([read_png(p) for p in translated])
+    assert (got - want).abs().max() < 2 / 255
+    squashed, _ = datasets.read_image_folder(pairs, 32, channels=3)   # what --input did before
+    for x in (halves["BtoA" if direction == "AtoB" else "AtoB"], squashed):   # the test can tell them apart
+        assert (got - pix2pix.translate(G, datasets.to_range(x, (-1, 1), True))).abs().max() > 6 / 255
+
+
+@pytest.mark.xfail(raises=NotADirectoryError, strict=True,
+                   reason="needs common.data.read_image_folder to accept a single image file")
+def test_sample_translates_one_image(tmp_path):
+    out, _, _ = helpers.dry_run(pix2pix, tmp_path, "--steps", "1")
+    Image.new("RGB", (50, 37), (200, 10, 10)).save(tmp_path / "photo.jpg")
+    result = pix2pix.main(["--sample", str(out / "ckpt.pt"), "--input", str(tmp_path / "photo.jpg"),
+                           "--out", str(tmp_path / "o")])
+    assert result["translated"] == 1
+    with Image.open(tmp_path / "o" / "translated" / "photo.png") as img:
+        assert img.size == (32, 32)
+
+
+def assert_stops_or_skips(run, bad, capsys):
+    """A bad image stops the run at start-up with one line naming it (exit 2, no traceback), or is skipped with
+    a warning that names it."""
+    try:
+        run()
+    except SystemExit as e:
+        err = capsys.readouterr().err.strip()
+        assert e.code == 2 and bad.name in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    else:
+        assert bad.name in capsys.readouterr().err
+
+
+@pytest.mark.xfail(raises=OSError, strict=True,
+                   reason="needs common.data.read_image_folder to name an unreadable image (it raises PIL's OSError)")
+@pytest.mark.parametrize("bad", ["truncated.png", "notes.jpg"])
+def test_a_bad_image_in_the_dataset_is_named_at_start_up(tmp_path, capsys, bad):
+    root = tmp_path / "set"
+    write_pairs(root / "train", 3)
+    write_pairs(root / "test", 1)
+    if bad == "truncated.png":
+        truncated_png(root / "train" / bad)
+    else:
+        (root / "train" / bad).write_text("not an image")
+    out = tmp_path / "run"
+    assert_stops_or_skips(lambda: pix2pix.main(["--dry-run", "--dataset", str(root), "--out", str(out),
+                                                "--steps", "1"]), root / "train" / bad, capsys)
+
+
+@pytest.mark.xfail(raises=OSError, strict=True,
+                   reason="needs common.data.read_image_folder to name an unreadable image (it raises PIL's OSError)")
+def test_a_bad_image_given_to_translate_is_named(tmp_path, capsys):
+    out, _, _ = helpers.dry_run(pix2pix, tmp_path, "--steps", "1")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(mine / "ok.png")
+    truncated_png(mine / "cut.png")
+    capsys.readouterr()
+    assert_stops_or_skips(lambda: pix2pix.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine),
+                                                "--out", str(tmp_path / "o")]), mine / "cut.png", capsys)
