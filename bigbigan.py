@@ -120,7 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--n-dis", type=int, default=1, help="D steps per E/G step")
     runlib.add_args(p, dataset="cifar10", image_size=None, batch_size=2048, steps=500_000, log_every=100,
                     sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=10000, metrics="fid,is",
-                    digits=True)
+                    digits=True, image_size_help="128 for an image folder (ImageNet), else 32")
     return runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 32, "g_width": 2, "d_width": 2, "e_width": 4, "mlp_width": 16,
         "z_dim": 8}, defaults=config_defaults)
@@ -515,7 +515,7 @@ def train(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)   # agree: reconstructions
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     probe = probe_sets(e_args, data, device)
@@ -650,7 +650,11 @@ def sample(args):
     x, _ = labelled_images(data, idx, device)
     grids = {"samples": G(sample_noise(100, targs.z_dim, "cpu", g).to(device)),
              "reconstructions": reconstruction_panel(G, E, x, targs.image_size)}
-    return runlib.write_samples(out, state["step"], grids)
+    paths = runlib.write_samples(out, state["step"], grids)
+    # --num-samples: G's samples for evaluate.py; --eval: the --metrics of --eval-samples of them
+    paths.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
+                               out=out, step=state["step"]))
+    return paths
 
 
 def main(argv=None):

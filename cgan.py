@@ -96,9 +96,9 @@ def parse_args(argv=None):
     g.add_argument("--valid-size", type=int, default=10000,
                    help="training images held out as the validation split (Parzen sigma selection)")
     o = p.add_argument_group("optimiser")
-    o.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="None: the paper's SGD (decaying lr, rising momentum) for mlp, DCGAN's Adam for conv")
-    o.add_argument("--lr", type=float, default=None, help="learning rate; None: 0.1 for SGD, 2e-4 for Adam")
+    o.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="the paper's SGD (decaying lr, rising momentum); --arch conv defaults to DCGAN's Adam")
+    o.add_argument("--lr", type=float, default=0.1, help="learning rate (Adam: 2e-4)")
     o.add_argument("--lr-decay", type=float, default=1.00004, help="SGD lr is divided by this every update")
     o.add_argument("--min-lr", type=float, default=1e-6, help="floor of the decayed learning rate")
     o.add_argument("--momentum", type=float, default=0.5, help="initial SGD momentum")
@@ -353,7 +353,7 @@ def train(args):
     if args.arch == "mlp" and data.images is not None:
         data, valid, test = datasets.split_held_out(args, data, args.valid_size)
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     value_range = (0, 1) if args.arch == "mlp" else (-1, 1)
@@ -449,7 +449,7 @@ def sample(args):
     def make(n):   # --eval: the digit metrics of the checkpoint, the classes in turn
         y = torch.arange(n, device=device) % K
         return G(sample_noise(n, targs.z_dim, targs.noise, device), y), y
-    paths.update(metrics.score(args, targs, make, device, value_range=value_range, conditional=True))
+    paths.update(metrics.score(args, targs, make, device, value_range=value_range, conditional=True, out=out, step=step))
     return paths
 
 

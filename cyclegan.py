@@ -105,7 +105,7 @@ def parse_args(argv=None):
                    help="with --sample: translate an image, or the images in a folder (any size), into PNGs of the "
                         "same names in <out>/translated_AtoB/ (or _BtoA/, see --direction)")
     runlib.add_args(p, dataset="horse2zebra", image_size=256, batch_size=1, steps=200 * 1334, log_every=100,
-                    sample_every=2000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid")
+                    sample_every=2000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid", export=False)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "load_size": 18, "g_width": 4, "d_width": 4, "d_layers": 1,
         "pool_size": 3, "batch_size": 2},
@@ -338,7 +338,7 @@ def train(args):
                                 "use --lambda-identity 0")
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=train_data)
     device = r.device
 
     raw = build(args, c_a, c_b)

@@ -1,15 +1,20 @@
 """Scores of samples on disk, and the reference statistics of datasets, from the command line:
 
-    python evaluate.py fid samples/ data/fid_stats/cifar10-train-32-legacy-50000.npz   # folders or .npz
-    python evaluate.py is samples/
-    python evaluate.py kid A B          # and pr REAL FAKE: folders, or .npz files written by stats
-    python evaluate.py stats cifar10 --data-root data --image-size 32                  # reference statistics
-    python evaluate.py cfid samples/ real.npz --classifier data/mnist-test             # classifier FID
-    python evaluate.py agree samples/   # labelled: an .npz with 'labels', or class subfolders 0/ ... 9/
-    python evaluate.py modes samples/ --classifier mnist                               # Stacked-MNIST modes / KL
+    python dcgan.py --sample RUN/ckpt.pt --num-samples 50000         # writes RUN/samples/samples-<step>-50000.npz
+    python evaluate.py stats cifar10 --image-size 64                 # the training images' statistics (cached):
+                                                                     # data/fid_stats/cifar10-train-64-legacy-50000.npz
+    python evaluate.py fid RUN/samples/samples-0009750-50000.npz data/fid_stats/cifar10-train-64-legacy-50000.npz
+    python evaluate.py is samples/      # a folder of images, or an .npz of samples
+    python evaluate.py kid A B          # and pr REAL FAKE: folders, .npz samples, or .npz files written by stats
+    python evaluate.py cfid samples.npz data/mnist-idx --classifier data/mnist-idx   # classifier FID; a folder of
+                                        # MNIST idx files is a reference set as it is (no statistics to build)
+    python evaluate.py agree samples.npz   # labelled: an .npz with 'labels', or class subfolders 0/ ... 9/
+    python evaluate.py modes samples.npz --classifier mnist                          # Stacked-MNIST modes / KL
 
 fid, is, kid, pr and stats run the Inception network of common/metrics.py; cfid, agree and modes the digit
-classifier of common/digits.py (an .npz of samples holds "images", uint8 or in [-1, 1], and optional "labels").
+classifier of common/digits.py. An .npz of samples holds "arr_0" (N, H, W, C) uint8 (what --num-samples
+writes, and what the reference FID tools read) or "images" ((N, [C,] H, W), uint8 or in [-1, 1]), and
+optional "labels".
 """
 import argparse
 import os
@@ -17,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from common import data as datasets
 from common import digits
@@ -27,23 +31,56 @@ from common.metrics import (FID_WEIGHTS_URL, frechet_distance, gaussian_stats, i
 from common.run import UsageError, as_usage_error, friendly_errors
 
 
+def _open(path, channels):
+    try:
+        return datasets.open_image(path, channels)
+    except datasets.BAD_IMAGE as e:   # scores of a folder with a file missing would mislead: stop
+        raise UsageError(f"{path} is not a readable image ({datasets.why_unreadable(e)}); remove or replace it") from None
+
+
+def _npz_images(path):
+    """uint8 (N, C, H, W) images and labels (or None) of an .npz of samples: "arr_0" (N, H, W, C) uint8, the
+    layout the scripts' --sample --num-samples write and the reference FID tools read, or "images"
+    ((N, [C,] H, W), uint8 or in [-1, 1]); None when the file holds statistics instead."""
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files if k in ("arr_0", "images", "labels")}
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path} ({e})") from None
+    if "arr_0" in arrays:
+        x = torch.from_numpy(arrays["arr_0"])
+        x = x[..., None] if x.dim() == 3 else x
+        x = x.permute(0, 3, 1, 2)
+    elif "images" in arrays:
+        x = torch.from_numpy(arrays["images"])
+        x = x[:, None] if x.dim() == 3 else x
+    else:
+        return None
+    x = x if x.dtype == torch.uint8 else to_uint8(x)
+    return x.contiguous(), (torch.from_numpy(arrays["labels"]) if "labels" in arrays else None)
+
+
 def _read_input(path, args):
-    """An .npz of statistics, or {"features", "logits"} of a folder of images (sorted by name)."""
+    """An .npz of statistics, or {"features", "logits"} of an .npz of samples or a folder of images (sorted by name)."""
     path = Path(path)
     if path.suffix == ".npz" and path.is_file():
-        return load_stats(path)
+        samples = _npz_images(path)
+        if samples is None:
+            return load_stats(path)
+        x = samples[0]
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        pool3, logits = inception_features((x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)),
+                                           args.device, args.mode, weights=args.inception_weights)
+        return {"features": pool3, "logits": logits}
     if not path.is_dir():
-        raise UsageError(f"{path} is neither a folder of images nor an .npz file of statistics")
+        raise UsageError(f"{path} is neither a folder of images nor an .npz file of samples or statistics")
     files = sorted(f for f in path.iterdir() if f.suffix.lower() in datasets.IMAGE_EXTENSIONS)
     if not files:
         raise UsageError(f"{path} holds no images ({', '.join(datasets.IMAGE_EXTENSIONS)})")
 
     def batches():
         for i in range(0, len(files), args.batch_size):
-            images = []
-            for f in files[i:i + args.batch_size]:
-                with Image.open(f) as img:
-                    images.append(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1))
+            images = [torch.from_numpy(np.array(_open(f, 3))).permute(2, 0, 1) for f in files[i:i + args.batch_size]]
             if len({t.shape for t in images}) > 1:
                 raise UsageError(f"the images in {path} differ in size; resize them first")
             yield torch.stack(images)
@@ -56,12 +93,13 @@ def _read_digits(path, channels):
     [-1, 1]; optional "labels"), a folder of MNIST idx files, or a folder of images (labels: subfolders 0/, 1/...)."""
     path = Path(path)
     if path.suffix == ".npz" and path.is_file():
-        with np.load(path) as f:
-            if "images" not in f.files:
-                raise UsageError(f"{path} holds no 'images' array")
-            x, y = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]) if "labels" in f.files else None
-        x = x if x.dtype == torch.uint8 else to_uint8(x)
-        return (x[:, None] if x.dim() == 3 else x), y
+        samples = _npz_images(path)
+        if samples is None:
+            raise UsageError(f"{path} holds no images ('arr_0' or 'images')")
+        x, y = samples
+        if x.shape[1] != channels:   # grey digits stored as RGB, or the reverse
+            x = x.float().mean(1, keepdim=True).round().to(torch.uint8) if channels == 1 else x.expand(-1, 3, -1, -1)
+        return x, y
     if not path.is_dir():
         raise UsageError(f"{path} is neither a folder of images nor an .npz file of samples")
     if sorted(path.glob("*images-idx3-ubyte*")):
@@ -71,10 +109,7 @@ def _read_digits(path, channels):
     files = [(f, y) for f, y in files if f.suffix.lower() in datasets.IMAGE_EXTENSIONS]
     if not files:
         raise UsageError(f"{path} holds no images ({', '.join(datasets.IMAGE_EXTENSIONS)})")
-    arrays = []
-    for f, _ in files:
-        with Image.open(f) as img:
-            arrays.append(np.asarray(img.convert("L" if channels == 1 else "RGB")))
+    arrays = [np.asarray(_open(f, channels)) for f, _ in files]
     if len({a.shape for a in arrays}) > 1:
         raise UsageError(f"the images in {path} differ in size; resize them first")
     x = torch.from_numpy(np.stack(arrays))
@@ -112,6 +147,8 @@ def main(argv=None):
                    f"(default: $FID_INCEPTION_WEIGHTS, else the torch hub cache, else {FID_WEIGHTS_URL})")
     p.add_argument("--mode", choices=("legacy", "clean"), default="legacy", help="resize as the TF code, or clean-fid")
     p.add_argument("--data-root", default=os.environ.get("GAN_DATA_ROOT", "data"), help="stats: where datasets are")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="stats: download a missing torchvision dataset (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=32, help="stats: the size the scripts train at (default: 32)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="stats: the split (default: train)")
     p.add_argument("--max-images", type=int, default=50000, help="stats: at most this many images (default: 50000)")

@@ -57,6 +57,7 @@ from common import metrics
 from common import run as runlib
 
 SCRIPT = "gan"
+TOYS = ("ring8", "grid25")
 PARZEN_SIGMA_IMAGES = 1000   # validation images that pick the Parzen window's sigma (parzen_ll.py)
 
 
@@ -69,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--g-hidden", type=int, default=1200, help="units in each of G's two ReLU layers")
     p.add_argument("--d-units", type=int, default=240, help="maxout units in each of D's two layers")
     p.add_argument("--d-pieces", type=int, default=5, help="pieces per maxout unit")
-    p.add_argument("--d-input-dropout", type=float, default=None,
-                   help="dropout on D's input: 0.2 (keep 0.8) on images; default 0 on 2D toy points")
+    p.add_argument("--d-input-dropout", type=float, default=0.2,
+                   help="dropout on D's input (keep 0.8); 0 on the 2D toys, where dropping one of two coordinates "
+                        "destroys the point")
     p.add_argument("--d-hidden-dropout", type=float, default=0.5, help="dropout on D's hidden layers")
     p.add_argument("--g-loss", choices=["nonsaturating", "minimax"], default="nonsaturating",
                    help="G maximises log D(G(z)) (Sec. 3) or minimises log(1 - D(G(z))) (Eq. 1)")
@@ -78,10 +80,10 @@ def parse_args(argv=None):
                    help="simultaneous: D and G step together on gradients from one minibatch of samples (the "
                         "official code); alternating: k D steps, then one G step (Algorithm 1)")
     p.add_argument("--k", type=int, default=1, help="D steps per G step with --update alternating")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="sgd (the paper's code) for images; adam (lr 1e-4, beta1 0.8, the PacGAN protocol's "
-                        "settings) for the 2D toys, where SGD at lr 0.1 diverges")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (sgd 0.1, adam 1e-4)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd as the paper's code; the 2D toys default to adam (lr 1e-4, beta1 0.8, the PacGAN "
+                        "protocol's settings), as SGD at lr 0.1 diverges there")
+    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (adam: 1e-4)")
     p.add_argument("--lr-decay", type=float, default=1.000004, help="lr is divided by this every update")
     p.add_argument("--min-lr", type=float, default=1e-6, help="floor of the decayed learning rate")
     p.add_argument("--momentum", type=float, default=0.5, help="initial momentum")
@@ -94,8 +96,9 @@ def parse_args(argv=None):
                     metrics="none", inception=False, digits=True)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 8, "g_hidden": 32, "d_units": 16, "valid_size": 32},
-        defaults=lambda a: {"optimizer": "adam" if a.dataset in ("ring8", "grid25") else "sgd",
-                            "lr": 0.1 if a.optimizer == "sgd" else 1e-4})
+        defaults=lambda a: {"optimizer": "adam" if a.dataset in TOYS else "sgd",
+                            "lr": 0.1 if a.optimizer == "sgd" else 1e-4,
+                            "d_input_dropout": 0.0 if a.dataset in TOYS else 0.2})
     sgd_only = {"lr_decay", "min_lr", "momentum", "final_momentum", "momentum_epochs"} & set(args.explicit)
     if args.optimizer == "adam" and sgd_only:
         raise runlib.UsageError(f"--{sorted(sgd_only)[0].replace('_', '-')} sets the SGD schedule, but this run "
@@ -230,9 +233,7 @@ def evaluate(G, args, device, data, valid, test, clf=None):
 # ------------------------------------------------------------------------------------------------
 
 def build(args, shape):
-    # Dropping one of two coordinates destroys a 2D point, so toy data gets no input dropout.
-    input_dropout = args.d_input_dropout if args.d_input_dropout is not None else (0.2 if len(shape) == 3 else 0.0)
-    D = Discriminator(shape, args.d_units, args.d_pieces, input_dropout, args.d_hidden_dropout)
+    D = Discriminator(shape, args.d_units, args.d_pieces, args.d_input_dropout, args.d_hidden_dropout)
     return Generator(args.z_dim, args.g_hidden, shape), D
 
 
@@ -242,7 +243,7 @@ def train(args):
     if data.kind == "image":
         data, valid, test = datasets.split_held_out(args, data, args.valid_size)
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
 
@@ -343,7 +344,7 @@ def sample(args):
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
     # --eval: the digit metrics of the checkpoint
     paths.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, targs.noise, device)), device,
-                               value_range=(0, 1)))
+                               value_range=(0, 1), out=out, step=step))
     return paths
 
 

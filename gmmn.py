@@ -101,7 +101,8 @@ def parse_args(argv=None):
                    help="the official kernel set: mnist = {2,..,80} on pixels, {1} on codes; "
                         "tfd = {5,..,160} on pixels, {1,..,40} on codes")
     p.add_argument("--bandwidths", type=float, nargs="+", default=None,
-                   help="explicit kernel sigmas (overrides --bandwidth-set and the toy defaults)")
+                   help="explicit kernel sigmas (default: --bandwidth-set's for images; 10, 100, 1000, 10000 "
+                        "times the mixture's variance for the 2D toys)")
     p.add_argument("--sqrt", action=argparse.BooleanOptionalAction, default=True,
                    help="minimise sqrt(MMD^2) as the official code does (--no-sqrt: MMD^2)")
     p.add_argument("--unbiased", action="store_true",
@@ -360,7 +361,7 @@ def train(args):
     ae_total = 3 * args.ae_steps if args.mode == "ae" else 0
     lr = args.lr if args.lr is not None else 0.05 if data.kind == "toy" else 2.0
     args = argparse.Namespace(**{**vars(args), "lr": lr, "gmmn_steps": args.steps, "steps": ae_total + args.steps})
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     bandwidths = kernel_bandwidths(args, data)
@@ -497,7 +498,7 @@ def sample(args):
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": to_data(G(line))}, value_range=(0, 1))
     # --eval: the digit metrics of the checkpoint
     paths.update(metrics.score(args, targs, lambda n: to_data(G(sample_noise(n, targs.z_dim, device))), device,
-                               value_range=(0, 1)))
+                               value_range=(0, 1), out=out, step=step))
     return paths
 
 

@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Implicit Maximum Likelihood Estimation (Li & Malik 2018)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--z-dim", type=int, default=None,
-                   help="dimension of z ~ N(0, I) (default: 64 for images; 2 for the 2D toys, as the reference toy code)")
+                   help="dimension of z ~ N(0, I) (default: 64 for images; 2 for the 2D toys, as the reference "
+                        "toy code)")
     p.add_argument("--g-widths", type=int, nargs=3, default=[1024, 128, 64],
                    help="channels of G's 1x1, 7x7 and 14x14 feature maps (images)")
     p.add_argument("--mlp-hidden", type=int, nargs="+", default=[128, 128, 128], help="G's ReLU layers (2D toys)")
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--factor", type=int, default=10, help="samples per search = factor x dataset size")
     p.add_argument("--jitter", type=float, default=0.01, help="std of the noise added to the matched z's")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: 1e-3 for images; 1e-2 for the 2D toys, as the reference toy code)")
+                   help="Adam learning rate (default: 1e-3 for images; 1e-2 for the 2D toys, as the reference "
+                        "toy code)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam's L2 weight decay")
@@ -250,7 +252,7 @@ def train(args):
     z_dim = args.z_dim if args.z_dim is not None else 2 if toy else 64
     lr = args.lr if args.lr is not None else 1e-2 if toy else 1e-3
     args = argparse.Namespace(**{**vars(args), "z_dim": z_dim, "lr": lr})
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     points = training_set(args, data, device)
@@ -327,7 +329,7 @@ def sample(args):
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=(0, 1))
     # --eval: the digit metrics of the checkpoint
     paths.update(metrics.score(args, targs, lambda n: G(torch.randn(n, targs.z_dim, device=device)), device,
-                               value_range=(0, 1)))
+                               value_range=(0, 1), out=out, step=step))
     return paths
 
 

@@ -65,7 +65,7 @@ Usage:
 
 Differences from the paper:
 - Defaults follow the code released with the paper (mnist_svhn_cifar10/train_*.py): there,
-  historical averaging, label smoothing and virtual batch norm are off there (G uses batch norm). Table 3's
+  historical averaging, label smoothing and virtual batch norm are off (G uses batch norm). Table 3's
   best CIFAR-10 sample model also used VBN and label smoothing: add `--g-norm virtual --real-target 0.9`.
 - D's loss is L_supervised + ½ L_unsupervised, the code's weighting (`--unsup-weight 1` gives the paper's sum).
 - Feature matching as the code: the mean over features of the squared (MLP) or absolute (conv) difference
@@ -76,8 +76,9 @@ Differences from the paper:
   N/(N+1) and 1/(N+1), gradients through both), with the learned shift and no learned scale of the batch norm
   it replaces; the reference batch is `--ref-size` fixed noise vectors, passed through G at every step.
 - Historical averaging: the paper gives no weight λ; the running mean includes the initial parameters.
-- Polyak averaging (EMA 0.9999 of D's weights, for the test error) starts from D's initial weights
-  (torch.optim.swa_utils.AveragedModel); the code starts its average from zeros.
+- Polyak averaging (EMA 0.9999 of D's weights, for the test error) starts from D's weights after its first
+  update (torch.optim.swa_utils.AveragedModel copies them at its first update); the code starts its average
+  from zeros.
 - Data: unlabelled batches are drawn at random with replacement, not by epoch permutations; each labelled
   batch is a random permutation of the labelled set (the code's batches when labels = batch size, 100).
   The data-dependent initialisation uses 500 random training images (the code: its first labelled batches).
@@ -128,31 +129,36 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=["auto", "mlp", "conv"], default="auto",
                    help="mlp: the MNIST nets; conv: the CIFAR-10/SVHN nets; auto: mlp for one-channel images")
     p.add_argument("--labels", type=int, default=None,
-                   help="labelled training examples, balanced over the classes (None: MNIST 100, CIFAR-10 4000, "
-                        "SVHN 1000); 0 (--mode generate only): no labels, one logit, an ordinary GAN")
+                   help="labelled training examples, balanced over the classes; 0 (--mode generate only): no "
+                        "labels, one logit, an ordinary GAN (default: 100 with the mlp nets (MNIST), 4000 with the "
+                        "conv nets (CIFAR-10), 1000 on SVHN; 0 on unlabelled data)")
     p.add_argument("--no-gan", action="store_true",
                    help="baseline: train the same classifier on the labelled examples only (no G, no L_unsupervised)")
     p.add_argument("--test-size", type=int, default=2000,
                    help="images held out for the test error when the dataset has no test split")
     p.add_argument("--z-dim", type=int, default=100, help="noise dimension, z ~ U[0, 1)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (None: 3e-3 mlp, 3e-4 conv)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate "
+                   "(default: 3e-3 with the mlp nets, 3e-4 with the conv nets)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     p.add_argument("--adam-eps", type=float, default=1e-4,
                    help="Adam epsilon, added to sqrt(v); the code divides by sqrt(v + 1e-8), about sqrt(v) + 1e-4 "
                         "for the small gradients of these nets")
     p.add_argument("--epochs", type=float, default=None,
-                   help="training length in passes over the training set, sets --steps (None: the paper's, "
-                        "MNIST 300, CIFAR-10 1200, SVHN 900, unless --steps is given)")
+                   help="training length in passes over the training set, sets --steps (default: the paper's, "
+                        "300 with the mlp nets (MNIST), 1200 with the conv nets (CIFAR-10), 900 on SVHN; "
+                        "none when --steps is given)")
     p.add_argument("--decay-epochs", type=float, default=None,
-                   help="the lr decays linearly to 0 over these last epochs (None: MNIST 0, CIFAR-10 400, SVHN 300)")
+                   help="the lr decays linearly to 0 over these last epochs (default: 0 with the mlp nets (MNIST), "
+                        "400 with the conv nets (CIFAR-10), 300 on SVHN)")
     p.add_argument("--unsup-weight", type=float, default=0.5,
                    help="weight of L_unsupervised in D's loss (the code's 1/2; the paper's sum is 1)")
     g = p.add_argument_group("techniques (Sec. 3)")
     g.add_argument("--g-objective", choices=["feature-matching", "minimax"], default=None,
                    help="G's loss: feature matching (3.1) or minimise E log(1 - D(G(z))) "
-                        "(None: feature-matching in semi, minimax in generate, as the code)")
+                        "(default: feature-matching in --mode semi, minimax in generate, as the code)")
     g.add_argument("--minibatch-disc", action=argparse.BooleanOptionalAction, default=None,
-                   help="minibatch discrimination layer before D's output (3.2) (None: on in generate only)")
+                   help="minibatch discrimination layer before D's output (3.2) "
+                        "(default: on in --mode generate, off in semi)")
     g.add_argument("--mb-kernels", type=int, default=100, help="minibatch discrimination: kernels B")
     g.add_argument("--mb-dim", type=int, default=5, help="minibatch discrimination: kernel dimension C")
     g.add_argument("--hist-avg", type=float, default=0.0,
@@ -164,7 +170,8 @@ def parse_args(argv=None):
     g.add_argument("--ref-size", type=int, default=100, help="virtual batch norm: size of the reference batch")
     g.add_argument("--polyak", type=float, default=0.9999,
                    help="EMA decay of D's weights used for the test error (the code's); 0 = the current D")
-    g.add_argument("--g-steps", type=int, default=None, help="G updates per D update (None: 1 semi, 3 generate)")
+    g.add_argument("--g-steps", type=int, default=None,
+                   help="G updates per D update (default: 1 in --mode semi, 3 in generate)")
     n = p.add_argument_group("network sizes")
     n.add_argument("--d-hidden", default="1000,500,250,250,250", help="mlp D: hidden layer widths")
     n.add_argument("--g-hidden", type=int, default=500, help="mlp G: width of its two softplus layers")
@@ -586,7 +593,7 @@ def train(args):
     if args.epochs > 0:
         args.steps = max(1, round(args.epochs * steps_per_epoch))
     decay_steps = min(round(args.decay_epochs * steps_per_epoch), args.steps)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     gan = not args.no_gan
@@ -740,13 +747,11 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)}, value_range=value_range)
-    if args.eval:  # Table 3's Inception Score of the checkpoint's samples (50k samples unless --eval-samples)
-        if not args.metrics and not args.digit_metrics:
-            raise runlib.UsageError("--eval scores the --metrics: give --metrics is (or fid,is; cfid on digits)")
-        scores = inception.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
-                                 value_range=value_range)
-        return {**paths, **scores}
-    return paths
+    if args.eval and not args.metrics and not args.digit_metrics:
+        raise runlib.UsageError("--eval scores the --metrics: give --metrics is (or fid,is; cfid on digits)")
+    # --eval: Table 3's Inception Score of the checkpoint's samples (50k samples unless --eval-samples)
+    return {**paths, **inception.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
+                                       value_range=value_range, out=out, step=step)}
 
 
 def main(argv=None):

@@ -104,16 +104,21 @@ def parse_args(argv=None):
     p.add_argument("--config", choices=["auto", *CONFIGS], default="auto",
                    help="latent codes and nets of the paper's experiment; auto: svhn or celeba for those "
                         "datasets, mnist otherwise")
-    p.add_argument("--noise-dim", type=int, default=None, help="noise variables z ~ U(-1, 1) (None: the config's)")
-    p.add_argument("--n-cat", type=int, default=None, help="number of categorical codes (None: the config's)")
-    p.add_argument("--cat-dim", type=int, default=None, help="values of each categorical code (None: the config's)")
-    p.add_argument("--n-cont", type=int, default=None, help="continuous codes ~ U(-1, 1) (None: the config's)")
+    p.add_argument("--noise-dim", type=int, default=None, help="noise variables z ~ U(-1, 1) "
+                   "(default: the config's, mnist 62, svhn 124, celeba 128)")
+    p.add_argument("--n-cat", type=int, default=None, help="number of categorical codes "
+                   "(default: the config's, mnist 1, svhn 4, celeba 10)")
+    p.add_argument("--cat-dim", type=int, default=None, help="values of each categorical code "
+                   "(default: the config's, 10 in each)")
+    p.add_argument("--n-cont", type=int, default=None, help="continuous codes ~ U(-1, 1) "
+                   "(default: the config's, mnist 2, svhn 4, celeba 0)")
     p.add_argument("--lambda-cat", type=float, default=1.0, help="λ of the categorical codes' L_I")
     p.add_argument("--lambda-cont", type=float, default=1.0, help="λ of the continuous codes' L_I")
     p.add_argument("--q-std", choices=["fixed", "learned"], default="fixed",
                    help="Q's Gaussian: sigma = 1 (official code) or predicted through exp (Appendix C)")
     p.add_argument("--width", type=int, default=64, help="base channels (64 in the paper's nets)")
-    p.add_argument("--leak", type=float, default=None, help="lReLU slope of D / Q (None: the config's)")
+    p.add_argument("--leak", type=float, default=None, help="lReLU slope of D / Q "
+                   "(default: the config's, mnist 0.01, svhn and celeba 0.1)")
     p.add_argument("--d-lr", type=float, default=2e-4, help="Adam lr of D (shared trunk and D's head)")
     p.add_argument("--g-lr", type=float, default=1e-3, help="Adam lr of G")
     p.add_argument("--q-lr", type=float, default=2e-4, help="Adam lr of Q's head (trained with D's optimiser)")
@@ -384,7 +389,7 @@ def train(args):
         raise runlib.UsageError("infogan trains on images (mnist, svhn, celeba, ...), not on 2D toy data")
     scored = eval_split(args, data)
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     value_range = (0, 1) if args.net == "mnist" else (-1, 1)
@@ -483,17 +488,13 @@ def sample(args):
     value_range = (0, 1) if targs.net == "mnist" else (-1, 1)
     g = torch.Generator().manual_seed(args.seed)
     step = state["step"]
-    paths = {}
+    result = {}
     for code in range(targs.n_cat + targs.n_cont):
         latent, columns = code_figure(targs, code, g, sweep=args.sweep)
-        name = f"c{code + 1}"
-        paths[name] = out / f"{name}-{step:07d}.png"
-        runlib.save_grid(G(latent.to(device)), paths[name], nrow=columns, value_range=value_range)
-        print(f"wrote {paths[name]}")
-    result = {k: str(v) for k, v in paths.items()}
+        result.update(runlib.write_samples(out, step, {f"c{code + 1}": G(latent.to(device))}, value_range, columns))
     # --eval: the digit metrics of the checkpoint
     result.update(metrics.score(args, targs, lambda n: G(latent_vector(*sample_latent(n, targs, device), targs.cat_dim)),
-                                device, value_range=value_range))
+                                device, value_range=value_range, out=out, step=step))
     return result
 
 

@@ -131,7 +131,7 @@ def parse_args(argv=None):
                         "are all twice as wide as high holds A|B pairs, as the datasets: their input halves are "
                         "translated), into PNGs of the same names in <out>/translated/")
     runlib.add_args(p, dataset="facades", image_size=256, batch_size=1, steps=80_000, log_every=100,
-                    sample_every=2000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid")
+                    sample_every=2000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid", export=False)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 32, "load_size": 36, "g_width": 4, "d_width": 4, "batch_size": 2},
         defaults=lambda a: DATASET_DEFAULTS.get(a.dataset, {}))
@@ -363,7 +363,7 @@ def train(args):
     train_data, test = load_data(args)
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=train_data)
     device = r.device
     c_in, c_out = train_data.a.shape[1], train_data.b.shape[1]
 

@@ -14,7 +14,8 @@ pixelwise feature vector normalisation after each conv of G.
     Fig. 2 (fade-in, G):  x_r = (1 − α) · upsample(toRGB_{r/2}(h_{r/2})) + α · toRGB_r(block_r(h_{r/2}))
            (fade-in, D):  h_{r/2} = (1 − α) · fromRGB_{r/2}(avgpool(x)) + α · block_r(fromRGB_r(x))
     Eq. (Sec. 4.2):       b_{x,y} = a_{x,y} / √(mean_j (a^j_{x,y})² + ε),  ε = 1e-8          (pixel norm)
-    Sec. 4.1:             ŵ_i = w_i / c,  c = √(2 / fan_in), weights stored as w ~ N(0, 1)  (equalized lr)
+    Sec. 4.1:             ŵ_i = w_i · √(2 / fan_in), weights stored as w ~ N(0, 1)           (equalized lr)
+                          (the paper's ŵ_i = w_i / c, with c = √(fan_in / 2) the reciprocal of He's std)
     Loss (Sec. A.1):      L_D = E D(G(z)) − E D(x) + λ/γ² E (‖∇_x̂ D(x̂)‖ − γ)² + ε_drift E D(x)²
                           L_G = −E D(G(z)),    λ = 10, ε_drift = 0.001
 
@@ -26,23 +27,28 @@ channels at stage s = log2(resolution) − 1):
        minibatch stddev (group 4) → conv3 → dense (the paper's 4x4 conv) → dense 1 (gain 1). LeakyReLU 0.2.
     Biases are separate from the scaled weights and start at 0.
 
-The schedule (train.py TrainingSchedule): with n = images seen, a phase of stable_kimg + fade_kimg per
-resolution; the level of detail lod = log2(target) − log2(initial) − phase − max(n_phase − stable, 0) / fade;
-the nets run at resolution target / 2^floor(lod) with α = 1 − frac(lod). It is re-evaluated every
+The schedule (train.py TrainingSchedule): each resolution gets a round of a stabilisation phase (stable_kimg
+images) and a fade-in phase of the next resolution (fade_kimg images). With n images seen, k = floor(n /
+(stable + fade)) rounds done and n_k = n − k (stable + fade) images into the current one, the level of detail
+is lod = log2(target / initial) − k − max(n_k − stable, 0) / fade, and the nets run at resolution
+target / 2^floor(lod) with α = 1 − frac(lod). It is re-evaluated every
 minibatch_repeats = 4 minibatches; Adam's state (moments and step count) is reset whenever floor(lod) or
 ceil(lod) changes, i.e. at the start of each fade-in and of each stabilisation. The minibatch size and
 learning rate may depend on the resolution (--batch-schedule, --lr-schedule).
 
-Defaults: the paper's CIFAR-10 run (Sec. 6.5, Table 3: unsupervised IS 8.80 ± 0.05), whose settings are in
-the original release's config.py (Theano version, block "Section 6.5: CIFAR10 inception scores"):
-fmap_base 4096, fmap_max 128, latent 128, 400k images per stabilisation and per fade-in, minibatch 16 at all
-resolutions, no learning-rate ramp-up, 20M images in total, and the WGAN-GP target γ = 750 (iwass_target;
-1 elsewhere). Everything else from both config.py versions: Adam lr 1e-3, β = (0, 0.99), ε = 1e-8,
-n_critic 1, λ 10, ε_drift 0.001, G EMA 0.999 (G_smoothing) used for samples and evaluation,
-minibatch_repeats 4, Adam reset per level of detail, minibatch stddev group 4 (the TensorFlow release's
-networks.py, train.py, loss.py). The TensorFlow release's CelebA-HQ schedule (1 GPU): --stable-kimg 600
---fade-kimg 600 --batch-size 4 --batch-schedule 4:128,8:128,16:128,32:64,64:32,128:16,256:8,512:4
---lr-schedule 1024:0.0015 --fmap-base 8192 --fmap-max 512 --z-dim 512 --gp-target 1.
+Defaults: the sizes of the paper's CIFAR-10 run (Sec. 6.5, Table 3: unsupervised IS 8.80 ± 0.05), from the
+original release's config.py (Theano version, block "Section 6.5: CIFAR10 inception scores"): fmap_base
+4096, fmap_max 128, latent 128, 400k images per stabilisation and per fade-in, minibatch 16 at all
+resolutions, no learning-rate ramp-up, no mirroring, 20M images in total, and the WGAN-GP target γ = 750
+(iwass_target; 1 elsewhere). Common to both config.py versions: Adam lr 1e-3, β = (0, 0.99), ε = 1e-8,
+n_critic 1, λ 10, ε_drift 0.001, G EMA 0.999 (G_smoothing) used for samples and evaluation, Adam reset per
+level of detail. The training mechanics are the TensorFlow release's (train.py, networks.py, loss.py):
+alternating D and G steps, minibatch stddev over groups of 4, the schedule re-evaluated every 4 minibatches
+(minibatch_repeats); the Theano CIFAR-10 run differed there (see the differences below). The TensorFlow
+release's CelebA-HQ schedule (1 GPU): --stable-kimg 600 --fade-kimg 600 --batch-size 4
+--batch-schedule 4:128,8:128,16:128,32:64,64:32,128:16,256:8,512:4 --lr-schedule 1024:0.0015
+--fmap-base 8192 --fmap-max 512 --z-dim 512 --gp-target 1, with mirrored reals (--flip, the default on
+celeba).
 
 One step is one D update and one G update on one minibatch (D_repeats 1). --steps counts steps; the
 schedule itself is in images seen (kimg, the papers' unit), logged as progress/kimg. The default
@@ -54,8 +60,9 @@ Usage:
         --batch-size 4 --batch-schedule 4:128,8:128,16:128,32:64,64:32,128:16 --z-dim 512 \\
         --fmap-base 8192 --fmap-max 512 --gp-target 1 --steps 400000
     # a CPU run: MNIST grown 4 → 32 in ~15 minutes on one core (phases of 10k images, 100 kimg; a short EMA for
-    # a short run), scored with the digit classifier at the end of every phase (classifier FID 1190 at 4 px,
-    # 657 at 8, 318 at 16, 93 at 32 after 60 kimg there; all ten digits from 16 px on):
+    # a short run), scored with the digit classifier every 10k images (classifier FID at the end of each stable
+    # phase 1190 at 4 px, 657 at 8, 318 at 16; 93 at 32 px after its 10k-image fade-in and 40k stable images;
+    # all ten digits from 16 px on):
     python progan.py --dataset mnist --image-size 32 --fmap-base 256 --fmap-max 32 --z-dim 32 --batch-size 16 \\
         --stable-kimg 10 --fade-kimg 10 --gp-target 1 --ema 0.99 --steps 6250 --metrics cfid --eval-every 625 \\
         --eval-samples 2000
@@ -64,16 +71,29 @@ Usage:
 Differences from the paper:
 - The paper's phases are 800k images (CelebA-HQ, LSUN); the CIFAR-10 configuration of the authors' code
   uses 400k, the TensorFlow release 600k. Default here: 400k (the CIFAR-10 configuration).
+- The CIFAR-10 run of Table 3 (the Theano code, separate_funcs=False) updated G and D simultaneously: one
+  function computed both gradients on the same minibatch and fakes, with D's weights before its update, and
+  applied both updates; its minibatch stddev was one value over the whole minibatch (mbstat_avg='all'), and
+  the schedule was re-evaluated at every minibatch. Here, as in the TensorFlow release: a D step, then a G
+  step on fresh latents against the updated D, the stddev over groups of 4, the schedule every 4 minibatches
+  (--mbstd-group 16 --minibatch-repeats 1 give the Theano run's stddev and schedule; the simultaneous update
+  is not offered).
 - The nets run at the current resolution; the official code always worked at the target resolution
   (nearest-upscaled images, box-downscaled again inside D). The images D sees are identical; the one place
   where the size matters is the gradient penalty, whose norm is taken with respect to the target-resolution
   image as in the code: ‖∇‖ at resolution r times r / target (nearest upscaling by f divides the norm by f).
 - Lower-resolution real images are box-filtered in float from the --image-size images; the code's
   dataset_tool stored each level rounded to uint8.
+- Mirroring (--flip): on by default for celeba, as the CelebA-HQ and CelebA configs; the LSUN configs
+  mirrored the 100k-image category subsets (TensorFlow release) but not the full bedroom and dog sets the
+  Theano code used: off here unless --flip is given.
 - The EMA of G is updated after each G step (the code updated it together with each D step, i.e. one step
   later; the same sequence of averages).
-- G's upsampling + conv and D's conv + downsampling are written unfused (the code fused them into one
-  transposed / strided conv for speed, which is the same function).
+- G's upsampling + conv is written unfused (the TensorFlow release fuses them into one transposed conv,
+  the same function). D's conv + downsampling follows the paper's Theano network (and the TensorFlow
+  release's fused_scale=False): conv3, bias, LeakyReLU, then the 2x2 average pool. The TensorFlow release's
+  default fused conv (fused_scale=True) pools before the bias and LeakyReLU, lrelu(avgpool(conv(x)) + b),
+  which is a different function (the nonlinearity does not commute with the pool).
 - --compile: α and the level are Python numbers, so torch.compile specialises on them and recompiles during
   fade-ins (falling back to eager at its recompile limit); the penalty's double backward runs uncompiled.
   Under torchrun the nets are wrapped with find_unused_parameters (the blocks not grown yet get no gradient).
@@ -94,7 +114,6 @@ from common import metrics
 from common import run as runlib
 
 SCRIPT = "progan"
-NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32}
 
 
 def parse_args(argv=None):
@@ -120,11 +139,15 @@ def parse_args(argv=None):
     p.add_argument("--eps-drift", type=float, default=0.001, help="drift penalty ε_drift · E D(x)²")
     p.add_argument("--mbstd-group", type=int, default=4, help="minibatch standard deviation group size")
     p.add_argument("--ema", type=float, default=0.999, help="G EMA decay (G_smoothing)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror each real image left-right with probability 1/2 (the configs' mirror_augment) "
+                        "(None: on for celeba as the CelebA(-HQ) configs, off otherwise)")
     runlib.add_args(p, dataset="cifar10", image_size=32, batch_size=16, steps=1_250_000, log_every=1000,
                     sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, digits=True, metrics="fid,is")
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "z_dim": 16, "fmap_base": 64, "fmap_max": 8, "steps": 6,
-        "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1, "gp_target": 1.0})
+        "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1, "gp_target": 1.0},
+        defaults=lambda a: {"flip": a.dataset == "celeba"})
     try:
         args.batch_dict = parse_schedule(args.batch_schedule, int)
         args.lr_dict = parse_schedule(args.lr_schedule, float)
@@ -218,6 +241,12 @@ def num_levels(resolution, initial=4):
     return log2 - 1
 
 
+def feature_maps(resolution, fmap_base, fmap_max):
+    """nf[k]: the channels of the layers at level k (resolution 4·2^k), min(fmap_base / 2^(k + 1), fmap_max)
+    (Table 2; the code's nf(stage) at stage k + 1)."""
+    return [min(int(fmap_base / 2 ** (k + 1)), fmap_max) for k in range(num_levels(resolution))]
+
+
 # ------------------------------------------------------------------------------------------------
 # Models (Fig. 1, Table 2)
 # ------------------------------------------------------------------------------------------------
@@ -228,14 +257,13 @@ class Generator(nn.Module):
 
     def __init__(self, z_dim, resolution, channels=3, fmap_base=8192, fmap_max=512):
         super().__init__()
-        n = num_levels(resolution)
-        nf = [min(int(fmap_base / 2 ** (s + 1)), fmap_max) for s in range(n)]  # level k: nf(stage k + 1)
+        nf = feature_maps(resolution, fmap_base, fmap_max)
         self.z_dim, self.nf = z_dim, nf
         # 4x4: a dense layer (the paper's 4x4 "conv" on a 1x1 input; gain √2/4 as the code) + conv3
         self.dense = EqualizedLinear(z_dim, nf[0] * 16, gain=math.sqrt(2) / 4, bias=False)
         self.dense_bias = nn.Parameter(torch.zeros(nf[0]))
         self.blocks = nn.ModuleList([nn.ModuleList([EqualizedConv2d(nf[0], nf[0], 3)])])
-        for k in range(1, n):  # [upsample, conv3, conv3] per doubling
+        for k in range(1, len(nf)):  # [upsample, conv3, conv3] per doubling
             self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k - 1], nf[k], 3), EqualizedConv2d(nf[k], nf[k], 3)]))
         self.to_rgb = nn.ModuleList([EqualizedConv2d(c, channels, 1, gain=1) for c in nf])
 
@@ -266,17 +294,17 @@ class Discriminator(nn.Module):
 
     def __init__(self, resolution, channels=3, fmap_base=8192, fmap_max=512, mbstd_group=4):
         super().__init__()
-        n = num_levels(resolution)
-        nf = [min(int(fmap_base / 2 ** s), fmap_max) for s in range(n + 1)]  # nf[s] = channels at stage s
+        nf = feature_maps(resolution, fmap_base, fmap_max)
         self.mbstd_group = mbstd_group
-        self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, nf[k + 1], 1) for k in range(n)])
+        self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, c, 1) for c in nf])
         self.blocks = nn.ModuleList([nn.ModuleList()])  # level 0 is the final block below
-        for k in range(1, n):  # [conv3, conv3, 2x2 average pool] per halving
-            self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k + 1], nf[k + 1], 3), EqualizedConv2d(nf[k + 1], nf[k], 3)]))
+        for k in range(1, len(nf)):  # [conv3, conv3, 2x2 average pool] per halving
+            self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k], nf[k], 3), EqualizedConv2d(nf[k], nf[k - 1], 3)]))
         extra = 1 if mbstd_group > 1 else 0
-        self.final_conv = EqualizedConv2d(nf[1] + extra, nf[1], 3)
-        self.final_dense = EqualizedLinear(nf[1] * 16, nf[0])      # the paper's 4x4 conv
-        self.out = EqualizedLinear(nf[0], 1, gain=1)
+        self.final_conv = EqualizedConv2d(nf[0] + extra, nf[0], 3)
+        dense = min(fmap_base, fmap_max)                               # the code's nf(0)
+        self.final_dense = EqualizedLinear(nf[0] * 16, dense)          # the paper's 4x4 conv
+        self.out = EqualizedLinear(dense, 1, gain=1)
 
     def block(self, x, k):
         for conv in self.blocks[k]:
@@ -308,20 +336,26 @@ def sample_noise(n, z_dim, device, generator=None):
 # ------------------------------------------------------------------------------------------------
 
 def level_of_detail(nimg, resolution, initial, stable_img, fade_img):
-    """lod after nimg images: log2(resolution / initial) at the start, −1 per phase, falling linearly
-    during the fade-in part of each phase; 0 at the target."""
-    phase_dur = stable_img + fade_img
-    phase = nimg // phase_dur if phase_dur > 0 else 0
-    lod = math.log2(resolution) - math.log2(initial) - phase
+    """lod after nimg images: log2(resolution / initial) at the start, −1 per round (a stabilisation phase
+    then a fade-in phase), falling linearly during the fade-in phase; 0 at the target."""
+    round_img = stable_img + fade_img
+    rounds = nimg // round_img if round_img > 0 else 0
+    lod = math.log2(resolution) - math.log2(initial) - rounds
     if fade_img > 0:
-        lod -= max(nimg - phase * phase_dur - stable_img, 0) / fade_img
+        lod -= max(nimg - rounds * round_img - stable_img, 0) / fade_img
     return max(lod, 0.0)
 
 
-def phase_of(lod, resolution):
+def nets_at(lod, resolution):
     """(level, resolution r of the nets, α) for a level of detail: r = target / 2^floor(lod), α = 1 − frac."""
     r = resolution >> int(math.floor(lod))
     return int(math.log2(r)) - 2, r, 1.0 - (lod - math.floor(lod))
+
+
+def mirror(x):
+    """mirror_augment: each image flipped left-right with probability ½."""
+    flipped = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flipped, x.flip(3), x)
 
 
 def process_reals(x, resolution, alpha):
@@ -393,10 +427,12 @@ def check(args):
         g = min(args.mbstd_group, b)
         if b % g:
             raise runlib.UsageError(f"minibatch {b} is not divisible by the stddev group size {g}")
-    native = NATIVE_SIZE.get(args.dataset)
+    native = datasets.native_side(args.dataset)
     if native and args.image_size > 2 ** math.ceil(math.log2(native)):
-        raise runlib.UsageError(f"{args.dataset} images are {native}x{native}: growing to {args.image_size} would only "
-                                f"learn upsampled images (use --image-size {2 ** math.ceil(math.log2(native))})")
+        what = (f"{args.dataset} images are {native}x{native}" if args.dataset in datasets.NATIVE_SIDE else
+                f"the images in {args.dataset} are {native} pixels on their shorter side")
+        raise runlib.UsageError(f"{what}: growing to {args.image_size} would only learn upsampled images "
+                                f"(use --image-size {2 ** math.ceil(math.log2(native))})")
 
 
 def prepare(r, model, args):
@@ -420,7 +456,7 @@ def train(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     real_stats = None
@@ -442,8 +478,8 @@ def train(args):
     nimg, lod, prev_lod = 0, None, -1.0
     start = r.resume({"G": g_raw, "D": d_raw, "Gs": Gs}, {"G": opt_g, "D": opt_d})
     if start:
-        phase = r.resume_state["phase"]
-        nimg, lod, prev_lod = phase["nimg"], phase["lod"], phase["prev_lod"]
+        schedule = r.resume_state["schedule"]
+        nimg, lod, prev_lod = schedule["nimg"], schedule["lod"], schedule["prev_lod"]
     iterators = {}
 
     def batches(b):  # one infinite iterator per minibatch size of the schedule
@@ -462,7 +498,7 @@ def train(args):
     def state():
         return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
                 "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                "phase": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
+                "schedule": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
                           "resolution": res, "alpha": alpha},
                 "data_shape": list(data.shape)}
 
@@ -472,11 +508,11 @@ def train(args):
             lod = level_of_detail(nimg, R, initial, stable_img, fade_img)
             if math.floor(lod) != math.floor(prev_lod) or math.ceil(lod) != math.ceil(prev_lod):
                 if prev_lod >= 0 and prev_lod == math.floor(prev_lod):  # a stabilisation phase ends
-                    pl, pres, _ = phase_of(prev_lod, R)
+                    pl, pres, _ = nets_at(prev_lod, R)
                     snapshot(f"res{pres}", pl, pres, 1.0, step - 1, to_target=False)
                 opt_g, opt_d = adam(G), adam(D)                         # reset Adam at each new lod
             prev_lod = lod
-        level, res, alpha = phase_of(lod, R)
+        level, res, alpha = nets_at(lod, R)
         b = args.batch_dict.get(res, args.batch_size)
         lr = args.lr_dict.get(res, args.lr)
         for opt in (opt_g, opt_d):
@@ -486,7 +522,7 @@ def train(args):
 
         # D step: L_D = E D(G(z)) − E D(x) + λ/γ² (‖∇D(x̂)‖ − γ)² + ε_drift D(x)²
         x, _ = next(batches(b))
-        x = process_reals(x, res, alpha)
+        x = process_reals(mirror(x) if args.flip else x, res, alpha)
         with r.autocast():
             with torch.no_grad():
                 fake = G(sample_noise(bl, args.z_dim, device), level, alpha)
@@ -513,7 +549,7 @@ def train(args):
                       evaluate=(lambda: evaluate(Gs, level, res, alpha, R, args, device, real_stats, data, clf))
                       if args.metrics or clf is not None else None):
             break
-    level, res, alpha = phase_of(lod, R)
+    level, res, alpha = nets_at(lod, R)
     return r.finish(step, kimg=nimg / 1000, resolution=res, alpha=alpha)
 
 
@@ -541,9 +577,9 @@ def sample(args):
     Gs = Generator(targs.z_dim, shape[1], shape[0], targs.fmap_base, targs.fmap_max)
     Gs.load_state_dict(state["models"]["Gs"])
     Gs.to(device).eval()
-    phase = state["phase"]
-    level, res, alpha = phase["level"], phase["resolution"], phase["alpha"]
-    print(f"checkpoint at {phase['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
+    schedule = state["schedule"]
+    level, res, alpha = schedule["level"], schedule["resolution"], schedule["alpha"]
+    print(f"checkpoint at {schedule['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
     g = torch.Generator().manual_seed(args.seed)
     grid = Gs(sample_noise(100, targs.z_dim, "cpu", g).to(device), level, alpha)
     ends = sample_noise(16, targs.z_dim, "cpu", g).view(8, 2, -1)
@@ -553,7 +589,7 @@ def sample(args):
     result.update(resolution=res, alpha=alpha)
     R = shape[1]   # --eval: samples at the checkpoint's resolution, upscaled to the data's
     result.update(metrics.score(args, targs, lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha),
-                                                               R // res), device))
+                                                               R // res), device, out=out, step=state["step"]))
     return result
 
 

@@ -116,7 +116,7 @@ def parse_args(argv=None):
                         "(e.g. 0.9999 as BigGAN); 0: off (the paper)")
     runlib.add_args(p, dataset="cifar10", image_size=None, batch_size=256, steps=1_000_000, log_every=100,
                     sample_every=1000, ckpt_every=5000, eval_every=50000, eval_samples=50000, metrics="fid,is",
-                    digits=True)
+                    digits=True, image_size_help="128 for an image folder (ImageNet), else 32")
     return runlib.parse(p, argv, dry_run_defaults={"dataset": "fake", "g_width": 4, "d_width": 4, "z_dim": 16},
                         defaults=config_defaults)
 
@@ -410,7 +410,7 @@ def train(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=K > 0)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     real_stats = None
@@ -555,7 +555,7 @@ def sample(args):
         y = sample_labels(n, K, device)
         x = G(sample_noise(n, targs.z_dim, device), y)
         return (x, y) if K else x
-    result.update(metrics.score(args, targs, make, device, conditional=K > 0))
+    result.update(metrics.score(args, targs, make, device, conditional=K > 0, out=out, step=state["step"]))
     return result
 
 

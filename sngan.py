@@ -89,34 +89,36 @@ def parse_args(argv=None):
     p.add_argument("--sn", action=argparse.BooleanOptionalAction, default=True,
                    help="spectral normalisation on every D layer (--no-sn: the unnormalised ablation)")
     p.add_argument("--z-dim", type=int, default=128, help="noise dimension, z ~ N(0, I)")
-    p.add_argument("--g-width", type=int, default=None,
-                   help="G width: cnn 512 (first feature map), resnet 256 (every block; 512 at 48x48)")
-    p.add_argument("--d-width", type=int, default=None,
-                   help="D width: cnn 64 (first conv), resnet 128 (every block; 64 first block at 48x48)")
+    p.add_argument("--g-width", type=int, default=WIDTHS["resnet"][0],
+                   help="G's channels: every ResNet block (at 48x48 the first, halving after: 512), the cnn's "
+                        "first feature map (512)")
+    p.add_argument("--d-width", type=int, default=WIDTHS["resnet"][1],
+                   help="D's channels: every ResNet block (at 48x48 the first, doubling after: 64), the cnn's "
+                        "first conv (64)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (G and D)")
-    p.add_argument("--beta1", type=float, default=None, help="Adam beta1: resnet 0, cnn 0.5")
-    p.add_argument("--beta2", type=float, default=None, help="Adam beta2: resnet 0.9, cnn 0.999")
-    p.add_argument("--n-dis", type=int, default=None, help="D updates per G update: resnet 5, cnn 1")
+    p.add_argument("--beta1", type=float, default=ARCH_DEFAULTS["resnet"]["beta1"], help="Adam beta1 (cnn: 0.5)")
+    p.add_argument("--beta2", type=float, default=ARCH_DEFAULTS["resnet"]["beta2"], help="Adam beta2 (cnn: 0.999)")
+    p.add_argument("--n-dis", type=int, default=ARCH_DEFAULTS["resnet"]["n_dis"], help="D updates per G update (cnn: 1)")
     p.add_argument("--lr-decay", choices=["none", "linear"], default="none",
                    help="linear: lr decays to 0 over --steps (the sngan_projection config)")
     runlib.add_args(p, dataset="cifar10", image_size=32, batch_size=64, steps=100_000, log_every=100,
                     sample_every=1000, ckpt_every=5000, eval_every=10000, eval_samples=5000, metrics="fid,is",
-                    digits=True)
-    p.set_defaults(image_size=None)   # 32, or 48 for stl10 (resolved below)
+                    digits=True, image_size_help="32; 48 on stl10")
     args = runlib.parse(p, argv, dry_run_defaults={
-        "dataset": "fake", "image_size": 16, "g_width": 16, "d_width": 8, "z_dim": 16})
-    if args.image_size is None:
-        args.image_size = 48 if args.dataset == "stl10" else 32
-    for key, value in ARCH_DEFAULTS[args.arch].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.g_width is None or args.d_width is None:
-        g_ch, d_ch = WIDTHS[width_key(args.arch, args.image_size)]
-        args.g_width = args.g_width or g_ch
-        args.d_width = args.d_width or d_ch
+        "dataset": "fake", "image_size": 16, "g_width": 16, "d_width": 8, "z_dim": 16}, defaults=config_defaults)
     if args.n_dis < 1:
         raise runlib.UsageError("--n-dis must be >= 1")
     return args
+
+
+def config_defaults(a):
+    """The defaults of the chosen configuration: the architecture's optimizer settings and widths, and STL-10
+    at 48x48 with the Table 5 widths (dry runs keep their small sizes)."""
+    sizes = {}
+    if not a.dry_run:
+        sizes = {"image_size": 48 if a.dataset == "stl10" else 32,
+                 **dict(zip(("g_width", "d_width"), WIDTHS[width_key(a.arch, a.image_size)]))}
+    return {**ARCH_DEFAULTS[a.arch], **sizes}
 
 
 def width_key(arch, size):
@@ -348,7 +350,7 @@ def train(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     real_stats = None
@@ -436,7 +438,7 @@ def sample(args):
     result = dict(paths)
     # --eval: Table 2's protocol, 5k samples (--eval-samples) vs 10k real images; the digit metrics
     result.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device,
-                                max_images=10000))
+                                max_images=10000, out=out, step=step))
     return result
 
 

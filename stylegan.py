@@ -35,7 +35,9 @@ at each new level of detail), starting at 8x8, 600k images per stabilisation and
 128 at 8–16 px, 64 at 32, 32 at 64, 16 at 128, 8 at 256, 4 at 512–1024 (1 GPU); lr 1e-3, rising to 1.5e-3
 at 128, 2e-3 at 256, 3e-3 at 512–1024; Adam β = (0, 0.99), ε = 1e-8; G EMA with a half-life of 10k images
 (β = 0.5^(minibatch / 10⁴)); w̄ tracked as w̄ ← 0.995 w̄ + 0.005 mean_batch(w) at every training pass of G;
-style mixing p 0.9 (also in D's pass); 25M images in total.
+style mixing p 0.9 (also in D's pass); 25M images in total; the FFHQ and CelebA-HQ configs mirror the reals
+(mirror_augment: each image flipped left-right with probability ½, before the level-of-detail cross-fade),
+the LSUN ones do not (--flip; on by default for celeba, which stands in for them).
 
 One step is one D update and one G update on one minibatch; --steps counts steps and the schedule is in
 images seen (kimg, logged as progress/kimg). The default --steps 720312 is 25000 kimg of the default 64x64
@@ -43,7 +45,7 @@ schedule (`steps_for_kimg`).
 
 Usage:
     python stylegan.py --dataset celeba --cuda                   # CelebA 64x64 (the default)
-    python stylegan.py --dataset ~/ffhq-thumbnails --image-size 128 --cuda   # any image folder
+    python stylegan.py --dataset ~/ffhq-thumbnails --image-size 128 --flip --cuda   # any image folder
     # a CPU run: MNIST grown 8 → 32 (phases of 10k images; EMA half-life 1k images; ~25 min on one core),
     # scored with the digit classifier per phase. Without style mixing: with the paper's p = 0.9 these tiny
     # nets mode-collapsed in such a short run (3 digits at 16 px), without it they cover all ten (see README)
@@ -55,7 +57,8 @@ Usage:
         # with --eval --metrics cfid on digits also the figures' claims as numbers (see figure_claims)
 
 Differences from the paper:
-- Data: CelebA at 64x64 by default (FFHQ 1024 is not downloadable here; any folder works via --dataset).
+- Data: CelebA at 64x64 by default (FFHQ 1024 is not downloadable here; any folder works via --dataset, with
+  --flip to mirror it as the FFHQ config does).
 - The nets run at the current resolution instead of always at the target one; the R1 norm is taken as the
   code did, with respect to the target-resolution image (the squared norm at resolution r times (r/R)²).
 - G's upsampling + conv and D's conv + downsampling are unfused (the code fuses them from 128 px on; same
@@ -83,7 +86,6 @@ from common import metrics
 from common import run as runlib
 
 SCRIPT = "stylegan"
-NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32}
 BATCH_1GPU = "4:128,8:128,16:128,32:64,64:32,128:16,256:8,512:4"   # train.py, '-1gpu' (minibatch_base 4)
 LR_SCHEDULE = "128:0.0015,256:0.002,512:0.003,1024:0.003"          # train.py, sched.G_lrate_dict
 
@@ -115,12 +117,16 @@ def parse_args(argv=None):
     p.add_argument("--cutoff", type=int, default=8, help="truncation applies to layers below this index")
     p.add_argument("--ema-kimg", type=float, default=10.0, help="G EMA half-life in thousands of images")
     p.add_argument("--mbstd-group", type=int, default=4, help="minibatch standard deviation group size")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror each real image left-right with probability 1/2 (the configs' mirror_augment) "
+                        "(None: on for celeba, standing in for FFHQ / CelebA-HQ whose configs mirror; off otherwise)")
     runlib.add_args(p, dataset="celeba", image_size=64, batch_size=4, steps=720312, log_every=1000,
                     sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, digits=True, metrics="fid")
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "z_dim": 16, "w_dim": 16, "mapping_layers": 2, "fmap_base": 64,
         "fmap_max": 8, "initial_resolution": 4, "steps": 6, "batch_size": 8, "batch_schedule": "",
-        "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1})
+        "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1},
+        defaults=lambda a: {"flip": a.dataset == "celeba"})
     try:
         args.batch_dict = parse_schedule(args.batch_schedule, int)
         args.lr_dict = parse_schedule(args.lr_schedule, float)
@@ -238,6 +244,12 @@ def num_levels(resolution, initial=4):
     return log2 - 1
 
 
+def feature_maps(resolution, fmap_base, fmap_max):
+    """nf[k]: the channels of the layers at level k (resolution 4·2^k), min(fmap_base / 2^(k + 1), fmap_max)
+    (the code's nf(stage) at stage k + 1)."""
+    return [min(int(fmap_base / 2 ** (k + 1)), fmap_max) for k in range(num_levels(resolution))]
+
+
 # ------------------------------------------------------------------------------------------------
 # Mapping, truncation, mixing (Fig. 1b, Sec. 3.1, 3.4)
 # ------------------------------------------------------------------------------------------------
@@ -292,38 +304,42 @@ class StyleLayer(nn.Module):
         return adain(x, self.affine(w))
 
 
+class SynthesisBlock(nn.Module):
+    """One resolution of g: two layers, each a conv3 then a StyleLayer with its own style. Above 4x4 the first
+    conv works on the upsampled input and is followed by the blur; at 4x4 the first layer takes the learned
+    constant as it is (no conv)."""
+
+    def __init__(self, cin, cout, w_dim, size):
+        super().__init__()
+        self.conv0 = EqualizedConv2d(cin, cout, 3, bias=False) if size > 4 else None
+        self.conv1 = EqualizedConv2d(cout, cout, 3, bias=False)
+        self.style0, self.style1 = StyleLayer(cout, w_dim, size), StyleLayer(cout, w_dim, size)
+
+    def forward(self, x, w0, w1, randomize_noise=True):
+        if self.conv0 is not None:   # upsample → conv3 → blur
+            x = blur(self.conv0(upscale(x)))
+        x = self.style0(x, w0, randomize_noise)
+        return self.style1(self.conv1(x), w1, randomize_noise)
+
+
 class Synthesis(nn.Module):
-    """g of Fig. 1b: constant 4x4 input, two style layers per resolution, toRGB per resolution.
+    """g of Fig. 1b: a learned constant 4x4 input, one SynthesisBlock per resolution (at resolution 4·2^k layers
+    2k and 2k + 1, styles ws[:, 2k] and ws[:, 2k + 1]), toRGB per resolution.
     forward(ws, level, alpha): ws (N, layers, w_dim); fades the newest block in as ProGAN."""
 
     def __init__(self, w_dim, resolution, channels=3, fmap_base=8192, fmap_max=512):
         super().__init__()
-        n = num_levels(resolution)
-        nf = [min(int(fmap_base / 2 ** (k + 1)), fmap_max) for k in range(n)]
-        self.num_layers = 2 * n
+        nf = feature_maps(resolution, fmap_base, fmap_max)
+        self.num_layers = 2 * len(nf)
         self.const = nn.Parameter(torch.ones(1, nf[0], 4, 4))         # constant input, initialised to ones
-        self.convs = nn.ModuleList([nn.Identity()] + [EqualizedConv2d(nf[0], nf[0], 3, bias=False)])
-        self.layers = nn.ModuleList([StyleLayer(nf[0], w_dim, 4), StyleLayer(nf[0], w_dim, 4)])
-        for k in range(1, n):  # upsample → conv3 → blur → style layer; conv3 → style layer
-            size = 4 * 2 ** k
-            self.convs.extend([EqualizedConv2d(nf[k - 1], nf[k], 3, bias=False), EqualizedConv2d(nf[k], nf[k], 3, bias=False)])
-            self.layers.extend([StyleLayer(nf[k], w_dim, size), StyleLayer(nf[k], w_dim, size)])
+        self.blocks = nn.ModuleList([SynthesisBlock(nf[max(k - 1, 0)], nf[k], w_dim, 4 * 2 ** k)
+                                     for k in range(len(nf))])
         self.to_rgb = nn.ModuleList([EqualizedConv2d(c, channels, 1, gain=1) for c in nf])
 
-    def block(self, x, ws, k, randomize_noise):
-        i = 2 * k
-        if k == 0:
-            x = self.layers[0](self.const.expand(ws.shape[0], -1, -1, -1), ws[:, 0], randomize_noise)
-        else:
-            x = self.layers[i](blur(self.convs[i](upscale(x))), ws[:, i], randomize_noise)
-        return self.layers[i + 1](self.convs[i + 1](x), ws[:, i + 1], randomize_noise)
-
     def forward(self, ws, level, alpha=1.0, randomize_noise=True):
-        x = None
-        for k in range(level):
-            x = self.block(x, ws, k, randomize_noise)
-        old = x
-        x = self.block(x, ws, level, randomize_noise)
+        x = self.const.expand(ws.shape[0], -1, -1, -1)
+        for k in range(level + 1):
+            old, x = x, self.blocks[k](x, ws[:, 2 * k], ws[:, 2 * k + 1], randomize_noise)
         img = self.to_rgb[level](x)
         if level > 0 and alpha < 1:   # ProGAN Fig. 2: (1 − α)·upsample(toRGB(old)) + α·toRGB(new)
             img = torch.lerp(upscale(self.to_rgb[level - 1](old)), img, alpha)
@@ -364,17 +380,17 @@ class Discriminator(nn.Module):
 
     def __init__(self, resolution, channels=3, fmap_base=8192, fmap_max=512, mbstd_group=4):
         super().__init__()
-        n = num_levels(resolution)
-        nf = [min(int(fmap_base / 2 ** s), fmap_max) for s in range(n + 1)]
+        nf = feature_maps(resolution, fmap_base, fmap_max)
         self.mbstd_group = mbstd_group
-        self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, nf[k + 1], 1) for k in range(n)])
-        self.blocks = nn.ModuleList([nn.ModuleList()])
-        for k in range(1, n):  # conv3, blur, conv3, 2x2 average pool
-            self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k + 1], nf[k + 1], 3), EqualizedConv2d(nf[k + 1], nf[k], 3)]))
+        self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, c, 1) for c in nf])
+        self.blocks = nn.ModuleList([nn.ModuleList()])   # level 0 is the final block below
+        for k in range(1, len(nf)):  # conv3, blur, conv3, 2x2 average pool
+            self.blocks.append(nn.ModuleList([EqualizedConv2d(nf[k], nf[k], 3), EqualizedConv2d(nf[k], nf[k - 1], 3)]))
         extra = 1 if mbstd_group > 1 else 0
-        self.final_conv = EqualizedConv2d(nf[1] + extra, nf[1], 3)
-        self.final_dense = EqualizedLinear(nf[1] * 16, nf[0])
-        self.out = EqualizedLinear(nf[0], 1, gain=1)
+        self.final_conv = EqualizedConv2d(nf[0] + extra, nf[0], 3)
+        dense = min(fmap_base, fmap_max)                               # the code's nf(0)
+        self.final_dense = EqualizedLinear(nf[0] * 16, dense)
+        self.out = EqualizedLinear(dense, 1, gain=1)
 
     def block(self, x, k):
         conv0, conv1 = self.blocks[k]
@@ -406,20 +422,26 @@ def sample_noise(n, z_dim, device, generator=None):
 # ------------------------------------------------------------------------------------------------
 
 def level_of_detail(nimg, resolution, initial, stable_img, fade_img):
-    """lod after nimg images: log2(resolution / initial) at the start, −1 per phase, falling linearly
-    during the fade-in part of each phase; 0 at the target."""
-    phase_dur = stable_img + fade_img
-    phase = nimg // phase_dur if phase_dur > 0 else 0
-    lod = math.log2(resolution) - math.log2(initial) - phase
+    """lod after nimg images: log2(resolution / initial) at the start, −1 per round (a stabilisation phase
+    then a fade-in phase), falling linearly during the fade-in phase; 0 at the target."""
+    round_img = stable_img + fade_img
+    rounds = nimg // round_img if round_img > 0 else 0
+    lod = math.log2(resolution) - math.log2(initial) - rounds
     if fade_img > 0:
-        lod -= max(nimg - phase * phase_dur - stable_img, 0) / fade_img
+        lod -= max(nimg - rounds * round_img - stable_img, 0) / fade_img
     return max(lod, 0.0)
 
 
-def phase_of(lod, resolution):
+def nets_at(lod, resolution):
     """(level, resolution r of the nets, α) for a level of detail."""
     r = resolution >> int(math.floor(lod))
     return int(math.log2(r)) - 2, r, 1.0 - (lod - math.floor(lod))
+
+
+def mirror(x):
+    """mirror_augment: each image flipped left-right with probability ½."""
+    flipped = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flipped, x.flip(3), x)
 
 
 def process_reals(x, resolution, alpha):
@@ -435,7 +457,7 @@ def steps_for_kimg(kimg, args):
     R, stable, fade = args.image_size, round(args.stable_kimg * 1000), round(args.fade_kimg * 1000)
     nimg, steps = 0, 0
     while nimg < kimg * 1000:
-        res = phase_of(level_of_detail(nimg, R, args.initial_resolution, stable, fade), R)[1]
+        res = nets_at(level_of_detail(nimg, R, args.initial_resolution, stable, fade), R)[1]
         b = args.batch_dict.get(res, args.batch_size)
         nimg, steps = nimg + args.minibatch_repeats * b, steps + args.minibatch_repeats
     return steps
@@ -503,10 +525,12 @@ def check(args):
         b = args.batch_dict.get(res, args.batch_size)
         if b % min(args.mbstd_group, b):
             raise runlib.UsageError(f"minibatch {b} at {res}x{res} is not divisible by the stddev group size")
-    native = NATIVE_SIZE.get(args.dataset)
+    native = datasets.native_side(args.dataset)
     if native and args.image_size > 2 ** math.ceil(math.log2(native)):
-        raise runlib.UsageError(f"{args.dataset} images are {native}x{native}: growing to {args.image_size} would only "
-                                f"learn upsampled images (use --image-size {2 ** math.ceil(math.log2(native))})")
+        what = (f"{args.dataset} images are {native}x{native}" if args.dataset in datasets.NATIVE_SIDE else
+                f"the images in {args.dataset} are {native} pixels on their shorter side")
+        raise runlib.UsageError(f"{what}: growing to {args.image_size} would only learn upsampled images "
+                                f"(use --image-size {2 ** math.ceil(math.log2(native))})")
 
 
 def prepare(r, model, args):
@@ -530,7 +554,7 @@ def train(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     real_stats = None
@@ -552,8 +576,8 @@ def train(args):
     nimg, lod, prev_lod = 0, None, -1.0
     start = r.resume({"G": g_raw, "D": d_raw, "Gs": Gs}, {"G": opt_g, "D": opt_d})
     if start:
-        phase = r.resume_state["phase"]
-        nimg, lod, prev_lod = phase["nimg"], phase["lod"], phase["prev_lod"]
+        schedule = r.resume_state["schedule"]
+        nimg, lod, prev_lod = schedule["nimg"], schedule["lod"], schedule["prev_lod"]
     iterators = {}
 
     def batches(b):
@@ -572,7 +596,7 @@ def train(args):
     def state():
         return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
                 "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                "phase": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
+                "schedule": {"nimg": nimg, "lod": lod, "prev_lod": prev_lod, "level": level,
                           "resolution": res, "alpha": alpha},
                 "data_shape": list(data.shape)}
 
@@ -583,11 +607,11 @@ def train(args):
             lod = level_of_detail(nimg, R, initial, stable_img, fade_img)
             if math.floor(lod) != math.floor(prev_lod) or math.ceil(lod) != math.ceil(prev_lod):
                 if prev_lod >= 0 and prev_lod == math.floor(prev_lod):
-                    pl, pres, _ = phase_of(prev_lod, R)
+                    pl, pres, _ = nets_at(prev_lod, R)
                     snapshot(f"res{pres}", pl, pres, 1.0, step - 1, to_target=False)
                 opt_g, opt_d = adam(G), adam(D)                         # reset Adam at each new lod
             prev_lod = lod
-        level, res, alpha = phase_of(lod, R)
+        level, res, alpha = nets_at(lod, R)
         b = batch_at[res]
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
@@ -596,7 +620,7 @@ def train(args):
 
         # D step: softplus(D(G(z))) + softplus(−D(x)) + (γ/2)‖∇D(x)‖²
         x, _ = next(batches(b))
-        x = process_reals(x, res, alpha)
+        x = process_reals(mirror(x) if args.flip else x, res, alpha)
         with r.autocast():
             with torch.no_grad():
                 fake = G(sample_noise(bl, args.z_dim, device), level, alpha, **train_kw)
@@ -622,7 +646,7 @@ def train(args):
                       evaluate=(lambda: evaluate(Gs, level, res, alpha, R, args, device, real_stats, data, clf))
                       if args.metrics or clf is not None else None):
             break
-    level, res, alpha = phase_of(lod, R)
+    level, res, alpha = nets_at(lod, R)
     return r.finish(step, kimg=nimg / 1000, resolution=res, alpha=alpha)
 
 
@@ -661,22 +685,24 @@ def style_mixing_table(Gs, wa, wb, level, alpha, lo, hi):
 
 
 @torch.no_grad()
-def figure_claims(Gs, clf, level, alpha, z_dim, device, generator, n=500, draws=20):
-    """The claims of the figures, measured on digits with the classifier `clf` (common/digits.py), w without
-    truncation:
-      psi0_std: the per-pixel std of n images at ψ = 0 on every layer, fixed noise (Fig. 8: ψ = 0 is w̄'s image);
+def figure_claims(Gs, clf, level, alpha, z_dim, device, generator, n=500, draws=20, psi=0.7, cutoff=8):
+    """The claims of the figures, measured on digits with the classifier `clf` (common/digits.py), fixed noise
+    unless redrawn:
+      latent_std / truncated_std: the per-pixel std of n images without truncation and with the sampling ψ on the
+        layers below `cutoff` (Fig. 8, Sec. 3.4: truncation towards w̄ narrows the variation);
       mix_<styles>_keeps_A / _takes_B: of the pairs (A, B) whose images have different classes, the share of
         images made with A's w and B's w at those layers (Fig. 3) classified as A's class / as B's;
       noise_keeps_class: the share of images whose class survives a redraw of the noise (Fig. 4), and the
-        per-pixel std over `draws` noise draws of one w (noise_std) next to that over n different w (latent_std)."""
+        per-pixel std over `draws` noise draws of one w (noise_std), to compare with latent_std."""
     L, out = Gs.num_layers, {}
     wa, wb = (Gs.mapping(sample_noise(n, z_dim, "cpu", generator).to(device))[:, None].expand(-1, L, -1)
               for _ in range(2))
 
     def image(ws, randomize_noise=False):
         return Gs.synthesis(ws, level, alpha, randomize_noise=randomize_noise)
-    out["metric/psi0_std"] = image(truncate(wa, Gs.w_avg, 0.0, L)).std(0).mean()
     xa = image(wa)
+    out["metric/latent_std"] = xa.std(0).mean()
+    out["metric/truncated_std"] = image(truncate(wa, Gs.w_avg, psi, cutoff)).std(0).mean()
     ca, cb = digits.predict(clf, xa), digits.predict(clf, image(wb))
     differ = ca != cb
     active = 2 * (level + 1)
@@ -691,7 +717,6 @@ def figure_claims(Gs, clf, level, alpha, z_dim, device, generator, n=500, draws=
     redrawn = image(wa, randomize_noise=True)
     out["metric/noise_keeps_class"] = (digits.predict(clf, redrawn) == digits.predict(clf, image(wa, True))).double().mean()
     out["metric/noise_std"] = torch.stack([image(wa[:50], True) for _ in range(draws)]).std(0).mean()
-    out["metric/latent_std"] = xa.std(0).mean()
     return {k: float(v) for k, v in out.items()}
 
 
@@ -703,9 +728,9 @@ def sample(args):
                    targs.fmap_base, targs.fmap_max)
     Gs.load_state_dict(state["models"]["Gs"])
     Gs.to(device).eval()
-    phase = state["phase"]
-    level, res, alpha = phase["level"], phase["resolution"], phase["alpha"]
-    print(f"checkpoint at {phase['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
+    schedule = state["schedule"]
+    level, res, alpha = schedule["level"], schedule["resolution"], schedule["alpha"]
+    print(f"checkpoint at {schedule['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
     g = torch.Generator().manual_seed(args.seed)
     z = sample_noise(100, targs.z_dim, "cpu", g).to(device)
     grids = {"samples_psi1.0": Gs(z, level, alpha),
@@ -738,10 +763,10 @@ def sample(args):
     result.update(resolution=res, alpha=alpha)
     R = shape[1]   # --eval: samples at the checkpoint's resolution, upscaled to the data's
     result.update(metrics.score(args, targs, lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha),
-                                                               R // res), device))
+                                                               R // res), device, out=out, step=state["step"]))
     if args.eval and args.digit_metrics:   # on digits: what Figs. 3, 4 and 8 show, as numbers
         clf = digits.prepare(args.digit_metrics, datasets.load(targs), targs.data_root).to(device)
-        claims = figure_claims(Gs, clf, level, alpha, targs.z_dim, device, g)
+        claims = figure_claims(Gs, clf, level, alpha, targs.z_dim, device, g, psi=targs.psi, cutoff=targs.cutoff)
         print(" ".join(f"{k} {v:.3g}" for k, v in claims.items()))
         result.update(claims)
     return result

@@ -45,8 +45,9 @@ Architecture and defaults (CompVis/taming-transformers; the paper gives few numb
       linear weights only, lr = 4.5e-6 × batch (cond_transformer.py), batch 2 (faceshq_transformer.yaml).
       Sampling: top-k 100, temperature 1 (cond_transformer.py's log_images).
 
-Metrics: stage 1 logs reconstruction L1 and PSNR on held-out images (the test split, else the first training
-images), codebook usage (the share of the n_embed codes used and the perplexity exp H(p) of their frequencies,
+Metrics: stage 1 logs reconstruction L1 and PSNR on held-out images (the test split; a set without one, such as an
+image folder or a folder of MNIST idx files, holds out its first tenth, at most 10,000 images, and trains on the
+rest), codebook usage (the share of the n_embed codes used and the perplexity exp H(p) of their frequencies,
 over each --log-every window in training and on the held-out images; dead codes are the known failure of VQ
 models) and rFID (FID of the reconstructions against the held-out images, as Table 5; --metrics, needs the
 FID Inception weights). Stage 2 logs the cross-entropy (nats per code) and FID of samples (Table 3).
@@ -57,6 +58,8 @@ Perceptual loss: common/lpips.py (the VGG16 LPIPS of the lpips package); its wei
 Usage:
     python vqgan.py --cuda                                        # stage 1: VQGAN, faces (CelebA) at 256 px
     python vqgan.py --stage 2 --vqgan runs/vqgan/celeba-.../ckpt.pt --cuda          # stage 2: the transformer
+    # (stage 1 writes <out>/ckpt.pt, stage 2 <out>/transformer.pt, so the two may share --out; --resume auto
+    # continues the stage asked for)
     python vqgan.py --dataset /path/to/ffhq --cuda                # the paper's FFHQ (an image folder)
     # a quick CPU run on digits at 32 px, f = 4 (8x8 codes), without the LPIPS and Inception weights, scored
     # with the digit classifier (about 1.4 steps/s on one core; --disc-start 500 gives the GAN term the second
@@ -66,11 +69,13 @@ Usage:
         --restart-dead-codes 100 --perceptual-weight 0 --metrics cfid,agree --eval-samples 1000
     python vqgan.py --stage 2 --vqgan runs/vqgan/mnist-.../ckpt.pt --n-layer 4 --n-head 4 --n-embd 128 \\
         --batch-size 32 --steps 2000 --metrics cfid --eval-samples 1000   # ~10 min on one core
-    python vqgan.py --sample runs/vqgan/.../ckpt.pt [--eval]     # stage 1: reconstructions; stage 2: samples too
+    python vqgan.py --sample runs/vqgan/.../ckpt.pt [--eval]     # stage 1: reconstructions
+    python vqgan.py --sample runs/vqgan/.../transformer.pt        # stage 2: samples (and reconstructions)
 
 Differences from the paper:
-- Two commands, one per stage, each with its own step counter and run directory; a stage-2 checkpoint holds
-  the frozen VQGAN it was trained on.
+- Two commands, one per stage, each with its own step counter and files (ckpt.pt, args.json, summary.json;
+  transformer.pt, args-transformer.json, summary-transformer.json: both can share one --out); a stage-2
+  checkpoint holds the frozen VQGAN it was trained on.
 - β sits on the codebook term by default, as the official code trained it (see above); --beta-on commitment
   gives the paper's Eq. 4. The adaptive weight uses the code's δ = 1e-4 and clamp [0, 1e4] (paper: δ = 1e-6).
 - D's update reuses the reconstruction of the autoencoder's step (before that step's update); the official
@@ -87,12 +92,14 @@ Differences from the paper:
 - --restart-dead-codes STEPS (off by default, as the code): every STEPS steps the codes that no encoder output
   picked in those steps move onto random encoder outputs of the batch (the restarts of Jukebox, Dhariwal et
   al. 2020). With the code's U(±1/K) initialisation the encoder's outputs start far from almost every code, so
-  a few codes take everything: on 32 px digits (K 1024, f 4) 12 of 1024 codes were in use without restarts
-  and 94% with them at step 500 (held-out PSNR 23.6 vs 20.7 dB; classifier FID of the reconstructions 27.6
-  vs 32.8).
+  a few codes take everything: in the quick run above on the 10,000 MNIST test digits as an idx folder (K 1024,
+  f 4; seeds 0–2; step 500, before the GAN term) 11–12 of 1024 codes were in use without restarts and 93–94%
+  with them (on the folder's held-out first 1,000: PSNR 20.8 vs 23.8 dB, classifier FID of the
+  reconstructions 38 vs 26).
 - Sampling recomputes the whole prefix for every token (the code's sample(); no key/value cache).
 """
 import argparse
+import dataclasses
 import functools
 
 import torch
@@ -107,6 +114,7 @@ from common import metrics
 from common import run as runlib
 
 SCRIPT = "vqgan"
+CKPT_NAMES = {1: "ckpt.pt", 2: "transformer.pt"}   # one checkpoint file per stage in the run directory
 BASE_LR = 4.5e-6   # base_learning_rate of every config; lr = base × batch (main.py)
 STAGE1_FLAGS = {"g_width", "ch_mult", "num_res_blocks", "attn_resolutions", "norm_groups", "n_embed", "embed_dim",
                 "beta", "beta_on", "d_width", "disc_layers", "disc_start", "disc_weight", "disc_factor",
@@ -126,7 +134,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VQGAN + transformer (Esser, Rombach, Ommer 2020)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], default=1,
-                   help="1: train the VQGAN; 2: train the transformer on the codes of a --vqgan checkpoint")
+                   help="1: train the VQGAN (writes <out>/ckpt.pt); 2: train the transformer on the codes of a --vqgan "
+                        "checkpoint (writes <out>/transformer.pt)")
     g = p.add_argument_group("stage 1: the VQGAN")
     g.add_argument("--g-width", type=int, default=128, help="ch: base channels of the encoder and the decoder")
     g.add_argument("--ch-mult", type=ints, default=(1, 1, 2, 2, 4),
@@ -559,16 +568,41 @@ def first_tokens(n_embed, labels=None, n=None, device="cpu"):
     return labels.long() + n_embed
 
 
-def held_out_images(args, data, n):
-    """Up to n real uint8 images to reconstruct: the test split of an in-memory dataset, else the first training
-    images. Returns (images, labels)."""
-    if args.dataset in datasets.IN_MEMORY:
-        test = datasets.load(args, split="test")
-        return test.images[:n], test.labels[:n]
-    if data.images is not None:
-        return data.images[:n], data.labels[:n]
-    items = [data.dataset[i] for i in range(min(n, len(data.dataset)))]
-    return torch.stack([metrics.to_uint8(x, (0, 1)) for x, _ in items]), torch.tensor([y for _, y in items])
+def has_test_split(dataset):
+    """Named datasets come with a test split; folders and fake data do not."""
+    return (dataset in datasets.IN_MEMORY + datasets.STREAMED or dataset.startswith("lsun:")
+            or dataset == "stacked-mnist")
+
+
+def held_out_count(n_images):
+    """A set without a test split holds out its first tenth, at most 10,000 images (the size of the official
+    FFHQ validation list, 10,000 of 70,000)."""
+    return max(1, min(n_images // 10, 10_000))
+
+
+def split_held_out(args, data, n):
+    """(training data, up to n held-out uint8 images, their labels) for the reconstruction metrics: the test split
+    of a named dataset; of any other set (an image folder, a folder of MNIST idx files, fake) its first
+    held_out_count images, which are then left out of the training data. They are never trained on, and they are
+    apart from the last 2,000 images of a folder of idx files, which the digit classifier holds out
+    (common/digits.py). With class subfolders the first tenth is the first classes."""
+    if has_test_split(args.dataset):
+        train, held = data, datasets.load(args, split="test")
+    else:
+        if len(data) < 2:
+            raise runlib.UsageError(f"{args.dataset} holds a single image; one is held out, so at least 2 are needed")
+        k = held_out_count(len(data))
+        held, n = data, min(n, k)
+        if data.images is not None:
+            labels = data.labels[k:] if data.labels is not None else None
+            train = dataclasses.replace(data, images=data.images[k:], labels=labels)
+        else:
+            train = dataclasses.replace(data, dataset=torch.utils.data.Subset(data.dataset, range(k, len(data))))
+    if held.images is not None:
+        labels = held.labels[:n] if held.labels is not None else torch.full((min(n, len(held)),), -1)
+        return train, held.images[:n], labels
+    items = [held.dataset[i] for i in range(min(n, len(held.dataset)))]
+    return train, torch.stack([metrics.to_uint8(x, (0, 1)) for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 def to_unit(images):
@@ -641,9 +675,10 @@ def generate(vq, gpt, n, n_embed, device, num_classes=0, top_k=100, temperature=
 
 
 def interleave(x, rec, nrow=10):
-    """Rows of nrow originals above rows of their reconstructions."""
-    n = len(x) // nrow * nrow
-    return torch.stack([x[:n].view(-1, nrow, *x.shape[1:]), rec[:n].view(-1, nrow, *x.shape[1:])], 1).flatten(0, 2)
+    """Rows of nrow originals above rows of their reconstructions (a short last row is padded with black)."""
+    pad = -len(x) % nrow
+    x, rec = (torch.cat([t, t.new_full((pad, *t.shape[1:]), -1.0)]) for t in (x, rec))
+    return torch.stack([x.view(-1, nrow, *x.shape[1:]), rec.view(-1, nrow, *x.shape[1:])], 1).flatten(0, 2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -651,7 +686,8 @@ def interleave(x, rec, nrow=10):
 # ------------------------------------------------------------------------------------------------
 
 def check_flags(args):
-    """A flag of the other stage cannot act: a start-up error."""
+    """A flag of the other stage cannot act: a start-up error. (Resuming the other stage's checkpoint is refused by
+    the set-up's check of the resumed flags: --stage differs.)"""
     other = STAGE2_FLAGS | {"top_k", "temperature"} if args.stage == 1 else STAGE1_FLAGS
     wrong = sorted(set(args.explicit) & other)
     if wrong:
@@ -685,12 +721,12 @@ def train_stage1(args):
     data = datasets.load(args)
     if data.kind != "image":
         raise runlib.UsageError(f"vqgan.py models images; {args.dataset} is 2D toy data")
-    held, held_labels = held_out_images(args, data, max(args.eval_samples, 50))   # the first 50 are shown
+    data, held, held_labels = split_held_out(args, data, max(args.eval_samples, 50))   # the first 50 are shown
     perceptual = lpips_lib.load_lpips(args.lpips_weights) if args.perceptual_weight > 0 else None
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=True)   # agree: reconstructions
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, ckpt_name=CKPT_NAMES[1], data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     if args.compile:   # the adaptive weight backpropagates twice through the same compiled graph (retain_graph)
@@ -825,7 +861,7 @@ def train_stage2(args):
     if args.n_embd % args.n_head:
         raise runlib.UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     clf = digits.prepare(args.digit_metrics, data, args.data_root, conditional=num_classes > 0)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, ckpt_name=CKPT_NAMES[2], data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     vq, _ = load_vqgan(vq_state, device)
@@ -889,9 +925,12 @@ def sample(args):
     --eval: rFID / L1 / PSNR / usage (stage 1) or FID of samples (stage 2) on --eval-samples images."""
     state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
     stage = state.get("stage")
+    if args.num_samples and stage == 1:
+        raise runlib.UsageError(f"{args.sample} is a stage-1 checkpoint, which reconstructs: --num-samples draws "
+                                "from a stage-2 checkpoint (the transformer's prior)")
     vq, _ = load_vqgan(state if stage == 1 else state["vqgan"], device)
     data = datasets.load(targs)
-    held, _ = held_out_images(targs, data, 50)
+    _, held, _ = split_held_out(targs, data, 50)
     grids = {"reconstructions": interleave(to_unit(held), reconstruct(vq, held, device)[0])}
     if stage == 2:
         gpt = build_gpt(targs, vq.n_embed, vq.side, state["num_classes"])
@@ -905,15 +944,15 @@ def sample(args):
         grids["samples"] = make(100, torch.arange(100, device=device) // 10 % k if k else None)
     result = dict(runlib.write_samples(out, state["step"], grids))
     if args.eval and stage == 1:
-        held, _ = held_out_images(targs, data, args.eval_samples)
+        _, held, _ = split_held_out(targs, data, args.eval_samples)
         scores = evaluate_stage1(vq, held, args, device, held_out_stats(held, args, device) if args.metrics else None)
         scores = {k: float(v) for k, v in scores.items()}
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         result.update(scores)
-    elif args.eval:
-        if not args.metrics:
+    elif stage == 2:
+        if args.eval and not args.metrics:
             raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
-        result.update(metrics.score(args, targs, make, device))
+        result.update(metrics.score(args, targs, make, device, out=out, step=state["step"]))
     return result
 
 

@@ -83,8 +83,8 @@ BOOST_ITERS, BOOST_FIRST, BOOST_EVERY = 100, 25, 500   # official main.py
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Wasserstein GAN (Arjovsky et al. 2017)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", choices=["dcgan", "nobn", "mlp-g", "mlp"], default=None,
-                   help="networks (see the docstring); default: dcgan for images, mlp for ring8/grid25")
+    p.add_argument("--arch", choices=["dcgan", "nobn", "mlp-g", "mlp"], default="dcgan",
+                   help="networks (see the docstring); the 2D toys ring8 / grid25 default to mlp")
     p.add_argument("--z-dim", type=int, default=100, help="noise dimension, z ~ N(0, I)")
     p.add_argument("--g-width", type=int, default=64, help="DCGAN G width (G starts at g_width * image_size / 8 channels; official --ngf)")
     p.add_argument("--d-width", type=int, default=64, help="DCGAN critic width (first layer; official --ndf)")
@@ -100,9 +100,9 @@ def parse_args(argv=None):
                     digits=True)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 8, "g_width": 4, "d_width": 4, "mlp_units": 16, "z_dim": 8,
-        "boost_critic": False}, defaults=lambda a: {"eval_samples": 50000} if a.sample and a.eval else {})   # --sample --eval: 50k samples
-    if args.arch is None:
-        args.arch = "mlp" if args.dataset in TOYS else "dcgan"
+        "boost_critic": False}, defaults=lambda a: {
+            **({"arch": "mlp"} if a.dataset in TOYS else {}),
+            **({"eval_samples": 50000} if a.sample and a.eval else {})})   # --sample --eval: 50k samples
     if args.clip <= 0 or args.n_critic < 1:
         raise runlib.UsageError("--clip must be > 0 and --n-critic >= 1")
     return args
@@ -295,7 +295,7 @@ def train(args):
     if data.kind == "image" and args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     real_stats = None
@@ -371,6 +371,7 @@ def sample(args):
     # interpolation strip: 8 rows, each a straight line in z between two random codes
     line = runlib.latent_walks(lambda n: sample_noise(n, targs.z_dim, "cpu", g)).to(device)
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
+    paths.update(metrics.export_samples(args, out, step, lambda n: G(sample_noise(n, targs.z_dim, device))))
     return {**paths, **score_checkpoint(G, args, targs, device)}
 
 

@@ -337,7 +337,7 @@ def train(args):
     if args.metrics:
         metrics.load_fid_inception(args.inception_weights)  # missing weights fail before anything is written
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
-    r = runlib.setup(args, SCRIPT)
+    r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
     real_stats = None
@@ -431,7 +431,7 @@ def sample(args):
     paths = runlib.write_samples(out, step, {"samples": grid, "interpolation": G(line)})
     result = dict(paths)
     # --eval: IS / FID (50k samples unless --eval-samples) and the digit metrics of the checkpoint
-    result.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device))
+    result.update(metrics.score(args, targs, lambda n: G(sample_noise(n, targs.z_dim, device)), device, out=out, step=step))
     return result
 
 

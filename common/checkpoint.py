@@ -36,12 +36,17 @@ def load(path, script):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        if "Unsupported global" in str(e):   # objects a safe load will not run (never advise loading it unsafely)
+            raise CheckpointError(f"{path} is not a checkpoint of this project: it holds Python objects that a "
+                                  "safe load refuses to run") from None
+        if isinstance(e, pickle.UnpicklingError):   # torch's message would advise an unsafe load: leave it out
+            raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
-    if not isinstance(state, dict) or "script" not in state or "step" not in state:
-        raise CheckpointError(f"{path} is not a checkpoint of this project")
-    if state["script"] != script:
+    if isinstance(state, dict) and state.get("script", script) != script:
         raise CheckpointError(f"{path} was written by {state['script']}.py, not {script}.py")
+    if not isinstance(state, dict) or not {"script", "step", "args"} <= state.keys():
+        raise CheckpointError(f"{path} is not a checkpoint of this project")
     return state
 
 

@@ -11,20 +11,24 @@ channel) is deterministic synthetic data for dry runs and benchmarks. `ring8` an
 Gaussian mixtures of the PacGAN protocol, sampled afresh for every batch.
 """
 import gzip
+import itertools
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.run import UsageError
+from common.run import UsageError, available_cores
 
 IN_MEMORY = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 STREAMED = ("stl10", "celeba", "lsun")
 SYNTHETIC = ("fake", "ring8", "grid25")
 NAMES = IN_MEMORY + STREAMED + SYNTHETIC
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+NATIVE_SIDE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32, "stl10": 96,
+               "celeba": 178}   # CelebA: the 178x178 face crop
 
 
 @dataclass
@@ -41,6 +45,12 @@ class Data:
 
     def __len__(self):  # toys have no fixed size: 0
         return 0 if self.kind == "toy" else len(self.images) if self.images is not None else len(self.dataset)
+
+    def __str__(self):  # for the start-up line
+        if self.kind == "toy":
+            return f"{self.name}: a 2D mixture of {len(self.centers)} Gaussians"
+        where = "in memory" if self.images is not None else "streamed"
+        return f"{self.name}: {len(self)} images {'x'.join(map(str, self.shape))}, {where}"
 
 
 # 2D toys (PacGAN protocol)
@@ -185,30 +195,101 @@ def _streamed(name, root, size, split, download):
         raise _missing(name, root, (str(e).splitlines()[0] if str(e) else type(e).__name__) + hint) from None
 
 
-class _FlatFolder(torch.utils.data.Dataset):
-    def __init__(self, files, transform):
-        self.files, self.transform = files, transform
+BAD_IMAGE = (OSError, SyntaxError, ValueError, EOFError)   # what PIL raises for truncated, corrupt or foreign files
+
+
+def open_image(path, channels=3):
+    """An image file as a PIL image in RGB (channels=3), L (1), or whichever of the two it is (None),
+    converted by its real range: 16-bit grey
+    (PNG's I;16) is scaled from 0-65535, 32-bit integer grey likewise when it holds values above 255,
+    float grey from [0, 1]; palettes are expanded and transparency is composited on white. Raises one of
+    BAD_IMAGE for a file that is not a readable image."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as img:
+        img.load()
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and a.max(initial=0) <= 1 else 255.0 if a.max(initial=0) <= 255 else 65535.0
+        img = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if channels is None:
+        channels = 1 if img.mode in ("L", "1") else 3
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def why_unreadable(e):
+    """A short reason for one of BAD_IMAGE, without the file name PIL repeats."""
+    from PIL import UnidentifiedImageError
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image file PIL can read"
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files with labels, streamed. A file that cannot be read (truncated, corrupt, not an image) is
+    skipped, with one warning that names it and counts the skipped files: the next readable file stands
+    in, so a few bad files in a large folder never stop a run. The record of bad files is in shared
+    memory, so DataLoader workers warn once per file between them."""
+
+    def __init__(self, files, labels, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+        self.bad = torch.zeros(len(files), dtype=torch.uint8).share_memory_()
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as img:
-            return self.transform(img.convert("RGB")), -1
+        for k in (j % len(self.files) for j in range(i, i + len(self.files))):
+            if self.bad[k]:
+                continue
+            try:
+                return self.transform(open_image(self.files[k])), self.labels[k]
+            except BAD_IMAGE as e:
+                self.bad[k] = 1
+                print(f"warning: skipping unreadable image {self.files[k]} ({why_unreadable(e)}); "
+                      f"{int(self.bad.sum())} skipped so far", file=sys.stderr, flush=True)
+        raise UsageError(f"none of the {len(self.files)} images in {Path(self.files[0]).parent} can be read")
 
 
 def _image_folder(path, size):
-    """A folder of images: class subfolders (ImageFolder), or images directly inside it."""
+    """A folder of images: class subfolders (labelled as ImageFolder does), or images directly inside it."""
     import torchvision.datasets as tvd
     subdirs = [d for d in path.iterdir() if d.is_dir()]
     if subdirs:
-        ds = tvd.ImageFolder(str(path), transform=_transform(size))
-        return Data(str(path), "image", (3, size, size), len(ds.classes), dataset=ds)
-    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        classes, index = tvd.folder.find_classes(str(path))
+        samples = tvd.folder.make_dataset(str(path), index, extensions=IMAGE_EXTENSIONS)
+        files, labels = [f for f, _ in samples], [y for _, y in samples]
+    else:
+        classes, labels = [], None
+        files = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UsageError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return Data(str(path), "image", (3, size, size), 0, dataset=_FlatFolder(files, _transform(size)))
+    ds = ImageFiles(files, labels or [-1] * len(files), _transform(size))
+    return Data(str(path), "image", (3, size, size), len(classes), dataset=ds)
+
+
+def native_side(dataset):
+    """The side of a named dataset's images; for an image folder the largest shorter side among its first 16
+    images (or the side of its idx files); None when unknown."""
+    if dataset in NATIVE_SIDE:
+        return NATIVE_SIDE[dataset]
+    folder = Path(dataset).expanduser()
+    if not folder.is_dir():
+        return None
+    if any(folder.glob("*images-idx3-ubyte*")):
+        return read_idx_folder(folder)[0].shape[-1]
+    from PIL import Image
+    sides = []
+    for f in itertools.islice((f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS), 16):
+        try:
+            with Image.open(f) as img:
+                sides.append(min(img.size))
+        except OSError:   # an unreadable file: the loader deals with it
+            pass
+    return max(sides, default=None)
 
 
 def read_idx(path):
@@ -317,6 +398,10 @@ class Translation:
     names: list
     names_b: list
 
+    def __str__(self):  # for the start-up line
+        return (f"{self.name}: {len(self.a)} {'pairs' if self.paired else f'A and {len(self.b)} B images'} "
+                f"{'x'.join(map(str, self.a.shape[1:]))}")
+
 
 def _layout(root, split, paired):
     """The folders holding `split` in the standard layout (a paired set without test/ tests on val/), or None."""
@@ -368,28 +453,46 @@ def load_translation(args, split, paired, size):
 def read_image_folder(folder, size, pairs=False, channels=None):
     """The images directly in `folder` resized to size x size (bicubic, as the official code): uint8
     (N, C, size, size) and the file names. C is 1 when all are grey, else 3, unless `channels` is given.
-    pairs=True splits each image into its left (A) and right (B) square: returns A, B, names."""
+    pairs=True splits each image into its left (A) and right (B) square: returns A, B, names. Files are decoded
+    and resized on a thread per core (PIL releases the GIL there), then taken in name order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     from PIL import Image
     files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UsageError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    images = []
-    for f in files:
-        with Image.open(f) as img:
-            img.load()
+
+    def read(f):   # the resized image(s) of f, or what went wrong: reported below, in name order
+        try:
+            img = open_image(f, channels)
+        except BAD_IMAGE as e:
+            return e
         if pairs and img.width != 2 * img.height:
-            raise UsageError(f"{f} is {img.width}x{img.height}: a paired image holds A and B side by side, "
-                             "so its width must be twice its height")
+            return img.size
         h = img.height
         halves = [img.crop((0, 0, h, h)), img.crop((h, 0, 2 * h, h))] if pairs else [img]
-        images.append([x.resize((size, size), Image.BICUBIC) for x in halves])
+        return [x.resize((size, size), Image.BICUBIC) for x in halves]
+    images, kept = [], []
+    with ThreadPoolExecutor(min(len(files), available_cores())) as pool:
+        for f, out in zip(files, pool.map(read, files)):
+            if isinstance(out, BAD_IMAGE):   # read at start-up: a bad file is named and left out, nothing else is lost
+                print(f"warning: skipping unreadable image {f} ({why_unreadable(out)})", file=sys.stderr, flush=True)
+                continue
+            if isinstance(out, tuple):
+                pool.shutdown(cancel_futures=True)   # stop reading: the run cannot start
+                raise UsageError(f"{f} is {out[0]}x{out[1]}: a paired image holds A and B side by side, "
+                                 "so its width must be twice its height")
+            images.append(out)
+            kept.append(f.name)
+    if not images:
+        raise UsageError(f"none of the images in {folder} can be read")
     if channels is None:
-        channels = 1 if all(x.mode in ("L", "1", "I", "I;16", "F") for pair in images for x in pair) else 3
+        channels = 1 if all(x.mode == "L" for pair in images for x in pair) else 3
     stacks = [torch.from_numpy(np.stack([np.asarray(pair[k].convert("L" if channels == 1 else "RGB"), np.uint8)
-                                         for pair in images])).reshape(len(files), size, size, channels)
+                                         for pair in images])).reshape(len(images), size, size, channels)
               .permute(0, 3, 1, 2).contiguous() for k in range(len(images[0]))]
-    return (*stacks, [f.name for f in files])
+    return (*stacks, kept)
 
 
 def _download(url, name, root):

@@ -117,7 +117,8 @@ def load_fid_inception(weights=None, device="cpu"):
     weights = weights or os.environ.get("FID_INCEPTION_WEIGHTS") or None
     if (str(weights), str(device)) not in _NETS:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
-        where = f"download {FID_WEIGHTS_URL} to {cached}, or give it with --inception-weights or $FID_INCEPTION_WEIGHTS"
+        where = (f"download {FID_WEIGHTS_URL} to {cached}, or give the file with --inception-weights PATH (or "
+                 "$FID_INCEPTION_WEIGHTS); a training run without Inception metrics: --metrics none")
         path = Path(weights) if weights else cached if cached.is_file() else None
         if path is not None and not path.is_file():
             raise UsageError(f"Inception weights file {path} does not exist; {where}")
@@ -363,12 +364,52 @@ def _gather_rows(x, share, n):
     return torch.cat(parts)[:n]
 
 
-def score(args, targs, make, device, *, value_range=(-1, 1), conditional=False, max_images=50000):
-    """--sample CKPT --eval: the --metrics (Inception, against max_images training images) and the digit metrics
-    (common/digits.py) of --eval-samples samples of make(n): images in value_range, or (images, labels) when
-    `conditional`. Prints each group's scores on one line; returns them all, {} without --eval."""
+def export(path, make, n, *, value_range=(-1, 1), conditional=False, batch=500):
+    """Write n samples of make(b) (images in value_range, or (images, labels) when `conditional`) as one .npz
+    (path ending in .npz: "arr_0" uint8 (n, H, W, C), the layout of the reference FID tools, and "labels")
+    or a folder of PNGs 000000.png ... (labels, if any, in labels.txt). Returns the path."""
+    images, labels = [], []
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            x = make(min(batch, n - i))
+            if conditional:
+                x, y = x
+                labels.append(y.cpu())
+            images.append(to_uint8(x.float(), value_range).cpu())
+    x = torch.cat(images).permute(0, 2, 3, 1).numpy()
+    y = torch.cat(labels).numpy() if labels else None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        np.savez(path, arr_0=x, **({"labels": y} if y is not None else {}))
+    else:
+        from PIL import Image
+        path.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(x):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path / f"{i:06d}.png")
+        if y is not None:
+            (path / "labels.txt").write_text("".join(f"{i:06d}.png {int(v)}\n" for i, v in enumerate(y)))
+    return str(path)
+
+
+def export_samples(args, out, step, make, *, value_range=(-1, 1), conditional=False):
+    """--sample CKPT --num-samples N [--format png]: write N samples of make(n) as <out>/samples-<step>-<N>.npz
+    (or a folder of that name); returns {"export": path}, {} without --num-samples."""
+    if not getattr(args, "num_samples", 0):
+        return {}
+    name = f"samples-{step:07d}-{args.num_samples}" + (".npz" if args.format == "npz" else "")
+    path = export(Path(out) / name, make, args.num_samples, value_range=value_range, conditional=conditional)
+    print(f"wrote {args.num_samples} samples to {path}")
+    return {"export": path}
+
+
+def score(args, targs, make, device, *, out=None, step=0, value_range=(-1, 1), conditional=False, max_images=50000):
+    """--sample CKPT: with --num-samples N, write N samples of make(n) into `out` (see export); with --eval, the
+    --metrics (Inception, against max_images training images) and the digit metrics (common/digits.py) of
+    --eval-samples samples of make(n): images in value_range, or (images, labels) when `conditional`. Prints
+    each group's scores on one line; returns them (and the export's path as "export")."""
     from common import data as datasets, digits
-    scores = {}
+    scores = export_samples(args, out, step, make, value_range=value_range, conditional=conditional)
     if not args.eval or not (args.metrics or args.digit_metrics):
         return scores
     data = datasets.load(targs)

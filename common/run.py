@@ -31,16 +31,28 @@ class NonFiniteLoss(Exception):
 
 # Command line
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" after each flag that has a default; a flag whose default depends on other
+    flags (None) says what it is in its own help instead of a bare "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.nargs == 0:   # None, or an on/off switch: nothing to show
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, sample_every=1000,
              ckpt_every=1000, eval_every=0, eval_samples=10000, metrics=None, streamed=True, inception=True,
-             digits=False, images=True):
+             digits=False, images=True, export=True, image_size_help=None):
     """Add the flags every script shares; the script passes its paper's defaults. Image models pass
     `metrics` (e.g. "fid,is") to get --metrics, --inception-weights and --eval (see common.metrics);
     digits=True adds the digit metrics cfid, agree, modes (common/digits.py), inception=False drops the
     Inception ones and --inception-weights;
     scripts that hold all their data in memory pass streamed=False (no --workers); a script without images
     (gail.py, which names its data with --env) passes images=False: no --dataset, --download, --image-size,
-    --eval-samples, --amp, --compile, --workers."""
+    --eval-samples, --amp, --compile, --workers; export=False (image-to-image scripts, which translate test
+    images) drops --num-samples and --format; image_size_help describes a default that depends on the dataset."""
+    parser.formatter_class = HelpFormatter
     g = parser.add_argument_group("run (shared by every script)")
     if images:
         g.add_argument("--dataset", default=dataset,
@@ -53,12 +65,18 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
     if images:
         g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                        help="download missing torchvision datasets (default: %(default)s)")
-        g.add_argument("--image-size", type=int, default=image_size, help="image side in pixels (default: %(default)s)")
+        g.add_argument("--image-size", type=int, default=image_size,
+                       help="image side in pixels (default: " + (image_size_help or "%(default)s") + ")")
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help="global batch size, split over torchrun processes (default: %(default)s)")
     g.add_argument("--steps", type=int, default=steps, help="training steps, see the docstring (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--cuda", action="store_true", help="train on the GPU (an error if CUDA is unavailable)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads; runs with the same seed and N are bit-identical on one machine, and N = 1 "
+                        "gives the same weights on any machine (default: the cores this process may use)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="with --cuda: bit-identical GPU runs (deterministic cuDNN and cuBLAS, no TF32, no autotuning; slower)")
     g.add_argument("--out", default=None, help="run directory; runs/<script>/<dataset>-<timestamp> when not given")
     g.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from a checkpoint; 'auto' uses <out>/ckpt.pt (or the newest run of this "
@@ -73,7 +91,9 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
         g.add_argument("--compile", action="store_true", help="torch.compile the networks")
     if streamed and images:
         g.add_argument("--workers", type=int, default=4, help="DataLoader workers for datasets not held in memory")
-    g.add_argument("--sample", default=None, metavar="CKPT", help="write samples from a checkpoint and exit")
+    g.add_argument("--sample", default=None, metavar="CKPT",
+                   help="write samples from a checkpoint and exit, into --out or the checkpoint's samples/ folder "
+                        "(as <name>-<step>-sampled.png, beside the training grids)")
     g.add_argument("--dry-run", action="store_true",
                    help="a few steps on small synthetic data with small nets (explicit flags still win)")
     if metrics is not None:
@@ -87,6 +107,13 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
                            help="the FID Inception weights file; $FID_INCEPTION_WEIGHTS or the torch hub cache when not given")
         g.add_argument("--eval", action="store_true",
                        help="with --sample: also score the checkpoint on --eval-samples samples (default 50000 then)")
+        if export:
+            g.add_argument("--num-samples", type=int, default=0, metavar="N",
+                           help="with --sample: also write N individual samples, for evaluate.py or the reference "
+                                "FID tools (0: none)")
+            g.add_argument("--format", choices=("npz", "png"), default="npz",
+                           help="how --num-samples are written: one .npz (arr_0: uint8 N x H x W x C, and labels "
+                                "of a conditional model) or a folder of PNGs (default: %(default)s)")
     return parser
 
 
@@ -118,7 +145,10 @@ def parse(parser, argv, dry_run_defaults=None, defaults=None):
         if getattr(args, "eval", False) and not args.sample:
             raise UsageError("--eval scores a checkpoint and needs --sample CKPT "
                              "(training runs evaluate every --eval-every steps)")
+    if getattr(args, "num_samples", 0) and not args.sample:
+        raise UsageError("--num-samples writes samples of a checkpoint and needs --sample CKPT")
     check_args(args)
+    args.threads = args.threads or available_cores()
     return args
 
 
@@ -145,7 +175,7 @@ def _apply(args, values, given):
 def check_args(args):
     """Start-up checks of the shared flags (and of every learning rate), before anything is written."""
     for name, least in (("steps", 1), ("batch_size", 1), ("log_every", 0), ("sample_every", 0),
-                        ("ckpt_every", 0), ("eval_every", 0), ("eval_samples", 0)):
+                        ("ckpt_every", 0), ("eval_every", 0), ("eval_samples", 0), ("num_samples", 0)):
         if hasattr(args, name) and getattr(args, name) < least:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     for name, value in vars(args).items():
@@ -153,6 +183,12 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is an existing file; give a directory")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.deterministic and not args.cuda:
+        raise UsageError("--deterministic is for --cuda runs: CPU runs are already bit-identical for the same --threads")
+    if getattr(args, "cuda", False) and not torch.cuda.is_available():
+        raise UsageError("--cuda was given but CUDA is not available (no GPU, or a CPU-only PyTorch build)")
 
 
 @contextlib.contextmanager
@@ -172,7 +208,8 @@ def friendly_errors():
     try:
         yield
     except (UsageError, ckpt_io.CheckpointError, NonFiniteLoss) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:   # under torchrun every rank fails alike: say it once
+            print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -184,6 +221,7 @@ class Run:
     def __init__(self, args, script, device, rank, world_size, out, writer, ckpt_name="ckpt.pt"):
         self.args, self.script, self.device = args, script, device
         self.ckpt_path = out / ckpt_name if out is not None else None
+        self.summary_name = run_file("summary", ckpt_name)
         self.rank, self.world_size, self.distributed = rank, world_size, world_size > 1
         self.cuda = device.type == "cuda"
         self.out, self.writer, self.is_main = out, writer, rank == 0
@@ -193,6 +231,7 @@ class Run:
         self.last_good_ckpt = self.resume_state = None
         self._t0 = self._t_last = time.perf_counter()
         self._step_last = self._step_first = None
+        self._start = 0               # the step the loop starts from (a resumed run's checkpoint step)
         self._it_per_s = float("nan")
 
     # -- devices and models -----------------------------------------------------------------
@@ -220,7 +259,7 @@ class Run:
     def is_log_step(self, step):
         """True at the steps whose scalars `log` writes: a term computed only to be logged can be
         computed only then."""
-        return self.every(step, self.args.log_every) or step == self.args.steps
+        return self.every(step, self.args.log_every) or step == self.args.steps or step == self._start + 1
 
     def log(self, step, scalars, force=False):
         """Log scalars (tensors or floats) at log steps. Tensors are read only here, so calling this
@@ -246,8 +285,8 @@ class Run:
             if self._step_last is not None and step > self._step_last:
                 self._it_per_s = (step - self._step_last) / max(now - self._t_last, 1e-9)
                 values["perf/it_per_s"] = self._it_per_s
-            if self._step_first is None:
-                self._step_first, self._t_first = step, now
+            if self._step_first is None or step == self._start + 1:   # the mean rate leaves out the first step
+                self._step_first, self._t_first = step, now                # (start-up, warm-up, compilation)
             self._t_last, self._step_last = now, step
         if not self.is_main:
             return
@@ -256,7 +295,8 @@ class Run:
         eta = (self.args.steps - step) / self._it_per_s if self._it_per_s > 0 else float("nan")
         eta = str(datetime.timedelta(seconds=round(eta))) if math.isfinite(eta) else "?"
         shown = " ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "perf/it_per_s")
-        print(f"step {step}/{self.args.steps} | {self._it_per_s:.1f} it/s | eta {eta} | {shown}", flush=True)
+        rate = f"{self._it_per_s:.3g} it/s" if math.isfinite(self._it_per_s) else "? it/s"
+        print(f"step {step}/{self.args.steps} | {rate} | eta {eta} | {shown}", flush=True)
 
     def images(self, tag, x, step, nrow=8, value_range=(-1, 1)):
         """Save an image grid (PNG under samples/ and TensorBoard). x: (N, C, H, W) in value_range."""
@@ -335,53 +375,113 @@ class Run:
         if self.resume_state is not None:
             ckpt_io.set_rng_state(self.resume_state["rng"], self.rank)
         # the progress line's first rate is measured from here
-        self._step_first = self._step_last = self.resume_state["step"] if self.resume_state else 0
+        self._start = self._step_first = self._step_last = self.resume_state["step"] if self.resume_state else 0
         self._t_first = self._t_last = time.perf_counter()
 
     # -- end ------------------------------------------------------------------------------------
     def finish(self, step, **extra):
         """Write summary.json, close the writer, return the summary."""
         wall = time.perf_counter() - self._t0
-        mean_it_s = float("nan")
+        mean_it_s = None   # no rate before a second log line (JSON has no NaN)
         if self._step_first is not None and self._step_last > self._step_first:
             mean_it_s = (self._step_last - self._step_first) / (self._t_last - self._t_first)
         summary = {"script": self.script, "dataset": data_name(self.args), "step": step, "steps": self.args.steps,
                    "interrupted": self.stop_requested, "it_per_s": mean_it_s, "wall_s": wall,
                    "losses": self.last_scalars, "metrics": self.metrics, **extra}
         if self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            text = json.dumps(_finite(summary), indent=2, default=str, allow_nan=False)
+            (self.out / self.summary_name).write_text(text + "\n")
             self.writer.close()
-            print(f"done: step {step}, {mean_it_s:.1f} it/s; results in {self.out}", flush=True)
+            rate = f"{mean_it_s:.3g} it/s" if mean_it_s else "? it/s"
+            print(f"done: step {step}, {rate}; results in {self.out}", flush=True)
         if self.distributed:
             dist.barrier()
             dist.destroy_process_group()
         return summary
 
 
-def pin_cpu_threads(args):
-    """Same seed, same weights on CPU: how many threads split a reduction (oneDNN's convolution weight
-    gradient, ATen and MKL sums) changes its last bits, and that number comes from the environment
-    (OMP_NUM_THREADS, the cores a job may use, a caller's torch.set_num_threads). One thread leaves
-    nothing to vary, whatever the machine's load (tests/test_determinism.py)."""
-    if not args.cuda:
-        torch.set_num_threads(1)
+# flags that may differ when a run is resumed: they change how it runs or reports, not what it trains
+RUN_ONLY = {"steps", "log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples", "metrics",
+            "digit_metrics", "inception_weights", "out", "resume", "data_root", "download", "workers", "cuda",
+            "amp", "compile", "threads", "deterministic", "sample", "eval", "num_samples", "format", "explicit"}
 
 
-def setup(args, script, ckpt_name="ckpt.pt"):
-    """Device, seeds, torchrun, output directory (args.json), TensorBoard writer, signal handlers.
-    `ckpt_name` is the checkpoint's file name in the run directory (a script with two stages keeps one
-    file per stage)."""
+def available_cores():
+    """The cores this process may run on (a container's or job's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(args):
+    """--threads N: the intra-op threads of the run. torch.set_num_threads also turns MKL's dynamic thread
+    adjustment off (OpenMP's is off by default), so a reduction is split the same way on every call: two
+    runs with the same seed and the same N give bit-identical weights on the same machine and PyTorch
+    build, however loaded the machine is. N decides how oneDNN's convolution gradients and the BLAS/ATen
+    sums are split, so different N differ in the last bits; N = 1 gives the same weights on any machine
+    of the same build (tests/test_determinism.py)."""
+    torch.set_num_threads(args.threads)
+
+
+def set_cuda_flags(args):
+    """Fast defaults on the GPU (cuDNN autotuning, TF32 matmuls and convolutions), or with --deterministic
+    bit-identical runs of the same command on the same GPU and build, at some speed cost."""
+    deterministic = getattr(args, "deterministic", False)
+    if deterministic:   # cuBLAS needs a fixed workspace for reproducible matmuls (read at its first use)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def check_resume(args, state, path):
+    """Refuse to resume a checkpoint trained with other settings (before anything is written): name the
+    flags that differ. Run-only flags (RUN_ONLY) may change; a different --threads is only reported."""
+    saved = state.get("args", {})
+    now = vars(args)
+    differ = [k for k in sorted(now) if k in saved and k not in RUN_ONLY and saved[k] != now[k]]
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in differ[:6])
+        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+        raise UsageError(f"{path} was trained with other settings: {shown}{more}; resume with the checkpoint's "
+                         "flags (its args.json), or start a new run with another --out")
+    threads = saved.get("threads", 1)   # checkpoints from before --threads trained on one thread
+    if threads != getattr(args, "threads", threads) and not args.cuda and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: resuming with --threads {args.threads} a run trained with --threads {threads}: the "
+              "continuation is not bit-identical to an uninterrupted run", flush=True)
+
+
+def _remove_stale_temp_files(out, ckpt_name):
+    """A run killed while saving leaves .<ckpt>.tmp-PID behind (checkpoint.save): remove those of dead processes."""
+    for tmp in out.glob(f".{ckpt_name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        try:
+            alive = pid.isdigit() and (os.kill(int(pid), 0) or True)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            tmp.unlink(missing_ok=True)
+
+
+def setup(args, script, ckpt_name="ckpt.pt", data=None):
+    """Device, threads, seeds, torchrun, output directory (args.json, see run_file), TensorBoard writer, signal
+    handlers, and the start-up line. `ckpt_name` is the checkpoint's file name in the run directory (a
+    script with two stages keeps one file per stage); `data` (what the run trains on) is named in the
+    start-up line. Nothing is written before the checks: a new run into a directory that holds a
+    checkpoint, or a resume with other settings, is refused."""
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if args.cuda and not torch.cuda.is_available():
         raise UsageError("--cuda was given but CUDA is not available (no GPU or a CPU-only PyTorch build)")
     device = torch.device(f"cuda:{local_rank}" if args.cuda else "cpu")
-    pin_cpu_threads(args)
+    set_threads(args)
     if args.cuda:
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_cuda_flags(args)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if args.cuda else "gloo", rank=rank, world_size=world_size)
         if args.batch_size % world_size:
@@ -395,15 +495,20 @@ def setup(args, script, ckpt_name="ckpt.pt"):
         dist.broadcast_object_list(box, src=0)
         out = Path(box[0])
     # Read (and so validate) the checkpoint to resume from before anything is written.
-    resume_state, resume_path = None, None
+    ckpt, resume_state, resume_path = out / ckpt_name, None, None
     if args.resume:
-        resume_path = out / ckpt_name if args.resume == "auto" else Path(args.resume)
+        resume_path = ckpt if args.resume == "auto" else Path(args.resume)
         if args.resume != "auto" or resume_path.exists():
             resume_state = ckpt_io.load(resume_path, script)
+            check_resume(args, resume_state, resume_path)
+    if ckpt.exists() and (resume_state is None or not ckpt.samefile(resume_path)):
+        raise UsageError(f"{out} already holds a checkpoint ({ckpt.name}): pass --resume auto to continue it, "
+                         "or give another --out")
     writer = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        _remove_stale_temp_files(out, ckpt_name)
+        (out / run_file("args", ckpt_name)).write_text(json.dumps(vars(args), indent=2) + "\n")
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out))
         writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in sorted(vars(args).items())), 0)
@@ -411,10 +516,31 @@ def setup(args, script, ckpt_name="ckpt.pt"):
     if resume_state is not None:
         r.resume_state = resume_state
         r.last_good_ckpt = f"{resume_path} (step {resume_state['step']})"
-        if rank == 0:
-            print(f"resuming from {resume_path} at step {resume_state['step']}", flush=True)
+    if rank == 0:
+        where = f"{device}, {args.threads} thread{'s' * (args.threads > 1)}" if not args.cuda else \
+            f"{device}{' x ' + str(world_size) if world_size > 1 else ''}{', amp' * getattr(args, 'amp', False)}"
+        steps = (f"steps {resume_state['step']} -> {args.steps} (resuming {resume_path})" if resume_state
+                 else f"{args.steps} steps")
+        print(f"{script}: {out} | {where} | {data if data is not None else data_name(args)} | {steps} | "
+              f"tensorboard --logdir {out}", flush=True)
     _install_signal_handlers(r)
     return r
+
+
+def _finite(x):
+    """x with every NaN or infinite float replaced by None (strict JSON)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def run_file(kind, ckpt_name):
+    """args.json and summary.json of a run whose checkpoint is ckpt.pt; args-<name>.json and summary-<name>.json
+    beside another checkpoint file (the other stage of a two-stage script keeps its own)."""
+    stem = Path(ckpt_name).stem
+    return f"{kind}.json" if stem == "ckpt" else f"{kind}-{stem}.json"
 
 
 def data_name(args):
@@ -456,11 +582,12 @@ def load_for_sampling(args, script):
     the device and the directory to write into (--out, or next to the checkpoint). Seeds torch's global RNG
     with --seed, so that --eval's samples, like the figures', are the same on every call."""
     state = ckpt_io.load(args.sample, script)
+    if getattr(args, "num_samples", 0) and len(state.get("data_shape", (3,))) == 1:
+        raise UsageError(f"--num-samples writes images, and {args.sample} models 2D points")
     torch.manual_seed(args.seed)
-    if args.cuda and not torch.cuda.is_available():
-        raise UsageError("--cuda was given but CUDA is not available")
+    torch.set_num_threads(args.threads)
     train_args = argparse.Namespace(**{**state["args"], "cuda": args.cuda, "amp": getattr(args, "amp", False),
-                                       "compile": False})
+                                       "compile": False, "threads": args.threads})
     device = torch.device("cuda" if args.cuda else "cpu")
     out = Path(args.out) if args.out else Path(args.sample).resolve().parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -491,8 +618,9 @@ def save_grid(x, path, nrow=8, value_range=(-1, 1)):
 
 
 def write_samples(out, step, grids, value_range=(-1, 1), nrow=10):
-    """For --sample: save each {name: images} as <out>/<name>-<step>.png; print and return the paths."""
-    paths = {name: str(Path(out) / f"{name}-{step:07d}.png") for name in grids}
+    """For --sample: save each {name: images} as <out>/<name>-<step>-sampled.png (beside the training
+    grids <name>-<step>.png of the same step, never over them); print and return the paths."""
+    paths = {name: str(Path(out) / f"{name}-{step:07d}-sampled.png") for name in grids}
     for name, x in grids.items():
         save_grid(x, paths[name], nrow, value_range)
         print(f"wrote {paths[name]}")

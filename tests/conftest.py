@@ -26,3 +26,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def steps():
+    """The optimizer steps taken while the test runs, in order (a list of tests.wiring.Step)."""
+    from tests import wiring
+    taken, stop = wiring.record_steps()
+    yield taken
+    stop()
+
+
+@pytest.fixture
+def updates():
+    """The optimizer steps taken while the test runs, as dicts of lists (tests.wiring.record_updates)."""
+    from tests import wiring
+    record, stop = wiring.record_updates()
+    yield record
+    stop()

@@ -3,6 +3,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,19 +11,20 @@ from common import checkpoint as ckpt_io
 from common import run as runlib
 
 
-def dry_run(script, tmp_path, *extra):
-    """Train a few steps; check the run directory and that the logged losses are finite."""
+def dry_run(script, tmp_path, *extra, ckpt_name="ckpt.pt"):
+    """Train a few steps; check the run directory and that the logged losses are finite. `ckpt_name`: the
+    run's checkpoint file (with its args and summary files, common.run.run_file)."""
     out = tmp_path / "dry"
     summary = script.main(["--dry-run", "--out", str(out), *extra])
-    for name in ("args.json", "ckpt.pt", "summary.json"):
+    for name in (runlib.run_file("args", ckpt_name), ckpt_name, runlib.run_file("summary", ckpt_name)):
         assert (out / name).is_file(), f"{name} missing"
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
     assert list((out / "samples").glob("*.png")), "no sample grid"
-    saved = json.loads((out / "summary.json").read_text())
+    saved = json.loads((out / runlib.run_file("summary", ckpt_name)).read_text())
     assert saved["step"] == summary["step"] > 0
     losses = summary["losses"]
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
-    state = ckpt_io.load(out / "ckpt.pt", script.SCRIPT)
+    state = ckpt_io.load(out / ckpt_name, script.SCRIPT)
     assert state["step"] == summary["step"]
     return out, summary, state
 
@@ -38,7 +40,7 @@ def _interrupt_at(monkeypatch, n):
     monkeypatch.setattr(runlib.Run, "log", log)
 
 
-def assert_resume_exact(script, tmp_path, monkeypatch, args, n=3, state_keys=("models",)):
+def assert_resume_exact(script, tmp_path, monkeypatch, args, n=3, state_keys=("models",), ckpt_name="ckpt.pt"):
     """2n steps in one go == n steps, Ctrl-C, --resume auto, n more steps (CPU, bit-exact)."""
     args = ["--dry-run", "--steps", str(2 * n), "--ckpt-every", "1000", "--eval-every", "0", *args]
     full = script.main([*args, "--out", str(tmp_path / "full")])
@@ -47,11 +49,11 @@ def assert_resume_exact(script, tmp_path, monkeypatch, args, n=3, state_keys=("m
         _interrupt_at(m, n)
         half = script.main([*args, "--out", str(tmp_path / "split")])
     assert half["interrupted"] and half["step"] == n
-    assert ckpt_io.load(tmp_path / "split" / "ckpt.pt", script.SCRIPT)["step"] == n
+    assert ckpt_io.load(tmp_path / "split" / ckpt_name, script.SCRIPT)["step"] == n
     resumed = script.main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"])
     assert resumed["step"] == 2 * n
-    a = ckpt_io.load(tmp_path / "full" / "ckpt.pt", script.SCRIPT)
-    b = ckpt_io.load(tmp_path / "split" / "ckpt.pt", script.SCRIPT)
+    a = ckpt_io.load(tmp_path / "full" / ckpt_name, script.SCRIPT)
+    b = ckpt_io.load(tmp_path / "split" / ckpt_name, script.SCRIPT)
     for key in state_keys:
         assert_same(a[key], b[key], key)
     return a, b
@@ -73,12 +75,21 @@ def assert_same(a, b, where=""):
 
 
 def sample_from(script, ckpt, tmp_path, *extra):
+    """--sample CKPT writes PNGs; an image generator's --num-samples N also writes N samples as an .npz."""
     out = tmp_path / "sampled"
     written = script.main(["--sample", str(ckpt), "--out", str(out), *extra])
     pngs = list(out.glob("*.png"))
     assert pngs, "no PNG written"
     for p in pngs:
         assert p.stat().st_size > 100
+    state = ckpt_io.load(ckpt, script.SCRIPT)
+    generates_images = len(state.get("data_shape", (3,))) > 1 and state.get("stage") != 1   # (a VQGAN stage 1 only reconstructs)
+    if not extra and "num_samples" in vars(script.parse_args(["--dry-run"])) and generates_images:
+        exported = script.main(["--sample", str(ckpt), "--out", str(out), "--num-samples", "6"])["export"]
+        with np.load(exported) as f:
+            x = f["arr_0"]
+        assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[0] == 6 and x.shape[-1] in (1, 3), x.shape
+        assert x.std() > 0, "blank samples"
     return written
 
 

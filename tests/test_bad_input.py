@@ -66,3 +66,50 @@ def test_bad_input_fails_cleanly_and_writes_nothing(name, case, tmp_path, capsys
     assert match in err, err
     assert not out.exists(), f"{name}.py wrote {sorted(p.name for p in out.iterdir())} before failing"
     assert not (tmp_path / "runs").exists(), f"{name}.py created a run directory before failing"
+
+
+# -- nothing lost: a checkpoint is never replaced by an earlier one, a resume never mixes settings ------------
+
+ARCHITECTURE = re.compile(r"(^|_)(width|units|hidden|fmap_max|embed_dim|z_dim|d_layers|g_width|d_width)$")
+
+
+def _fake_checkpoint(script, out, **changed):
+    """A checkpoint of `script` at step 99 in `out`, as a dry run would leave it, with `changed` args."""
+    from common import checkpoint as ckpt_io
+    args = vars(script.parse_args(["--dry-run", "--out", str(out)]))
+    ckpt_io.save({"script": script.SCRIPT, "step": 99, "args": {**args, **changed}}, out / "ckpt.pt")
+    return (out / "ckpt.pt").read_bytes()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_new_run_into_a_directory_with_a_checkpoint_is_refused(name, tmp_path, capsys):
+    """Without --resume, a run into an --out that holds a checkpoint would overwrite it with an earlier one
+    (and a Ctrl-C would do it at once): one line that says what to do, nothing written."""
+    script = importlib.import_module(name)
+    out = tmp_path / "run"
+    before = _fake_checkpoint(script, out)
+    with pytest.raises(SystemExit) as e:
+        script.main(["--dry-run", "--out", str(out), "--steps", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "already holds a checkpoint" in err and "--resume auto" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"] and (out / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_with_other_architecture_flags_is_refused_before_writing(name, tmp_path, capsys):
+    """--resume auto with a width (or, without one, the seed) unlike the checkpoint's: one line naming the
+    flag and both values; args.json is not rewritten, the checkpoint stays."""
+    script = importlib.import_module(name)
+    args = vars(script.parse_args(["--dry-run"]))
+    flag = next((k for k in sorted(args) if ARCHITECTURE.search(k) and isinstance(args[k], int)), "seed")
+    out = tmp_path / "run"
+    before = _fake_checkpoint(script, out, **{flag: args[flag] + 3})
+    with pytest.raises(SystemExit) as e:
+        script.main(["--dry-run", "--out", str(out), "--resume", "auto"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert f"--{flag.replace('_', '-')} {args[flag] + 3} (now {args[flag]})" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"] and (out / "ckpt.pt").read_bytes() == before

@@ -176,7 +176,7 @@ def test_bad_datasets_say_what_to_do(tmp_path):
 
 def test_checkpoint_atomic_save_and_checks(tmp_path):
     path = tmp_path / "ckpt.pt"
-    ckpt_io.save({"script": "gan", "step": 3, "w": torch.ones(2)}, path)
+    ckpt_io.save({"script": "gan", "step": 3, "args": {}, "w": torch.ones(2)}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert ckpt_io.load(path, "gan")["step"] == 3
     with pytest.raises(ckpt_io.CheckpointError, match="written by gan.py, not dcgan.py"):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import dcgan
 from common import metrics
-from tests import helpers
+from tests.wiring import watch, replica, record_batches, who_steps, setting, grads, assert_same_gradients, assert_update, assert_same
+from tests import helpers, wiring
 
 
 def test_dry_run(tmp_path):
@@ -46,6 +47,7 @@ def test_inception_metrics_are_logged_and_sampled(tmp_path, monkeypatch):
 def test_help(capsys):
     text = helpers.help_text(dcgan, capsys)
     assert "--kernel-size" in text and "--g-width" in text
+    assert "(default: None)" not in " ".join(text.split("run (shared by every script)")[0].split())
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -139,3 +141,53 @@ def test_toy_data_is_refused(tmp_path, capsys):
     helpers.expect_usage_error(dcgan, ["--dry-run", "--dataset", "ring8", "--out", str(tmp_path / "x")],
                                capsys, "images")
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+
+def watch_build(monkeypatch):
+    """The (G, D) that train() builds, watched."""
+    nets, original = {}, dcgan.build
+
+    def build(*args, **kwargs):
+        G, D = original(*args, **kwargs)
+        nets["G"], nets["D"] = watch(G), watch(D)
+        return G, D
+    monkeypatch.setattr(dcgan, "build", build)
+    return nets
+
+
+def test_one_step_follows_the_equations(tmp_path, monkeypatch, updates):
+    """One step: D descends −E log D(x) − E log(1 − D(G(z))) with x the data batch (real and generated
+    batches normalised separately, in training mode), then G descends −E log D(G(z)) on fresh noise against
+    the updated D; each with Adam lr 2e-4, betas (0.5, 0.999), weight decay 1e-5, moving only its own net."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(dcgan, tmp_path, 1)
+    G, D = nets["G"], nets["D"]
+    assert who_steps(updates, G=G, D=D) == ["D", "G"]
+    d_step, g_step = updates
+    G0, D0 = replica(G, G.calls[0][0]), replica(D, D.calls[0][0])
+    x, (z,) = batches[0][0], G.calls[0][1]
+    with torch.no_grad():
+        fake = G0(z)
+    loss_d = F.softplus(-D0(x)).mean() + F.softplus(D0(fake)).mean()   # −log σ(l) = softplus(−l)
+    assert_same_gradients(d_step["grads"], grads(loss_d, D0), "D's gradient")
+
+    assert_same(g_step["before"], list(G0.parameters()), "G moved during D's step")
+    (z,) = G.calls[1][1]
+    D1 = replica(D, D.calls[0][0], d_step["after"])
+    assert_same_gradients(g_step["grads"], grads(F.softplus(-D1(G0(z))).mean(), G0), "G's gradient")
+
+    for s, net in ((d_step, D), (g_step, G)):
+        assert type(s["opt"]) is torch.optim.Adam
+        assert (setting(s, "lr"), setting(s, "betas"), setting(s, "weight_decay")) == (2e-4, (0.5, 0.999), 1e-5)
+        # Adam's first step with L2 weight decay: −lr · sign(g + wd·θ)
+        assert_update(s, [wiring.adam_first_update(2e-4, g + 1e-5 * p) for g, p in zip(s["grads"], s["before"])],
+                      "Adam's first update")
+        assert_same(list(net.parameters()), s["after"], "a net moved after its own step")

@@ -1,8 +1,7 @@
-"""Same seed, same weights: a CPU run's final checkpoint must not depend on the machine's load or on how
-many threads the process was given (OMP_NUM_THREADS from a job runner, the cores a container allows, a
-caller's torch.set_num_threads). The thread count decides how oneDNN's convolution weight gradient and
-ATen/MKL reductions split their sums, so it changes the last bits; runlib.setup pins CPU runs to one
-thread."""
+"""Same seed, same weights: a CPU run's final checkpoint must not depend on the machine's load or on the
+thread settings it inherits (OMP_NUM_THREADS from a job runner, a caller's torch.set_num_threads), only on
+--threads N: N decides how oneDNN's convolution weight gradient and ATen/MKL reductions split their sums,
+so different N change the last bits, and runlib.setup applies N (with MKL's dynamic adjustment off)."""
 import os
 import re
 import subprocess
@@ -17,9 +16,9 @@ from common import run as runlib
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if re.search(r"^SCRIPT = ", p.read_text(), re.M))
-# four copies at once on a small machine is the load; the thread settings are the ones a run meets in
-# practice: a bare shell (all cores), a job runner giving one thread per job, an explicit two
-THREAD_ENVS = [{}, {"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "2"}, {}]
+# four copies at once on a small machine is the load; each --threads N runs twice, once with the thread
+# settings of a bare shell and once with those of a job runner that says otherwise
+COPIES = [("1", {}), ("1", {"OMP_NUM_THREADS": "2"}), ("2", {}), ("2", {"OMP_NUM_THREADS": "1"})]
 
 
 def differences(a, b, where=""):
@@ -47,39 +46,45 @@ def final_state(script, path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_parallel_dry_runs_are_bit_identical(name, tmp_path):
-    """The same dry run four times at once, under different thread settings: every final checkpoint
-    (models, optimizers, RNG states, ...) equals the first bit for bit."""
+    """The same dry run four times at once, twice with --threads 1 and twice with --threads 2, under
+    different inherited thread settings: the two final checkpoints (models, optimizers, RNG states, ...)
+    of each N are equal bit for bit."""
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     procs = []
-    for i, extra in enumerate(THREAD_ENVS):
-        cmd = [sys.executable, str(ROOT / f"{name}.py"), "--dry-run", "--seed", "11", "--out", str(tmp_path / str(i))]
+    for i, (threads, extra) in enumerate(COPIES):
+        cmd = [sys.executable, str(ROOT / f"{name}.py"), "--dry-run", "--seed", "11", "--threads", threads,
+               "--out", str(tmp_path / str(i))]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**base, **extra}, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True))
     errors = [p.communicate(timeout=600)[1] for p in procs]
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"{name} copy {i} failed:\n{errors[i][-2000:]}"
-    first = final_state(name, tmp_path / "0" / "ckpt.pt")
-    for i, extra in enumerate(THREAD_ENVS[1:], start=1):
-        diff = differences(first, final_state(name, tmp_path / str(i) / "ckpt.pt"))
-        assert not diff, f"{name}: copy {i} ({extra or 'default threads'}) differs from copy 0 in {len(diff)} " \
-                         f"tensors/values, e.g. {diff[:4]}"
+    for first, second in ((0, 1), (2, 3)):
+        diff = differences(final_state(name, tmp_path / str(first) / "ckpt.pt"),
+                           final_state(name, tmp_path / str(second) / "ckpt.pt"))
+        assert not diff, f"{name} --threads {COPIES[first][0]}: copy {second} ({COPIES[second][1] or 'default env'}) " \
+                         f"differs from copy {first} in {len(diff)} tensors/values, e.g. {diff[:4]}"
 
 
-def test_setup_pins_cpu_runs_to_one_thread(tmp_path):
+def test_setup_applies_threads(tmp_path):
+    """--threads N sets N, whatever the caller had; without it, the cores this process may use."""
     import gan
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        r = runlib.setup(gan.parse_args(["--dry-run", "--out", str(tmp_path / "run")]), gan.SCRIPT)
-        r.writer.close()
-        assert torch.get_num_threads() == 1
+        for argv, expected in ((["--threads", "1"], 1), (["--threads", "3"], 3), ([], runlib.available_cores())):
+            torch.set_num_threads(2)
+            out = tmp_path / f"run{len(argv)}{expected}"
+            r = runlib.setup(gan.parse_args(["--dry-run", "--out", str(out), *argv]), gan.SCRIPT)
+            r.writer.close()
+            assert torch.get_num_threads() == expected, argv
+            assert r.args.threads == expected
     finally:
         torch.set_num_threads(before)
 
 
-def test_thread_count_does_not_change_the_weights(tmp_path):
-    """Two threads or one before the run starts: the same checkpoint (dcgan's convolutions are the case
-    that differed in the last bits before setup pinned the thread count)."""
+def test_inherited_thread_count_does_not_change_the_weights(tmp_path):
+    """Two threads or one set before the run starts: with the same --threads, the same checkpoint (dcgan's
+    convolutions are the case that differs in the last bits when the thread count differs)."""
     import dcgan
     before = torch.get_num_threads()
     states = []
@@ -87,9 +92,35 @@ def test_thread_count_does_not_change_the_weights(tmp_path):
         for threads in (2, 1):
             torch.set_num_threads(threads)
             out = tmp_path / f"t{threads}"
-            dcgan.main(["--dry-run", "--steps", "1", "--out", str(out)])
+            dcgan.main(["--dry-run", "--steps", "1", "--threads", "1", "--out", str(out)])
             states.append(final_state(dcgan.SCRIPT, out / "ckpt.pt"))
     finally:
         torch.set_num_threads(before)
     diff = differences(*states)
-    assert not diff, f"1 vs 2 threads: {len(diff)} tensors differ, e.g. {diff[:4]}"
+    assert not diff, f"1 vs 2 inherited threads: {len(diff)} tensors differ, e.g. {diff[:4]}"
+
+
+def test_deterministic_flag_sets_the_cuda_settings(monkeypatch):
+    """--deterministic (CUDA only): deterministic cuDNN without autotuning, no TF32, deterministic
+    algorithms, cuBLAS's fixed workspace; without it the fast settings. Checked on the flags themselves
+    (they can be set without a GPU), and --deterministic on the CPU is a start-up error."""
+    import argparse
+
+    import gan
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        runlib.set_cuda_flags(argparse.Namespace(deterministic=True))
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        runlib.set_cuda_flags(argparse.Namespace(deterministic=False))
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+        assert torch.backends.cuda.matmul.allow_tf32 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4])
+    with pytest.raises(runlib.UsageError, match="--deterministic is for --cuda runs"):
+        gan.parse_args(["--dry-run", "--deterministic"])

@@ -1,11 +1,15 @@
+import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gmmn
 from common import checkpoint as ckpt_io
-from tests import helpers
+from common import data as datasets
+from tests import helpers, wiring
 
 
 def test_dry_run(tmp_path):
@@ -210,3 +214,166 @@ def test_autoencoder_phases_train_the_right_layers_and_reduce_reconstruction_los
         gmmn.ae_loss(ae, x, 3).backward()
         opt.step()
     assert gmmn.ae_loss(ae, x, 3).item() < 0.5 * first
+
+
+# ---- the training loop -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wired(monkeypatch):
+    """train() with known data batches (one stream per iterate() call) and its nets as built (copies of
+    their initial weights in G0 / AE0); G remembers (z, output, grad enabled) of every call."""
+    w = SimpleNamespace(streams=[], G=None, G0=None, AE=None, AE0=None, seen=[])
+    build = gmmn.build
+
+    def recording_build(args, shape, kind):
+        w.G, w.AE = build(args, shape, kind)
+        w.G0, w.AE0 = copy.deepcopy(w.G), copy.deepcopy(w.AE)
+        w.G.register_forward_hook(lambda m, inputs, out: w.seen.append(
+            (inputs[0].detach().clone(), out.detach().clone(), torch.is_grad_enabled())))
+        return w.G, w.AE
+    monkeypatch.setattr(gmmn, "build", recording_build)
+
+    def iterate(data, batch_size, device, value_range=(-1, 1), **kwargs):
+        g, served = torch.Generator().manual_seed(len(w.streams)), []
+        w.streams.append(served)
+
+        def batches():
+            while True:
+                served.append(torch.rand(batch_size, *data.shape, generator=g))
+                yield served[-1], torch.zeros(batch_size, dtype=torch.long)
+        return batches()
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    w.split = wiring.record_calls(monkeypatch, datasets, "split_held_out")
+    return w
+
+
+def mmd2_by_hand(x, y, sigmas):
+    """Biased MMD² with k(a, b) = Σ_σ exp(−‖a − b‖² / (2σ)), pair by pair."""
+    x, y = x.flatten(1), y.flatten(1)
+
+    def k(a, b):
+        d2 = ((a[:, None] - b[None]) ** 2).sum(-1)
+        return sum(torch.exp(-d2 / (2 * s)) for s in sigmas)
+    return k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
+
+
+def close(a, b, rel=2e-3):
+    """Two lists of tensors are equal as one vector, to `rel` of b's norm: G's float32 gradient of sqrt(MMD²)
+    loses ~1% of its precision in the first layers, whose share of the whole is small."""
+    a, b = torch.cat([t.flatten() for t in a]).double(), torch.cat([t.flatten() for t in b]).double()
+    return (a - b).norm() <= rel * b.norm()
+
+
+def test_g_step_descends_sqrt_mmd_between_its_batch_and_a_data_batch(tmp_path, wired, steps):
+    """One GMMN step against the hand-computed gradient of sqrt(MMD²) between G's batch and the data
+    batch, with the pixel kernels σ ∈ {2, 5, 10, 20, 40, 80}; SGD's first step is −lr g with lr 2."""
+    wiring.train_steps(gmmn, tmp_path, 1)
+    (real,) = wired.streams[0]
+    (z,) = [z for z, x, grad in wired.seen if grad]
+    assert z.shape == (8, 10) and z.abs().max() <= 1 and z.min() < -0.5 < 0.5 < z.max()   # z ~ U[−1, 1]^10
+    loss = mmd2_by_hand(wired.G0(z).double(), real.double(), [2, 5, 10, 20, 40, 80]).sqrt()
+    expected = torch.autograd.grad(loss, list(wired.G0.parameters()))
+    (step,) = steps
+    assert step.owns(wired.G) and len(step.after) == len(expected)
+    params = list(wired.G.parameters())
+    assert close([step.grads[id(p)] for p in params], expected), "G's gradient is not that of sqrt(MMD²)"
+    update = [p.detach() - p0.detach() for p, p0 in zip(params, wired.G0.parameters())]
+    assert close(update, [-2.0 * g for g in expected]), "SGD's first step is not −2 g"
+
+
+def test_sgd_lr_and_momentum_switch_take_the_official_steps(tmp_path, wired, steps):
+    """SGD as the official optimiser, v ← m v − lr g, θ ← θ + v: lr 2 and momentum 0.9, then from
+    --switch-step (here 2) lr 0.2 and momentum 0.99; each update checked against the recorded gradients."""
+    wiring.train_steps(gmmn, tmp_path, 3, "--switch-step", "2")
+    assert [type(s.opt) for s in steps] == [torch.optim.SGD] * 3
+    schedule = [(2.0, 0.9), (0.2, 0.99), (0.2, 0.99)]
+    assert [(s.settings[0]["lr"], s.settings[0]["momentum"]) for s in steps] == schedule
+    before = {id(p): p0.detach() for p, p0 in zip(wired.G.parameters(), wired.G0.parameters())}
+    v = {k: torch.zeros_like(p) for k, p in before.items()}
+    for s, (lr, m) in zip(steps, schedule):
+        for k in before:
+            v[k] = m * v[k] - lr * s.grads[k]
+            assert torch.allclose(s.after[k] - before[k], v[k], rtol=1e-4, atol=1e-6)
+        before = s.after
+
+
+def test_autoencoder_phases_losses_lrs_and_momentum_schedule(tmp_path, wired, steps):
+    """--mode ae, stage 1: three phases of --ae-steps (here 200) SGD updates at lr 0.1, each with a fresh
+    optimiser; phase 1 trains enc1/dec2 to reconstruct x, phase 2 enc2/dec1 to reconstruct the first
+    layer's codes, phase 3 the whole net; the first update of each is −0.1 × the hand-computed gradient
+    of its summed cross-entropy, clipped to --ae-max-grad-norm (0.5 here, so that it clips). Momentum:
+    0.5 while pretraining; 0, 0.5 from update 50 and 0.9 from update 200 while fine-tuning."""
+    wiring.train_steps(gmmn, tmp_path, 1, "--mode", "ae", "--ae-steps", "200", "--ae-batch-size", "4",
+                       "--ae-dropout", "0", "0", "--ae-max-grad-norm", "0.5", "--log-every", "0")
+    ae, ae0 = wired.AE, wired.AE0
+    ae_steps = [s for s in steps if s.owns(ae)]
+    assert len(ae_steps) == 600 and all(type(s.opt) is torch.optim.SGD for s in ae_steps)
+    assert len({id(s.opt) for s in ae_steps}) == 3 and all(s.settings[0]["lr"] == 0.1 for s in ae_steps)
+    momenta = [s.settings[0]["momentum"] for s in ae_steps]
+    assert momenta == [0.5] * 400 + [0.0] * 49 + [0.5] * 150 + [0.9]
+    batches = wired.streams[1]   # the autoencoder's stream: batches of --ae-batch-size
+    assert batches[0].shape[0] == 4 and len(batches) == 600
+
+    def bce(logits, target):
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(target)
+
+    def loss(net, x, phase):
+        x = x.flatten(1)
+        h = torch.sigmoid(net.enc1(x))
+        if phase == 1:
+            return bce(net.dec2(h), x)
+        if phase == 2:
+            return bce(net.dec1(torch.sigmoid(net.enc2(h.detach()))), h.detach())
+        return bce(net.dec2(torch.sigmoid(net.dec1(torch.sigmoid(net.enc2(h))))), x)
+
+    names = [n for n, _ in ae.named_parameters()]
+    state = {n: p.detach() for n, p in ae0.named_parameters()}
+    trained = {1: {"enc1", "dec2"}, 2: {"enc2", "dec1"}, 3: {"enc1", "enc2", "dec1", "dec2"}}
+    for phase in (1, 2, 3):
+        first = 200 * (phase - 1)
+        net = copy.deepcopy(ae0)
+        net.load_state_dict(state)
+        grads = torch.autograd.grad(loss(net, batches[first], phase), list(net.parameters()), allow_unused=True)
+        norm = torch.cat([g.flatten() for g in grads if g is not None]).norm()
+        assert norm > 0.5
+        step = ae_steps[first]
+        for n, p, g in zip(names, ae.parameters(), grads):
+            if n.split(".")[0] not in trained[phase]:
+                assert g is None and id(p) not in step.grads and torch.equal(step.after[id(p)], state[n]), n
+                continue
+            clipped = g * 0.5 / (norm + 1e-6)
+            assert torch.allclose(step.grads[id(p)], clipped, rtol=1e-4, atol=1e-7), (phase, n)
+            assert torch.allclose(step.after[id(p)] - state[n], -0.1 * clipped, rtol=1e-3, atol=1e-7), (phase, n)
+        last = ae_steps[first + 199]
+        state = {n: last.after[id(p)] for n, p in zip(names, ae.parameters())}
+    for n, p in ae.named_parameters():   # the GMMN stage leaves the autoencoder as stage 1 left it
+        assert torch.equal(p.detach(), state[n]), n
+
+
+def test_gmmn_stage_learns_the_autoencoders_codes(tmp_path, wired, steps, monkeypatch):
+    """--mode ae, stage 2: G's batch is compared with a batch of codes of training images under the
+    trained autoencoder without dropout, with the code kernel σ = 1; G's first update is −2 × the
+    gradient of sqrt(MMD²), and its lr / momentum schedule counts GMMN updates, not autoencoder ones."""
+    compared = wiring.record_calls(monkeypatch, gmmn, "mmd2")
+    wiring.train_steps(gmmn, tmp_path, 2, "--mode", "ae", "--ae-steps", "1", "--switch-step", "2")
+    ae, G = wired.AE, wired.G
+    train = wired.split[0][2][0]
+    with torch.no_grad():
+        codes = ae.eval().encode(train.images.float() / 255)
+    g_steps = [s for s in steps if s.owns(G)]
+    assert [s for s in steps if s.owns(ae)] == steps[:3] and g_steps == steps[3:]
+    assert [(s.settings[0]["lr"], s.settings[0]["momentum"]) for s in g_steps] == [(2.0, 0.9), (0.2, 0.99)]
+    z, x, _ = next(entry for entry in wired.seen if entry[2])   # G's first step
+    assert x.shape == (8, 4)
+    pair = compared[0][0][:2]   # MMD² is symmetric: G's batch may come first or second
+    (real,) = [t.detach() for t in pair if not torch.equal(t.detach(), x)]
+    assert len(real) == 8
+    nearest_code = torch.cdist(real, codes, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert (nearest_code < 1e-6).all(), "the GMMN's data are not the autoencoder's codes"
+    loss = mmd2_by_hand(wired.G0(z).double(), real.double(), [1.0]).sqrt()
+    expected = torch.autograd.grad(loss, list(wired.G0.parameters()))
+    params = list(G.parameters())
+    assert close([g_steps[0].grads[id(p)] for p in params], expected), "G's gradient is not that of sqrt(MMD²)"
+    assert close([g_steps[0].after[id(p)] - p0.detach() for p, p0 in zip(params, wired.G0.parameters())],
+                 [-2.0 * g for g in expected])

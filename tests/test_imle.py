@@ -1,10 +1,15 @@
+import copy
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import imle
-from tests import helpers
+from common import checkpoint as ckpt_io
+from tests import helpers, wiring
 
 
 def brute_force_nearest(data, samples):
@@ -137,3 +142,105 @@ def test_bad_input(tmp_path, capsys):
     helpers.expect_usage_error(imle, ["--dry-run", "--staleness", "0"], capsys, "--staleness")
     helpers.expect_usage_error(imle, ["--dataset", "nope"], capsys, "unknown dataset")
     helpers.expect_usage_error(imle, ["--sample", str(tmp_path / "missing.pt")], capsys, "does not exist")
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop: the matching, how often it is redone, the loss on matched pairs, the optimizer
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wired(monkeypatch):
+    """train() with its G as built (G0: a copy of its initial weights), remembering (z, output, grad
+    enabled) of every call of G and whether G was in training mode, and the training set {x_i} it built."""
+    w = SimpleNamespace(G=None, G0=None, seen=[], training=[])
+    build = imle.build
+
+    def recording_build(args, shape, kind):
+        w.G = build(args, shape, kind)
+        w.G0 = copy.deepcopy(w.G)
+
+        def hook(m, inputs, out):
+            w.seen.append((inputs[0].detach().clone(), out.detach().clone(), torch.is_grad_enabled()))
+            w.training.append(m.training)
+        w.G.register_forward_hook(hook)
+        return w.G
+    monkeypatch.setattr(imle, "build", recording_build)
+    w.points = wiring.record_calls(monkeypatch, imle, "training_set")
+    return w
+
+
+def rows_of(batch, pool):
+    """Index in `pool` of each row of `batch` (every row must be one of pool's)."""
+    d = torch.cdist(batch.flatten(1), pool.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
+    assert (d.min(1).values == 0).all(), "a row that is not in the pool"
+    return d.argmin(1)
+
+
+def test_every_data_point_gets_the_z_of_its_nearest_sample(tmp_path, wired):
+    """Algorithm 1's search as train() runs it: m = factor × N samples G(z), z ~ N(0, I) (480 training
+    images, factor 2: 960), and each data point's matched z is the z of the sample nearest to it (the
+    paper's direction: a sample for every data point), plus N(0, 0.01²) jitter."""
+    wiring.train_steps(imle, tmp_path, 1)
+    searched = []
+    for (z, x, grad), training in zip(wired.seen, wired.training):
+        if grad:
+            break
+        assert training, "the reference code draws its samples with G in training mode"
+        searched.append((z, x))
+    z = torch.cat([z for z, _ in searched])
+    samples = torch.cat([x for _, x in searched]).flatten(1)
+    assert z.shape == (960, 8) and abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+    points = wired.points[0][2].flatten(1)
+    assert len(points) == 480
+    nearest = torch.cdist(points.double(), samples.double()).argmin(1)
+    matched = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", "imle")["matching"]["z"]
+    jitter = matched - z[nearest]
+    assert matched.shape == (480, 8)
+    assert abs(jitter.mean()) < 1e-3 and 0.0095 < jitter.std() < 0.0105, "not the nearest sample's z + jitter"
+
+
+def test_g_step_descends_the_squared_error_of_matched_pairs(tmp_path, wired, steps):
+    """One step against the hand-computed gradient of mean ‖x_i − G(z_σ(i))‖² over a minibatch of
+    (data point, matched z) pairs; Adam (β 0.5, 0.999, weight decay 1e-5) at lr 1e-3 for images: its first
+    step is −lr sign(g + 1e-5 θ)."""
+    wiring.train_steps(imle, tmp_path, 1)
+    matched = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", "imle")["matching"]["z"]
+    (z, _, _), = [entry for entry in wired.seen if entry[2]]
+    i = rows_of(z, matched)
+    assert len(i) == 8 and len(set(i.tolist())) == 8
+    points = wired.points[0][2]
+    G, G0 = wired.G, wired.G0
+    loss = F.mse_loss(G0(z), points[i])
+    expected = torch.autograd.grad(loss, list(G0.parameters()))
+    (step,) = steps
+    assert step.settings[0]["lr"] == 1e-3 and step.settings[0]["betas"] == (0.5, 0.999)
+    assert step.settings[0]["weight_decay"] == 1e-5 and len(step.after) == len(expected)
+    for p, p0, g in zip(G.parameters(), G0.parameters(), expected):
+        assert torch.allclose(step.grads[id(p)], g, rtol=1e-4, atol=1e-9), "not the matched pairs' squared error"
+        update = wiring.adam_first_update(1e-3, g + 1e-5 * p0.detach())
+        assert torch.allclose(p.detach() - p0.detach(), update, atol=1e-7)
+
+
+def test_matching_is_redone_every_staleness_epochs_and_each_epoch_visits_every_pair(
+        tmp_path, wired, steps, monkeypatch):
+    """16 toy points, batch 8 (2 steps an epoch), --staleness 2: searches before steps 1 and 5 (epochs 0
+    and 2); every epoch trains on each data point's matched z exactly once, in a fresh order. The toys'
+    lr is 1e-2."""
+    searches = []
+    match = imle.match
+
+    def recording_match(*args, **kwargs):
+        searches.append((len(steps), match(*args, **kwargs)))
+        return searches[-1][1]
+    monkeypatch.setattr(imle, "match", recording_match)
+    wiring.train_steps(imle, tmp_path, 6, "--dataset", "ring8", "--toy-points", "16", "--batch-size", "8",
+                       "--staleness", "2")
+    assert [taken for taken, _ in searches] == [0, 4]
+    fed = [z for z, x, grad in wired.seen if grad]
+    assert len(fed) == 6 and all(s.settings[0]["lr"] == 1e-2 for s in steps)
+    orders = []
+    for epoch, (z_matched, _) in zip(range(3), [searches[0][1], searches[0][1], searches[1][1]]):
+        orders.append(rows_of(torch.cat(fed[2 * epoch:2 * epoch + 2]), z_matched).tolist())
+        assert sorted(orders[-1]) == list(range(16)), f"epoch {epoch} does not visit every pair once"
+    assert orders[0] != orders[1], "a fresh order of the pairs every epoch"

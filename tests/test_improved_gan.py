@@ -1,12 +1,14 @@
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import improved_gan as ig
 from common import data as datasets
-from tests import helpers
+from tests import helpers, wiring
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,3 +244,208 @@ def test_generate_mode_logs_the_inception_score(tmp_path, monkeypatch):
     _, summary, _ = helpers.dry_run(ig, tmp_path, "--mode", "generate", "--arch", "mlp", "--metrics", "is",
                                     "--eval-samples", "30", "--data-root", str(tmp_path / "data"))
     assert 1 <= summary["metrics"]["metric/is"] <= 10 and math.isfinite(summary["metrics"]["metric/is_std"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop: what D and G are fed, the loss terms and weights, the optimizers, Polyak averaging
+# ------------------------------------------------------------------------------------------------
+
+
+class StandInD(nn.Module):
+    """D's interface (features = the feature-matching layer, forward = K logits) without its noise and
+    dropout, so one step can be recomputed by hand. Same weights for every instance; remembers its inputs
+    as (method, input, grad enabled)."""
+
+    def __init__(self, shape, classes, width=6):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.body, self.head = nn.Linear(math.prod(shape), width), nn.Linear(width, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.seen = []
+
+    def _features(self, x):
+        return torch.tanh(self.body(x.flatten(1)))
+
+    def features(self, x):
+        self.seen.append(("features", x.detach().clone(), torch.is_grad_enabled()))
+        return self._features(x)
+
+    def forward(self, x):
+        self.seen.append(("forward", x.detach().clone(), torch.is_grad_enabled()))
+        return self.head(self._features(x))
+
+
+class StandInG(nn.Module):
+    """A deterministic G, z → tanh(W z + b) as an image; same weights for every instance; remembers
+    (z, output, grad enabled) of every call."""
+
+    def __init__(self, z_dim, shape):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.shape, self.fc = tuple(shape), nn.Linear(z_dim, math.prod(shape))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.seen = []
+
+    def forward(self, z):
+        x = torch.tanh(self.fc(z)).view(-1, *self.shape)
+        self.seen.append((z.detach().clone(), x.detach().clone(), torch.is_grad_enabled()))
+        return x
+
+
+@pytest.fixture
+def wired(monkeypatch):
+    """train() with stand-in nets and known unlabelled batches; returns a namespace that fills in as it
+    runs: D, G, the unlabelled batches served, the training split and its labelled indices."""
+    w = SimpleNamespace(D=[], G=[], served=[])
+
+    def build_discriminator(args, shape, classes):
+        w.D.append(StandInD(shape, classes))
+        return w.D[-1]
+
+    def build_generator(args, shape):
+        w.G.append(StandInG(args.z_dim, shape))
+        return w.G[-1]
+    monkeypatch.setattr(ig, "build_discriminator", build_discriminator)
+    monkeypatch.setattr(ig, "build_generator", build_generator)
+
+    def iterate(data, batch_size, device, value_range=(-1, 1), **kwargs):
+        g = torch.Generator().manual_seed(3)
+        lo, hi = value_range
+        while True:
+            w.served.append(lo + (hi - lo) * torch.rand(batch_size, *data.shape, generator=g))
+            yield w.served[-1], torch.full((batch_size,), -1)
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    w.split = wiring.record_calls(monkeypatch, ig, "split_test")
+    w.labelled = wiring.record_calls(monkeypatch, ig, "select_labelled")
+    return w
+
+
+def distances(batch, pool):
+    return torch.cdist(batch.flatten(1), pool.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def rows_of(batch, pool):
+    """Index in `pool` of each row of `batch` (every row must be one of pool's)."""
+    d = distances(batch, pool)
+    assert (d.min(1).values == 0).all(), "a row that is not in the pool"
+    return d.argmin(1)
+
+
+def same_batch(a, b):
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def test_d_step_sees_labelled_unlabelled_and_generated_batches_with_their_losses(tmp_path, wired, steps):
+    """One D step against the hand-computed gradient of L_supervised + ½ L_unsupervised (the default
+    weight), on the labelled batch, the unlabelled batch and G's batch that D was fed; Adam's first step
+    is then −lr g / (|g| + ε) with the conv nets' lr 3e-4 and ε 1e-4."""
+    wiring.train_steps(ig, tmp_path, 1)
+    (D,), (G,) = wired.D, wired.G
+    train = wired.split[0][2][0]
+    lab_x = datasets.to_range(train.images[wired.labelled[0][2]], (-1, 1), True)
+    lab_y = train.labels[wired.labelled[0][2]]
+    fed = [x for method, x, grad in D.seen if method == "forward" and grad]
+    assert len(fed) == 3, "D's step should see a labelled, an unlabelled and a generated batch"
+    generated = [x for z, x, grad in G.seen if not grad]
+    lab = [x for x in fed if (distances(x, lab_x).min(1).values == 0).all()]
+    unl = [x for x in fed if same_batch(x, wired.served[0])]
+    fake = [x for x in fed if any(same_batch(x, g) for g in generated)]
+    assert len(lab) == len(unl) == len(fake) == 1, "D's inputs are not one labelled, one unlabelled, one generated"
+    y = lab_y[rows_of(lab[0], lab_x)]
+
+    D0 = StandInD(train.shape, 10)
+    s_real, s_fake = torch.logsumexp(D0(unl[0]), 1), torch.logsumexp(D0(fake[0]), 1)
+    unsup = (F.softplus(s_real) - s_real).mean() + F.softplus(s_fake).mean()   # −log D(x) − log(1 − D(G(z)))
+    loss = F.cross_entropy(D0(lab[0]), y) + 0.5 * unsup
+    expected = torch.autograd.grad(loss, list(D0.parameters()))
+    (d_step,) = [s for s in steps if s.owns(D)]
+    for p, p0, g in zip(D.parameters(), D0.parameters(), expected):
+        assert torch.allclose(d_step.grads[id(p)], g, atol=1e-6), "D's gradient is not L_sup + ½ L_unsup"
+        assert torch.allclose(p.detach() - p0.detach(), wiring.adam_first_update(3e-4, g, eps=1e-4), atol=3e-7)
+
+
+def test_g_step_matches_d_features_of_a_fresh_unlabelled_batch(tmp_path, wired, steps):
+    """G's step: the gradient of the feature-matching loss (mean |E f(x) − E f(G(z))|, the conv nets' L1)
+    on D's intermediate features f after D's update, for a fresh unlabelled batch and the z that G got;
+    D is not changed by it and G is not changed by D's step."""
+    wiring.train_steps(ig, tmp_path, 1)
+    (D,), (G,) = wired.D, wired.G
+    shape = wired.split[0][2][0].shape
+    (z, _, _), = [(z, x, grad) for z, x, grad in G.seen if grad]
+    z_d = next(z for z, x, grad in G.seen[1:] if not grad)   # G.seen[0]: the data-dependent initialisation
+    for noise in (z, z_d):   # z ~ U[0, 1)^100, a fresh draw for G's step
+        assert noise.shape == (8, 100) and 0 <= noise.min() and noise.max() < 1 and abs(noise.mean() - 0.5) < 0.05
+    assert not torch.equal(z, z_d)
+    real = [x for method, x, grad in D.seen if method == "features" and not grad]
+    assert len(real) == 1 and same_batch(real[0], wired.served[1]), "feature matching needs a fresh unlabelled batch"
+    D1 = StandInD(shape, 10)
+    D1.load_state_dict(D.state_dict())   # D after its step (the G step must not change it)
+    G0 = StandInG(z.shape[1], shape)
+    loss = (D1._features(wired.served[1]).mean(0) - D1._features(G0(z)).mean(0)).abs().mean()
+    expected = torch.autograd.grad(loss, list(G0.parameters()))
+    d_step, g_step = steps
+    assert d_step.owns(D) and not any(id(p) in d_step.after for p in G.parameters())
+    assert g_step.owns(G) and not any(id(p) in g_step.after for p in D.parameters())
+    for p, p0, g in zip(G.parameters(), G0.parameters(), expected):
+        assert torch.allclose(g_step.grads[id(p)], g, atol=1e-7), "G's loss is not feature matching on D's features"
+        assert torch.allclose(p.detach() - p0.detach(), wiring.adam_first_update(3e-4, g, eps=1e-4), atol=3e-7)
+    for p in D.parameters():   # D's value after the whole iteration is the one its own step left
+        assert torch.equal(p.detach(), d_step.after[id(p)])
+
+
+def test_generate_mode_g_minimises_log_one_minus_d_three_times_per_d_step(tmp_path, wired, steps):
+    """--mode generate: per iteration one D step then 3 G steps, and G's first gradient is that of
+    E log(1 − D(G(z))) = −E softplus(logsumexp l(G(z))) on D's output."""
+    wiring.train_steps(ig, tmp_path, 2, "--mode", "generate")
+    (D,), (G,) = wired.D, wired.G
+    assert [s.owns(D) for s in steps] == [True, False, False, False] * 2
+    assert all(s.owns(G) for s in steps if not s.owns(D))
+    z = next(z for z, x, grad in G.seen if grad)
+    D1 = StandInD(wired.split[0][2][0].shape, 10)
+    D1.load_state_dict({k: steps[0].after[id(p)] for k, p in D.named_parameters()})
+    G0 = StandInG(z.shape[1], G.shape)
+    loss = -F.softplus(torch.logsumexp(D1(G0(z)), 1)).mean()
+    for p, g in zip(G.parameters(), torch.autograd.grad(loss, list(G0.parameters()))):
+        assert torch.allclose(steps[1].grads[id(p)], g, atol=1e-7), "G's loss is not E log(1 − D(G(z)))"
+
+
+def test_optimizers_and_linear_lr_decay(tmp_path, wired, steps):
+    """Adam for G and for D, each over its own net, β (0.5, 0.999), ε 1e-4, the conv nets' lr 3e-4 (mlp:
+    3e-3); the lr of both decays linearly to 0 over the last --decay-epochs (here 3 of 4 steps)."""
+    steps_per_epoch = (512 - 64) / 8   # the dry run's fake training images / batch size
+    wiring.train_steps(ig, tmp_path, 4, "--decay-epochs", str(3 / steps_per_epoch))
+    (D,), (G,) = wired.D, wired.G
+    assert len({id(s.opt) for s in steps}) == 2
+    for net in (G, D):
+        taken = [s for s in steps if s.owns(net)]
+        assert len(taken) == 4 and all(type(s.opt) is torch.optim.Adam for s in taken)
+        assert len(taken[0].after) == len(list(net.parameters()))   # its own net's parameters only
+        assert all((s.settings[0]["betas"], s.settings[0]["eps"]) == ((0.5, 0.999), 1e-4) for s in taken)
+        lrs = [s.settings[0]["lr"] for s in taken]
+        assert lrs == pytest.approx([3e-4, 3e-4, 2e-4, 1e-4]), lrs
+    steps.clear()
+    wiring.train_steps(ig, tmp_path, 1, "--arch", "mlp", name="mlp")
+    assert [s.settings[0]["lr"] for s in steps] == [3e-3, 3e-3]
+
+
+def test_polyak_average_of_d_is_the_one_scored(tmp_path, wired, steps, monkeypatch):
+    """--polyak 0.75: the average follows D's weights after each of its steps, a ← 0.75 a + 0.25 θ_D (the
+    first step sets a to θ_D), and metric/test_error is the averaged D's."""
+    averaged = wiring.record_calls(monkeypatch, ig, "AveragedModel")
+    scored = wiring.record_calls(monkeypatch, ig, "test_error")
+    summary = wiring.train_steps(ig, tmp_path, 3, "--polyak", "0.75")
+    (D,), (avg,) = wired.D, [result for _, _, result in averaged]
+    trajectory = [s.after for s in steps if s.owns(D)]
+    assert len(trajectory) == 3
+    for name, p in D.named_parameters():
+        a = trajectory[0][id(p)]
+        for after in trajectory[1:]:
+            a = 0.75 * a + 0.25 * after[id(p)]
+        assert torch.allclose(avg.module.get_parameter(name), a, atol=1e-7), name
+    errors = {id(args[0]): result for args, _, result in scored}
+    assert summary["metrics"]["metric/test_error"] == errors[id(avg.module)]
+    assert summary["metrics"]["metric/test_error_raw"] == errors[id(D)]

@@ -1,10 +1,15 @@
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import infogan
-from tests import helpers
+from common import data as datasets
+from tests import helpers, wiring
 
 LN10 = math.log(10)
 
@@ -154,3 +159,153 @@ def test_bad_input(tmp_path, capsys):
     helpers.expect_usage_error(infogan, ["--n-cat", "0", "--n-cont", "0"], capsys, "at least one latent code")
     helpers.expect_usage_error(infogan, ["--config", "svhn", "--image-size", "40"], capsys, "divisible by 16")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop: real vs fake, the information term in both steps, the codes, the optimizers
+# ------------------------------------------------------------------------------------------------
+
+
+class StandInG(nn.Module):
+    """A deterministic G (no batch norm), latent → sigmoid(W latent + b) as an image; the same weights for
+    every instance; remembers (latent, output, grad enabled) of every call."""
+
+    def __init__(self, in_dim, shape):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.shape, self.fc = tuple(shape), nn.Linear(in_dim, math.prod(shape))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.seen = []
+
+    def forward(self, latent):
+        x = torch.sigmoid(self.fc(latent)).view(-1, *self.shape)
+        self.seen.append((latent.detach().clone(), x.detach().clone(), torch.is_grad_enabled()))
+        return x
+
+
+class StandInDQ(nn.Module):
+    """D / Q's interface (a shared trunk, D's logit, Q's head) without batch norm, so one step can be
+    recomputed by hand; the same weights for every instance; remembers (input, with_q, grad enabled)."""
+
+    def __init__(self, shape, q_dim, width=6):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.trunk = nn.Linear(math.prod(shape), width)
+        self.d_head, self.q_head = nn.Linear(width, 1), nn.Linear(width, q_dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.seen = []
+
+    def forward(self, x, with_q=True):
+        self.seen.append((x.detach().clone(), with_q, torch.is_grad_enabled()))
+        h = torch.tanh(self.trunk(x.flatten(1)))
+        return self.d_head(h).squeeze(1), (self.q_head(h) if with_q else None)
+
+
+@pytest.fixture
+def wired(monkeypatch):
+    """train() with the stand-in nets and known real batches; fills in as it runs."""
+    w = SimpleNamespace(nets=[], served=[])
+
+    def build(args, shape):
+        w.nets.append((StandInG(args.noise_dim + args.n_cat * args.cat_dim + args.n_cont, shape),
+                       StandInDQ(shape, infogan.q_dim(args))))
+        return w.nets[-1]
+    monkeypatch.setattr(infogan, "build", build)
+
+    def iterate(data, batch_size, device, value_range=(-1, 1), **kwargs):
+        g = torch.Generator().manual_seed(3)
+        while True:
+            w.served.append(torch.rand(batch_size, *data.shape, generator=g))
+            yield w.served[-1], torch.zeros(batch_size, dtype=torch.long)
+    monkeypatch.setattr(datasets, "iterate", iterate)
+    return w
+
+
+def codes_of(latent):
+    """The dry run's (MNIST config) G input split into noise (62), c1 (one-hot of 10) and c2, c3."""
+    noise, onehot, cont = latent[:, :62], latent[:, 62:72], latent[:, 72:]
+    assert latent.shape == (8, 74) and noise.abs().max() <= 1 and cont.abs().max() <= 1
+    assert torch.equal(onehot.sum(1), torch.ones(8)) and set(onehot.unique().tolist()) == {0.0, 1.0}
+    return onehot.argmax(1), cont
+
+
+def info_terms(q, cat, cont):
+    """−log Q(c1|x) (cross-entropy) and −log Q(c2, c3|x) up to its constant (σ = 1: ½ (c − μ)²)."""
+    return F.cross_entropy(q[:, :10], cat), (0.5 * (cont - q[:, 10:12]) ** 2).sum(1).mean()
+
+
+LAMBDAS = ["--lambda-cat", "2", "--lambda-cont", "0.5"]
+
+
+def test_d_step_real_fake_and_q_recovers_gs_codes(tmp_path, wired, steps):
+    """D / Q's step: −log D(x) on the real batch, −log(1 − D(G(z, c))) on G's batch, and λ_cat, λ_cont
+    times −log Q of the codes G was fed, on that batch; Adam's first step moves D's trunk and head by
+    d_lr and Q's head by q_lr times −sign(g), and leaves G alone."""
+    wiring.train_steps(infogan, tmp_path, 1, *LAMBDAS, "--q-lr", "5e-4")
+    ((G, D),) = wired.nets
+    (g_batch,) = [x for z, x, grad in G.seen if grad]   # G's own step
+    fed = [(x, with_q) for x, with_q, grad in D.seen if grad and not torch.equal(x, g_batch)]
+    assert len(fed) == 2
+    (real,) = [x for x, with_q in fed if torch.equal(x, wired.served[0])]
+    latent, fake = next((z, x) for z, x, grad in G.seen if not grad)
+    assert [with_q for x, with_q in fed if torch.equal(x, fake)] == [True], "Q must read G's batch"
+    cat, cont = codes_of(latent)
+
+    D0 = StandInDQ(G.shape, 12)
+    real_logit, _ = D0(real)
+    fake_logit, q = D0(fake)
+    nll_cat, nll_cont = info_terms(q, cat, cont)
+    loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean() + 2 * nll_cat + 0.5 * nll_cont
+    expected = torch.autograd.grad(loss, list(D0.parameters()))
+    d_step, g_step = steps
+    assert d_step.owns(D) and not any(id(p) in d_step.after for p in G.parameters())
+    for (name, p), p0, g in zip(D.named_parameters(), D0.parameters(), expected):
+        assert torch.allclose(d_step.grads[id(p)], g, atol=1e-6), f"D / Q's gradient differs at {name}"
+        lr = 5e-4 if name.startswith("q_head.") else 2e-4
+        assert torch.allclose(d_step.after[id(p)] - p0.detach(), wiring.adam_first_update(lr, g), atol=1e-7), name
+
+
+def test_g_step_fresh_codes_reach_g_through_d_and_q(tmp_path, wired, steps):
+    """G's step: −log D(G(z, c)) + λ_cat, λ_cont times −log Q of the codes of a fresh draw, through D / Q
+    after its step; Adam's first step moves G by −1e-3 sign(g) and leaves D / Q alone."""
+    wiring.train_steps(infogan, tmp_path, 1, *LAMBDAS)
+    ((G, D),) = wired.nets
+    drawn = [z for z, x, grad in G.seen if grad]
+    assert len(drawn) == 1
+    latent = drawn[0]
+    assert not torch.equal(latent, next(z for z, x, grad in G.seen if not grad)), "G's step needs fresh codes"
+    cat, cont = codes_of(latent)
+    d_step, g_step = steps
+    D1 = StandInDQ(G.shape, 12)
+    D1.load_state_dict({k: d_step.after[id(p)] for k, p in D.named_parameters()})
+    G0 = StandInG(74, G.shape)
+    logit, q = D1(G0(latent))
+    nll_cat, nll_cont = info_terms(q, cat, cont)
+    loss = F.softplus(-logit).mean() + 2 * nll_cat + 0.5 * nll_cont
+    expected = torch.autograd.grad(loss, list(G0.parameters()))
+    assert g_step.owns(G) and not any(id(p) in g_step.after for p in D.parameters())
+    for p, p0, g in zip(G.parameters(), G0.parameters(), expected):
+        assert torch.allclose(g_step.grads[id(p)], g, atol=1e-6), "G's gradient is not −log D + λ (−log Q)"
+        assert torch.allclose(p.detach() - p0.detach(), wiring.adam_first_update(1e-3, g), atol=1e-7)
+    for p in D.parameters():   # D / Q after the iteration is what its own step left
+        assert torch.equal(p.detach(), d_step.after[id(p)])
+
+
+def test_optimizers_follow_the_card(tmp_path, wired, steps):
+    """Adam with β (0.5, 0.999): D's trunk and head at 2e-4 and Q's head at 2e-4 (one optimizer, as the
+    official code), G at 1e-3; λ = 1 for both kinds of code by default."""
+    wiring.train_steps(infogan, tmp_path, 1)
+    ((G, D),) = wired.nets
+    d_step, g_step = steps
+    assert type(d_step.opt) is type(g_step.opt) is torch.optim.Adam
+    assert d_step.owns(D) and g_step.owns(G) and len(g_step.after) == len(list(G.parameters()))
+    assert {name: d_step.lr_of(p) for name, p in D.named_parameters()} == {
+        name: 2e-4 for name, _ in D.named_parameters()}
+    assert [g_step.lr_of(p) for p in G.parameters()] == [1e-3, 1e-3]
+    assert all(s["betas"] == (0.5, 0.999) for step in steps for s in step.settings)
+    args = infogan.parse_args([])
+    assert (args.lambda_cat, args.lambda_cont, args.q_lr) == (1.0, 1.0, 2e-4)

@@ -26,21 +26,50 @@ def stand_in_lpips():
     return net
 
 
-def test_matches_the_formula():
-    """d = Σ_l mean_hw Σ_c w_lc (f̂_lc(x) − f̂_lc(y))², f̂ = f / (‖f‖ + 1e-10), on the scaled inputs."""
-    net = stand_in_lpips()
-    x, y = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
-    shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
-    scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
-    fx, fy = net.backbone((x - shift) / scale), net.backbone((y - shift) / scale)
-    expected = torch.zeros(2)
-    for head, a, b in zip(net.heads, fx, fy):
-        w = head.weight.flatten()
-        for n in range(2):
-            na = a[n] / (a[n].pow(2).sum(0).sqrt() + 1e-10)
-            nb = b[n] / (b[n].pow(2).sum(0).sqrt() + 1e-10)
-            expected[n] += torch.einsum("c,chw->hw", w, (na - nb) ** 2).mean()
-    assert torch.allclose(net(x, y), expected, rtol=1e-5, atol=1e-7)
+def uniform(n, seed):
+    """n numbers in [0, 1) from a linear congruential generator: the same on every machine and torch version."""
+    i = torch.arange(n, dtype=torch.int64) + 7919 * seed
+    return ((i * 1103515245 + 12345) % 2 ** 31).double() / 2 ** 31
+
+
+def fixed_weights():
+    """VGG16 features (torchvision's state-dict keys; He-scaled, biases ±0.05) and non-negative heads."""
+    vgg, k = {}, 0
+    for i, m in enumerate(lpips.VGG16Features().features):
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels * 9
+            w = (uniform(m.weight.numel(), k) - 0.5) * (12 * 2 / fan_in) ** 0.5
+            vgg[f"features.{i}.weight"] = w.float().view_as(m.weight)
+            vgg[f"features.{i}.bias"] = ((uniform(m.out_channels, 100 + k) - 0.5) * 0.1).float()
+            k += 1
+    heads = [uniform(c, 200 + l).float().view(1, c, 1, 1) for l, c in enumerate(lpips.CHANNELS)]
+    return vgg, heads
+
+
+def fixed_images():
+    """Three pairs at 32 px in [−1, 1]: unrelated images, a lower contrast, a little noise."""
+    x = (uniform(3 * 3 * 32 * 32, 300).float().view(3, 3, 32, 32) * 2 - 1)
+    y = (uniform(3 * 3 * 32 * 32, 301).float().view(3, 3, 32, 32) * 2 - 1)
+    y[1] = 0.8 * x[1]
+    y[2] = (x[2] + 0.2 * (y[2] - 0.5)).clamp(-1, 1)
+    return x, y
+
+
+# The lpips package's LPIPS (v0.1, net="vgg"; lpips 0.1.4 from PyPI) on fixed_weights() and fixed_images(): built
+# with pnet_rand=True (no VGG16 download), the features of its vgg16 slices and its lin0..lin4 heads overwritten
+# with fixed_weights(), called as ref(x, y) in float32. (Importing the package also needs scipy and tqdm, which
+# this project does not install, so the values are pinned here.)
+REFERENCE = [1.3541594, 0.046058308, 0.27911815]
+
+
+def test_matches_the_lpips_package():
+    net = lpips.LPIPS()
+    vgg, heads = fixed_weights()
+    net.backbone.features.load_state_dict({k[9:]: v for k, v in vgg.items()})
+    for head, w in zip(net.heads, heads):
+        head.weight.data.copy_(w)
+    x, y = fixed_images()
+    assert torch.allclose(net(x, y), torch.tensor(REFERENCE), rtol=1e-5, atol=0)
 
 
 def test_zero_for_identical_images_symmetric_and_non_negative():

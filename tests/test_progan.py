@@ -1,4 +1,5 @@
 import json
+import copy
 import math
 import os
 import subprocess
@@ -12,21 +13,22 @@ import torch.nn.functional as F
 
 import progan
 from common import checkpoint as ckpt_io
-from tests import helpers
+from tests import helpers, wiring
 
 
 def test_dry_run_grows_through_two_resolutions(tmp_path):
-    """The dry run (6 steps of 8 images, phases of 8 + 16 images) goes 4x4 → 8x8 → fading into 16x16."""
+    """The dry run (6 steps of 8 images; stabilisation phases of 8 images, fade-in phases of 16) goes 4x4 → 8x8 →
+    fading into 16x16."""
     out, summary, state = helpers.dry_run(progan, tmp_path)
     assert summary["resolution"] == 16 and summary["alpha"] == 0.5
-    assert state["phase"]["lod"] == 0.5 and state["phase"]["nimg"] == 48
+    assert state["schedule"]["lod"] == 0.5 and state["schedule"]["nimg"] == 48
     assert {p.name.split("-")[0] for p in (out / "samples").glob("*.png")} >= {"samples", "res4", "res8"}
 
 
 def test_resume_is_exact_in_a_fade_in(tmp_path, monkeypatch):
-    """Interrupted after step 3 (fading 4 → 8, α = 0.5), resumed: the same weights, Adam state and phase."""
+    """Interrupted after step 3 (fading 4 → 8, α = 0.5), resumed: the same weights, Adam state and schedule."""
     a, b = helpers.assert_resume_exact(progan, tmp_path, monkeypatch, [],
-                                       state_keys=("models", "optimizers", "phase"))
+                                       state_keys=("models", "optimizers", "schedule"))
     interrupted = progan.main(["--dry-run", "--steps", "3", "--out", str(tmp_path / "three")])
     assert interrupted["resolution"] == 8 and interrupted["alpha"] == 0.5
 
@@ -44,6 +46,17 @@ def test_sample_at_the_reached_resolution(tmp_path):
     written = helpers.sample_from(progan, out / "ckpt.pt", tmp_path)
     assert written["resolution"] == 16 and written["alpha"] == 0.5
     assert {"samples", "interpolation"} <= set(written)
+
+
+def test_defaults_are_the_cifar10_configuration():
+    """Table 3's run as the Theano config.py sets it: 4 → 32, fmap 4096/128, latent 128, 400k + 400k images per
+    resolution, minibatch 16, 20M images, WGAN-GP γ = 750 with λ 10 and ε_drift 0.001, G EMA 0.999."""
+    a = progan.parse_args([])
+    assert (a.dataset, a.image_size, a.initial_resolution, a.z_dim) == ("cifar10", 32, 4, 128)
+    assert (a.fmap_base, a.fmap_max, a.stable_kimg, a.fade_kimg) == (4096, 128, 400, 400)
+    assert (a.batch_size, a.steps * a.batch_size, a.flip) == (16, 20_000_000, False)
+    assert (a.gp_target, a.gp_lambda, a.eps_drift, a.ema) == (750, 10, 0.001, 0.999)
+    assert (a.lr, a.beta1, a.beta2, a.adam_eps) == (1e-3, 0, 0.99, 1e-8)
 
 
 def test_help(capsys):
@@ -99,15 +112,38 @@ def test_minibatch_stddev_by_hand():
     assert not torch.allclose(y[0, 3], y[1, 3])
 
 
-def test_channels_follow_fmap_base_and_max():
-    """min(fmap_base / 2^stage, fmap_max): 8192 / 512 gives 512 up to 32x32, then halving (Table 2)."""
-    nf = [min(int(8192 / 2 ** (s + 1)), 512) for s in range(9)]
-    assert nf == [512, 512, 512, 512, 256, 128, 64, 32, 16]
-    G = progan.Generator(16, 1024, 3, 1024, 64)     # the same rule with small numbers (1024 / 64)
-    assert G.nf == [64, 64, 64, 64, 32, 16, 8, 4, 2]
-    D = progan.Discriminator(1024, 3, 1024, 64)
-    assert [m.weight.shape[0] for m in D.from_rgb] == G.nf
-    assert D.final_dense.weight.shape[0] == 64
+def layer_shapes(net):
+    """(in, out, kind) of every layer, sorted: "1x1" / "3x3" convolutions and "dense" layers (in = fan-in)."""
+    return sorted((m.weight.shape[1], m.weight.shape[0],
+                   f"{m.weight.shape[-1]}x{m.weight.shape[-1]}" if m.weight.dim() == 4 else "dense")
+                  for m in net.modules() if isinstance(m, (progan.EqualizedConv2d, progan.EqualizedLinear)))
+
+
+def table2_layers(c, z):
+    """Table 2's layers for channels c[r] at resolution r and latent size z, with a toRGB / fromRGB per
+    resolution (Sec. 3): G = the 4x4 conv on the latent (a dense layer), conv3, then two conv3 per doubling;
+    D = per halving conv3 c[r] → c[r], conv3 c[r] → c[r/2], then minibatch stddev (+1 channel), conv3, the 4x4
+    conv (a dense layer) and dense 1."""
+    up = [r for r in c if r > 4]
+    g = [(z, c[4] * 16, "dense"), (c[4], c[4], "3x3")] + [(c[r // 2], c[r], "3x3") for r in up]
+    g += [(c[r], c[r], "3x3") for r in up] + [(c[r], 3, "1x1") for r in c]
+    d = [(3, c[r], "1x1") for r in c] + [(c[r], c[r], "3x3") for r in up] + [(c[r], c[r // 2], "3x3") for r in up]
+    d += [(c[4] + 1, c[4], "3x3"), (c[4] * 16, c[4], "dense"), (c[4], 1, "dense")]
+    return sorted(g), sorted(d)
+
+
+def test_architecture_is_table_2():
+    """The CelebA-HQ nets of Table 2 (fmap_base 8192, fmap_max 512, latent 512): 512 channels up to 32x32, then
+    256, 128, 64, 32, 16 at 1024x1024, 23.1M parameters in G and in D. The CIFAR-10 configuration (fmap_base
+    4096, fmap_max 128, latent 128) is 128 channels wide at every resolution."""
+    G, D = progan.Generator(512, 1024, 3, 8192, 512), progan.Discriminator(1024, 3, 8192, 512)
+    g, d = table2_layers({4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}, 512)
+    assert layer_shapes(G) == g and layer_shapes(D) == d
+    assert round(sum(p.numel() for p in G.parameters()) / 1e6, 1) == 23.1
+    assert round(sum(p.numel() for p in D.parameters()) / 1e6, 1) == 23.1
+    g, d = table2_layers({4: 128, 8: 128, 16: 128, 32: 128}, 128)
+    assert layer_shapes(progan.Generator(128, 32, 3, 4096, 128)) == g
+    assert layer_shapes(progan.Discriminator(32, 3, 4096, 128)) == d
 
 
 def test_fade_in_endpoints():
@@ -139,9 +175,9 @@ def test_schedule_as_train_py():
     """32x32 from 4x4, 600k + 600k: lod 3 → 3 (stable 4x4) → 2.5 (half-way fading in 8x8) → 2 → ... → 0."""
     lod = lambda k: progan.level_of_detail(int(k * 1000), 32, 4, 600_000, 600_000)
     assert [lod(k) for k in (0, 599, 600, 900, 1200, 1800, 2100, 3600, 99999)] == [3, 3, 3, 2.5, 2, 2, 1.5, 0, 0]
-    assert progan.phase_of(2.5, 32) == (1, 8, 0.5)
-    assert progan.phase_of(3.0, 32) == (0, 4, 1.0)
-    assert progan.phase_of(0.0, 32) == (3, 32, 1.0)
+    assert progan.nets_at(2.5, 32) == (1, 8, 0.5)
+    assert progan.nets_at(3.0, 32) == (0, 4, 1.0)
+    assert progan.nets_at(0.0, 32) == (3, 32, 1.0)
 
 
 class Linear(nn.Module):
@@ -200,4 +236,183 @@ def test_grows_under_torchrun_two_cpu_processes(tmp_path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["losses"]["progress/resolution"] == 16 and 0 < summary["losses"]["progress/alpha"] < 1
     state = ckpt_io.load(tmp_path / "ddp" / "ckpt.pt", "progan")
-    assert len(state["rng"]["ranks"]) == 2 and state["phase"]["resolution"] == 16
+    assert len(state["rng"]["ranks"]) == 2 and state["schedule"]["resolution"] == 16
+
+
+# ---- the training loop: a short dry run watched from outside ----
+
+DRY_SCHEDULE = [(0, 4, 1.0), (0, 4, 1.0), (1, 8, 0.5), (1, 8, 1.0), (1, 8, 1.0), (2, 16, 0.5)]   # (level, r, α)
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    """Six steps of the dry run (stabilisation phases of 8 images, fade-in phases of 16, minibatch 8, 16x16
+    target) with the CIFAR-10 configuration's GP target γ = 750 and a learning rate of its own at 8x8, watched."""
+    return wiring.watch_training(progan, tmp_path_factory.mktemp("loop"), 6, "--gp-target", "750", "--lr-schedule", "8:0.002")
+
+
+def reals_by_hand(x, r, alpha):
+    """Box-filter to r x r; in a fade-in (1 − α)·nearest-upsampled(box-filtered to r/2) + α·(that)."""
+    x = F.avg_pool2d(x, x.shape[-1] // r)
+    return x if alpha == 1 else (1 - alpha) * F.interpolate(F.avg_pool2d(x, 2), scale_factor=2) + alpha * x
+
+
+def grads_by_hand(net, state, loss_of):
+    """∇ of loss_of(copy of net with parameters `state`) by parameter name."""
+    net = copy.deepcopy(net)
+    net.load_state_dict(state)
+    names, params = zip(*net.named_parameters())
+    return dict(zip(names, torch.autograd.grad(loss_of(net), params, allow_unused=True)))
+
+
+def applied(step_record, net):
+    """The gradients an optimizer step applied, by parameter name of `net`."""
+    return {n: step_record.grads.get(id(p)) for n, p in net.named_parameters()}
+
+
+def test_loop_schedule_reaches_the_nets(loop):
+    """Every training call of G and D runs at the level and α of the schedule (stable 4x4, fade to 8x8, ...)."""
+    assert len(loop.steps) == 6
+    for s, (level, r, alpha) in zip(loop.steps, DRY_SCHEDULE):
+        for call in s.d_calls + s.g_calls:
+            assert (call.level, call.alpha) == (level, alpha), call.net
+        assert all(c.x.shape[-1] == r for c in s.d_calls + s.g_calls if c.net == "D")
+
+
+def test_loop_d_step_is_wgan_gp_with_drift(loop):
+    """D's step applies ∇ of E D(G(z)) − E D(x) + λ/γ² E (‖∇D(x̂)‖·r/R − γ)² + ε_drift E D(x)² (λ 10, γ 750,
+    ε_drift 0.001, r/R the nets' resolution over the target's), with x the drawn batch at the nets' resolution
+    (cross-faded as G's output), G(z) this step's G output, x̂ on the segment between them."""
+    D = loop.nets.D
+    for k, (s, (level, r, alpha)) in enumerate(zip(loop.steps, DRY_SCHEDULE)):
+        real = reals_by_hand(loop.batches[k], r, alpha)
+        (fake,) = [c.out for c in s.d_calls if c.net == "G"]
+        (mixed,) = [c.x for c in s.d_calls if c.net == "D" and c.x.requires_grad and c.x.grad_fn is None]
+        u = ((mixed - real).flatten(1) * (fake - real).flatten(1)).sum(1) / (fake - real).flatten(1).pow(2).sum(1)
+        assert torch.allclose(mixed, real + u.view(-1, 1, 1, 1) * (fake - real), atol=1e-5)
+        assert (0 <= u).all() and (u <= 1).all()
+
+        def loss(net):
+            x = mixed.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(net(x, level, alpha).sum(), x, create_graph=True)
+            norm = g.flatten(1).norm(dim=1) * r / 16
+            d_real = net(real, level, alpha)
+            return (net(fake, level, alpha).mean() - d_real.mean() + 10 / 750 ** 2 * (norm - 750).pow(2).mean()
+                    + 0.001 * d_real.pow(2).mean())
+        hand = grads_by_hand(D, s.d_step.before["D"], loss)
+        got = applied(s.d_step, D)
+        for name in hand:
+            if hand[name] is None:
+                assert got[name] is None, name
+            else:
+                assert torch.allclose(got[name], hand[name], rtol=1e-4, atol=1e-7), (k + 1, name)
+
+
+def test_loop_g_step_is_minus_d_of_g(loop):
+    """G's step feeds its own output to D (updated by this step's D step) and applies ∇ of −E D(G(z))."""
+    for k, (s, (level, r, alpha)) in enumerate(zip(loop.steps, DRY_SCHEDULE)):
+        (g_call,) = [c for c in s.g_calls if c.net == "G"]
+        (d_call,) = [c for c in s.g_calls if c.net == "D"]
+        assert d_call.x is g_call.out
+        D = copy.deepcopy(loop.nets.D)
+        D.load_state_dict(s.d_step.after["D"])
+        fake = g_call.out.detach().requires_grad_(True)
+        (hand,) = torch.autograd.grad(-D(fake, level, alpha).mean(), fake)
+        assert torch.allclose(d_call.grad, hand, rtol=1e-4, atol=1e-9), k + 1
+
+
+def test_loop_each_step_changes_only_its_net(loop):
+    """D's step moves only D and G's step only G, each exactly the parameters that got a gradient (at 4x4
+    only the 4x4 layers), and nothing moves either net between the steps."""
+    def moved(a, b):
+        return {n for n in a if not torch.equal(a[n], b[n])}
+    previous = loop.steps[0].d_step.before
+    for k, s in enumerate(loop.steps, 1):
+        for step, mine, other in ((s.d_step, "D", "G"), (s.g_step, "G", "D")):
+            net = getattr(loop.nets, mine)
+            assert moved(previous["G"], step.before["G"]) == moved(previous["D"], step.before["D"]) == set(), k
+            assert moved(step.before[other], step.after[other]) == set(), (k, mine)
+            with_grad = {n for n, g in applied(step, net).items() if g is not None and g.any()}
+            assert moved(step.before[mine], step.after[mine]) == with_grad, (k, mine)
+            if k == 1:
+                assert with_grad and not any(".1." in n for n in with_grad), with_grad
+            previous = step.after
+
+
+def test_loop_optimizers_are_the_papers_adam(loop):
+    """Adam(lr 1e-3 or the --lr-schedule value at the nets' resolution, β = (0, 0.99), ε = 1e-8) for G and for
+    D, built afresh at each new level of detail (steps 1, 3, 4 and 6 here); each update is Adam's on the
+    applied gradients (first and second steps by hand)."""
+    for b in loop.built:
+        assert (b.type, b.setting("betas"), b.setting("eps")) == ("Adam", (0.0, 0.99), 1e-8)
+        assert len(b.params) == len(list(loop.nets.G.parameters() if b.owns(loop.nets.G) else loop.nets.D.parameters()))
+    lr_at = {4: 1e-3, 8: 0.002, 16: 1e-3}
+    moments, first_used = {}, {}
+    for k, (s, (_, r, _)) in enumerate(zip(loop.steps, DRY_SCHEDULE), 1):
+        for step, name in ((s.d_step, "D"), (s.g_step, "G")):
+            net = getattr(loop.nets, name)
+            assert step.lr == lr_at[r] and step.betas == (0.0, 0.99)
+            t, m, v = moments.get(step.opt, (0, {}, {}))
+            t += 1
+            first_used.setdefault(step.opt, (k, name))
+            for n, g in applied(step, net).items():
+                if g is None:
+                    continue
+                m[n] = 0.0 * m.get(n, 0) + 1.0 * g                       # β1 = 0
+                v[n] = 0.99 * v.get(n, 0) + 0.01 * g * g                  # β2 = 0.99
+                update = -lr_at[r] * m[n] / ((v[n] / (1 - 0.99 ** t)).sqrt() + 1e-8)
+                before = step.before[name][n]
+                rounding = 1e-6 + 2.5e-7 * before.abs()                 # float32 steps on stored values up to ~100
+                assert ((step.after[name][n] - before - update).abs() <= rounding).all(), (k, n)
+            moments[step.opt] = (t, m, v)
+    assert sorted(first_used.values()) == [(k, n) for k in (1, 3, 4, 6) for n in "DG"]
+
+
+def test_loop_ema_of_g_with_decay_0999(loop):
+    """Gs (the checkpoint's sampling and evaluation net) starts as G and follows Gs ← 0.999 Gs + 0.001 G after
+    every G step."""
+    avg = dict(loop.steps[0].d_step.before["G"])
+    for s in loop.steps:
+        avg = {n: torch.lerp(avg[n], s.g_step.after["G"][n], 1 - 0.999) for n in avg}
+    saved = loop.ckpt["models"]["Gs"]
+    assert saved.keys() == avg.keys()
+    for n in avg:
+        assert torch.allclose(saved[n], avg[n], rtol=0, atol=1e-7), n
+
+
+def test_flip_is_on_for_celeba_only():
+    """Mirroring follows the official configs: CelebA(-HQ) mirrored, CIFAR-10 not; an explicit flag wins."""
+    flip = lambda *argv: progan.parse_args(list(argv)).flip
+    assert flip("--dataset", "celeba") and not flip() and not flip("--dataset", "mnist")
+    assert flip("--flip") and not flip("--dataset", "celeba", "--no-flip")
+
+
+def test_loop_flip_mirrors_about_half_of_the_real_images(tmp_path):
+    """With --flip, D's real batch holds each drawn image mirrored or not (both occur); the fakes are G's output."""
+    rec = wiring.watch_training(progan, tmp_path, 2, "--flip")
+    mirrored = []
+    for k, s in enumerate(rec.steps):
+        (fake,) = [c.out for c in s.d_calls if c.net == "G"]
+        assert any(c.x is fake for c in s.d_calls if c.net == "D")
+        (real,) = [c.x for c in s.d_calls if c.net == "D" and c.x is not fake and not c.x.requires_grad]
+        plain, flipped = reals_by_hand(rec.batches[k], 4, 1.0), reals_by_hand(rec.batches[k].flip(3), 4, 1.0)
+        for i in range(len(real)):
+            same, mirror = torch.allclose(real[i], plain[i], atol=1e-6), torch.allclose(real[i], flipped[i], atol=1e-6)
+            assert same != mirror, (k, i)
+            mirrored.append(mirror)
+    assert 0 < sum(mirrored) < len(mirrored)
+
+
+def test_an_image_folder_is_not_grown_past_its_images(tmp_path, capsys):
+    """A folder of 32x32 PNGs: --image-size 64 is refused at start-up (it would only learn upsampled images), as for
+    the named datasets; 32 passes the start-up checks."""
+    from PIL import Image
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "x"
+    argv = ["--dry-run", "--dataset", str(folder), "--image-size", "64", "--out", str(out)]
+    err = helpers.expect_usage_error(progan, argv, capsys, "32 pixels")
+    assert "--image-size 32" in err and not out.exists()
+    progan.check(progan.parse_args(["--dry-run", "--dataset", str(folder), "--image-size", "32"]))

@@ -1,10 +1,13 @@
+
 import pytest
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
+import torch.nn.functional as F
+from torch.nn.utils import parametrizations, parametrize
 
 import sngan
-from tests import helpers
+from tests.wiring import watch, replica, record_batches, who_steps, setting, grads, assert_same_gradients, assert_update, assert_same
+from tests import helpers, wiring
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +58,9 @@ def test_sample(tmp_path):
 def test_help(capsys):
     text = helpers.help_text(sngan, capsys)
     assert "--no-sn" in text and "--n-dis" in text
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat.split("run (shared by every script)")[0]
+    assert "--image-size IMAGE_SIZE image side in pixels (default: 32; 48 on stl10)" in flat
 
 
 def test_bad_input(tmp_path, capsys):
@@ -154,3 +160,94 @@ def test_one_power_iteration_per_d_update(tmp_path, monkeypatch):
     iterations.clear()
     sngan.main(["--dry-run", "--steps", "2", "--n-dis", "3", "--out", str(tmp_path / "run")])
     assert sum(iterations) == at_build + len(normalised_layers(D)) * 2 * 3
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+
+def watch_build(monkeypatch):
+    """The G and D that train() builds, watched."""
+    nets = {}
+    for name, builder in (("G", "build_generator"), ("D", "build_discriminator")):
+        def build(*args, _original=getattr(sngan, builder), _name=name, **kwargs):
+            nets[_name] = watch(_original(*args, **kwargs))
+            return nets[_name]
+        monkeypatch.setattr(sngan, builder, build)
+    return nets
+
+
+HINGE = (lambda real, fake: F.relu(1 - real).mean() + F.relu(1 + fake).mean(),   # L_D
+         lambda fake: -fake.mean())                                              # L_G
+NONSATURATING = (lambda real, fake: F.softplus(-real).mean() + F.softplus(fake).mean(),   # −log σ(l) = softplus(−l)
+                 lambda fake: F.softplus(-fake).mean())
+
+
+def check_iterations(G, D, steps, batches, iterations, n_dis, losses):
+    """Replay every step: n_dis D steps, each on a fresh data batch x and fresh samples of the current G, scored
+    in one pass of D in training mode (one power iteration), descending L_D(D(x), D(G(z))); then one G step on
+    fresh noise descending L_G(D(G(z))) against the updated D in eval mode (σ from the last D step)."""
+    d_loss, g_loss = losses
+    assert who_steps(steps, G=G, D=D) == (["D"] * n_dis + ["G"]) * iterations
+    d_params = list(replica(D, D.calls[0][0]).parameters())
+    g_params = list(replica(G, G.calls[0][0]).parameters())
+    for it in range(iterations):
+        Gi = replica(G, G.calls[0][0], g_params)
+        for j in range(n_dis):
+            k = (n_dis + 1) * it + j            # this step's index among the steps and among both nets' calls
+            s = steps[k]
+            assert_same(s["before"], d_params, "D's step must start where its last one ended")
+            (z,) = G.calls[k][1]
+            real = batches[n_dis * it + j][0]
+            with torch.no_grad():
+                fake = Gi(z)
+            Dj = replica(D, D.calls[k][0], d_params)
+            scores = Dj(torch.cat([real, fake]))
+            loss = d_loss(*scores.split([len(real), len(fake)]))
+            assert_same_gradients(s["grads"], grads(loss, Dj), f"iteration {it + 1}, D step {j + 1}")
+            d_params = s["after"]
+        k = (n_dis + 1) * it + n_dis
+        s = steps[k]
+        assert_same(s["before"], g_params, "G moved during D's steps")
+        (z,) = G.calls[k][1]
+        Dk = replica(D, D.calls[k][0], d_params).eval()
+        assert_same_gradients(s["grads"], grads(g_loss(Dk(Gi(z))), Gi), f"iteration {it + 1}, G step")
+        g_params = s["after"]
+    assert_same(list(D.parameters()), d_params, "D's weights at the end")
+    assert_same(list(G.parameters()), g_params, "G's weights at the end")
+
+
+def test_resnet_steps_follow_the_hinge_loss(tmp_path, monkeypatch, updates):
+    """The default ResNet run (--n-dis 2 here), two G iterations: the hinge loss on a spectrally normalised D
+    (every conv and dense layer); Adam lr 2e-4, betas (0, 0.9) for both nets, constant; each step moves only
+    its own net."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(sngan, tmp_path, 2, "--n-dis", "2")
+    G, D = nets["G"], nets["D"]
+    layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert layers and all(parametrize.is_parametrized(m, "weight")
+                          and isinstance(m.parametrizations.weight[0], parametrizations._SpectralNorm) for m in layers)
+    check_iterations(G, D, updates, batches, iterations=2, n_dis=2, losses=HINGE)
+    for s in updates:
+        assert type(s["opt"]) is torch.optim.Adam
+        assert {k: setting(s, k) for k in ("lr", "betas", "eps", "weight_decay")} == \
+            {"lr": 2e-4, "betas": (0.0, 0.9), "eps": 1e-8, "weight_decay": 0}
+    for s in (updates[0], updates[2]):   # each optimizer's first step: −lr · sign(g)
+        assert_update(s, [wiring.adam_first_update(2e-4, g) for g in s["grads"]], "Adam's first update")
+
+
+def test_cnn_steps_follow_the_nonsaturating_loss(tmp_path, monkeypatch, updates):
+    """The standard CNN with --loss nonsaturating and --lr-decay linear: setting C (one D step per G step,
+    Adam betas (0.5, 0.999)), lr 2e-4 decayed linearly to 0 over --steps for both nets (1e-4 in the second of
+    two iterations)."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(sngan, tmp_path, 2, "--arch", "cnn", "--loss", "nonsaturating", "--lr-decay", "linear")
+    check_iterations(nets["G"], nets["D"], updates, batches, iterations=2, n_dis=1, losses=NONSATURATING)
+    for s, lr in zip(updates, [2e-4, 2e-4, 1e-4, 1e-4]):
+        assert type(s["opt"]) is torch.optim.Adam
+        assert {k: setting(s, k) for k in ("lr", "betas", "eps", "weight_decay")} == \
+            {"lr": lr, "betas": (0.5, 0.999), "eps": 1e-8, "weight_decay": 0}

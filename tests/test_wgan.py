@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import wgan
-from tests import helpers
+from tests.wiring import watch, replica, record_batches, who_steps, setting, grads, assert_same_gradients, assert_update, assert_same
+from tests import helpers, wiring
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +46,7 @@ def test_sample(tmp_path):
 def test_help(capsys):
     text = helpers.help_text(wgan, capsys)
     assert "--clip" in text and "--no-boost-critic" in text
+    assert "(default: None)" not in " ".join(text.split("run (shared by every script)")[0].split())
 
 
 def test_bad_input(tmp_path, capsys):
@@ -126,3 +128,82 @@ def test_sample_toy_with_eval(tmp_path):
     out, _, _ = helpers.dry_run(wgan, tmp_path, "--dataset", "grid25")
     written = helpers.sample_from(wgan, out / "ckpt.pt", tmp_path, "--eval")
     helpers.assert_mode_metrics(written, 25)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+
+def watch_build(monkeypatch):
+    """The G and critic that train() builds, watched."""
+    nets = {}
+    for name, builder in (("G", "build_generator"), ("D", "build_critic")):
+        def build(*args, _original=getattr(wgan, builder), _name=name, **kwargs):
+            nets[_name] = watch(_original(*args, **kwargs))
+            return nets[_name]
+        monkeypatch.setattr(wgan, builder, build)
+    return nets
+
+
+def rmsprop_first_update(lr, grad, alpha=0.99, eps=1e-8):
+    """RMSProp's first step: v = (1 − α) g², θ ← θ − lr g / (√v + ε)."""
+    return -lr * grad / (((1 - alpha) * grad ** 2).sqrt() + eps)
+
+
+def test_critic_and_generator_steps_follow_algorithm_1(tmp_path, monkeypatch, updates):
+    """Algorithm 1 with --n-critic 3 and c = 0.02, two G iterations: each critic step descends
+    E f(G(z)) − E f(x) on a fresh data batch x and fresh samples of the current G, then every critic weight is
+    clipped to [−c, c] (also at initialisation); then G descends −E f(G(z)) on fresh noise against the clipped
+    critic. Both use RMSProp (lr 5e-5, α 0.99); each step moves only its own net."""
+    c = 0.02
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(wgan, tmp_path, 2, "--n-critic", "3", "--clip", str(c), "--no-boost-critic")
+    G, D = nets["G"], nets["D"]
+    assert who_steps(updates, G=G, D=D) == (["D"] * 3 + ["G"]) * 2
+    g_state, d_state = G.calls[0][0], D.calls[0][0]
+    g_params, d_params = list(replica(G, g_state).parameters()), list(replica(D, d_state).parameters())
+    assert max(p.abs().max() for p in d_params) <= c, "the critic starts outside [−c, c]"
+    clipping_binds = False
+    for it in range(2):
+        Gi = replica(G, g_state, g_params)
+        for j in range(3):
+            s = updates[4 * it + j]
+            assert_same(s["before"], d_params, "the critic's step must start from the clipped weights")
+            Dj = replica(D, d_state, d_params)
+            (z,) = G.calls[4 * it + j][1]
+            with torch.no_grad():
+                fake = Gi(z)
+            loss = Dj(fake).mean() - Dj(batches[3 * it + j][0]).mean()
+            assert_same_gradients(s["grads"], grads(loss, Dj), f"iteration {it + 1}, critic step {j + 1}")
+            clipping_binds |= any(bool((p.abs() > c).any()) for p in s["after"])
+            d_params = [p.clamp(-c, c) for p in s["after"]]
+        s = updates[4 * it + 3]
+        assert_same(s["before"], g_params, "G moved during the critic's steps")
+        (z,) = G.calls[4 * it + 3][1]
+        Dk = replica(D, d_state, d_params)
+        assert_same_gradients(s["grads"], grads(-Dk(Gi(z)).mean(), Gi), f"iteration {it + 1}, G step")
+        g_params = s["after"]
+    assert clipping_binds, "no update left [−c, c]: the test does not exercise the clipping"
+    assert_same(list(D.parameters()), d_params, "the critic's weights at the end")
+    assert_same(list(G.parameters()), g_params, "G's weights at the end")
+
+    for s in updates:
+        assert type(s["opt"]) is torch.optim.RMSprop
+        assert {k: setting(s, k) for k in ("lr", "alpha", "eps", "momentum", "centered", "weight_decay")} == \
+            {"lr": 5e-5, "alpha": 0.99, "eps": 1e-8, "momentum": 0, "centered": False, "weight_decay": 0}
+    for s in (updates[0], updates[3]):   # each optimizer's first step
+        assert_update(s, [rmsprop_first_update(5e-5, g) for g in s["grads"]], "RMSProp's first update")
+
+
+def test_critic_is_boosted_to_100_steps_at_the_start(tmp_path, monkeypatch, updates):
+    """The official schedule: 100 critic updates (each clipped) before the first G iteration."""
+    c = 0.01
+    nets = watch_build(monkeypatch)
+    wiring.train_steps(wgan, tmp_path, 1, "--boost-critic")
+    assert who_steps(updates, G=nets["G"], D=nets["D"]) == ["D"] * 100 + ["G"]
+    for previous, s in zip(updates[:99], updates[1:100]):
+        assert_same(s["before"], [p.clamp(-c, c) for p in previous["after"]], "a boosted critic step went unclipped")

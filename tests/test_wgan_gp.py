@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import wgan_gp
 from common import metrics
-from tests import helpers
+from tests.wiring import watch, replica, record_batches, who_steps, setting, grads, assert_same_gradients, assert_update, assert_same
+from tests import helpers, wiring
 
 
 def test_dry_run(tmp_path):
@@ -72,6 +73,7 @@ def test_inception_metrics_are_logged_and_sampled(tmp_path, monkeypatch):
 def test_help(capsys):
     text = helpers.help_text(wgan_gp, capsys)
     assert "--gp-lambda" in text and "--n-critic" in text
+    assert "(default: None)" not in " ".join(text.split("run (shared by every script)")[0].split())
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 4, 4)])
@@ -191,3 +193,100 @@ def test_bad_image_size(tmp_path, capsys, size):
     out = tmp_path / "x"
     helpers.expect_usage_error(wgan_gp, ["--dry-run", "--image-size", size, "--out", str(out)], capsys, "power of two")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop, watched from outside: the nets record what they are fed (and their state at each
+# call), every optimizer step records its settings, gradients and parameters before and after, and the
+# data iterator records its batches. A replay of the docstring's losses on the same inputs must then give
+# the gradients the loop stepped with.
+# ------------------------------------------------------------------------------------------------
+
+
+def watch_build(monkeypatch):
+    """The (G, D) that train() builds, watched."""
+    nets, original = {}, wgan_gp.build
+
+    def build(*args, **kwargs):
+        G, D = original(*args, **kwargs)
+        nets["G"], nets["D"] = watch(G), watch(D)
+        return G, D
+    monkeypatch.setattr(wgan_gp, "build", build)
+    return nets
+
+
+def check_iterations(G, D, steps, batches, iterations, n_critic, lam, g_batch):
+    """Replay every step of `iterations` generator iterations from the docstring's equations: n_critic critic
+    steps, each descending E D(x̃) − E D(x) + λ E (‖∇_x̂ D(x̂)‖₂ − 1)² on a fresh data batch x, fresh samples x̃ of
+    the current G and points x̂ on the lines between them; then one G step descending −E D(G(z)) on g_batch
+    fresh samples against the updated critic. Returns the number of critic forward calls per critic step."""
+    assert who_steps(steps, G=G, D=D) == (["D"] * n_critic + ["G"]) * iterations
+    g_state, d_state = G.calls[0][0], D.calls[0][0]
+    g_params, d_params = list(replica(G, g_state).parameters()), list(replica(D, d_state).parameters())
+    d_call = 0
+    for it in range(iterations):
+        Gi = replica(G, g_state, g_params)
+        for j in range(n_critic):
+            s = steps[(n_critic + 1) * it + j]
+            assert_same(s["before"], d_params, "the critic's step must start where its last one ended")
+            (z,) = G.calls[(n_critic + 1) * it + j][1]
+            real = batches[n_critic * it + j][0]
+            with torch.no_grad():
+                fake = Gi(z)
+            # the critic's inputs in this step: the data, the samples, and the points of the penalty
+            seen = [x for _, (x,) in D.calls[d_call:d_call + 3]]
+            d_call += 3
+            x_hat = [x for x in seen if not torch.equal(x, real) and not torch.allclose(x, fake, atol=1e-6)]
+            assert len(x_hat) == 1, "the penalty must be taken at points other than the data and the samples"
+            x_hat = x_hat[0]
+            diff = (real - fake).flatten(1)
+            eps = ((x_hat - fake).flatten(1) * diff).sum(1) / (diff * diff).sum(1)
+            on_line = fake + eps.view(-1, *[1] * (real.dim() - 1)) * (real - fake)
+            assert torch.allclose(x_hat, on_line, atol=1e-5), "x̂ is not on the line between x and x̃"
+            assert (eps >= -1e-5).all() and (eps <= 1 + 1e-5).all() and eps.std() > 0.05, eps
+
+            Dj = replica(D, d_state, d_params)
+            x_hat = x_hat.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(Dj(x_hat).sum(), x_hat, create_graph=True)
+            penalty = lam * ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+            loss = Dj(fake).mean() - Dj(real).mean() + penalty
+            assert_same_gradients(s["grads"], grads(loss, Dj), f"iteration {it + 1}, critic step {j + 1}")
+            d_params = s["after"]
+        s = steps[(n_critic + 1) * it + n_critic]
+        assert_same(s["before"], g_params, "G moved during the critic's steps")
+        (z,) = G.calls[(n_critic + 1) * it + n_critic][1]
+        assert len(z) == g_batch
+        Dk = replica(D, d_state, d_params)
+        assert_same_gradients(s["grads"], grads(-Dk(Gi(z)).mean(), Gi), f"iteration {it + 1}, G step")
+        d_call += 1
+        g_params = s["after"]
+    assert_same(list(D.parameters()), d_params, "the critic's weights at the end")
+    assert_same(list(G.parameters()), g_params, "G's weights at the end")
+
+
+def test_images_critic_and_generator_steps_follow_eq_3(tmp_path, monkeypatch, updates):
+    """The CIFAR-10 configuration (--n-critic 2 here), two G iterations: the critic loss of Eq. 3 with λ = 10,
+    G's batch twice the critic's; Adam betas (0, 0.9) for both, lr 2e-4 decayed linearly to 0 over --steps
+    (so 2e-4 in the first iteration, 1e-4 in the second); each step moves only its own net."""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(wgan_gp, tmp_path, 2, "--n-critic", "2")
+    check_iterations(nets["G"], nets["D"], updates, batches, iterations=2, n_critic=2, lam=10.0, g_batch=2 * 8)
+    for s, lr in zip(updates, [2e-4] * 3 + [1e-4] * 3):
+        assert type(s["opt"]) is torch.optim.Adam
+        assert {k: setting(s, k) for k in ("lr", "betas", "eps", "weight_decay")} == \
+            {"lr": lr, "betas": (0.0, 0.9), "eps": 1e-8, "weight_decay": 0}
+    for s in (updates[0], updates[2]):   # each optimizer's first step: −lr · sign(g)
+        assert_update(s, [wiring.adam_first_update(2e-4, g) for g in s["grads"]], "Adam's first update")
+
+
+def test_toy_critic_and_generator_steps_follow_gan_toy_py(tmp_path, monkeypatch, updates):
+    """gan_toy.py's settings on ring8: 5 critic updates per G step, λ = 0.1, batch 256 for both nets, Adam
+    lr 1e-4 (no decay), betas (0.5, 0.9). (Narrower MLPs than gan_toy.py's 512 units, to keep the test quick.)"""
+    nets, batches = watch_build(monkeypatch), record_batches(monkeypatch)
+    wiring.train_steps(wgan_gp, tmp_path, 2, "--dataset", "ring8", "--g-width", "64", "--d-width", "64")
+    check_iterations(nets["G"], nets["D"], updates, batches, iterations=2, n_critic=5, lam=0.1, g_batch=256)
+    assert len(batches[0][0]) == 256
+    for s in updates:
+        assert type(s["opt"]) is torch.optim.Adam
+        assert {k: setting(s, k) for k in ("lr", "betas", "eps", "weight_decay")} == \
+            {"lr": 1e-4, "betas": (0.5, 0.9), "eps": 1e-8, "weight_decay": 0}

@@ -1,0 +1,109 @@
+"""The bare loops of benchmarks/overhead.py for dcgan, cgan, wgan, wgan_gp and sngan train what the scripts
+train: from the same seed, a few steps of the script's own loop and of its bare loop leave bit-identical G,
+D and optimizer states, make the same forward passes of G and D in the same order and leave the random
+number generator in the same state, so the benchmark compares the scripts' plumbing and nothing else.
+
+Each case runs the dry-run configuration on one thread, with flags that reach the parts of the loop a step
+count alone would miss: cgan's SGD schedule (a visible lr decay, the momentum ramp at the 4th step) and its
+conv variant with Adam; wgan's critic boost (its constants shrunk so that 5 G iterations hold two boosted
+ones: 7 critic updates at the 1st and 4th, 2 otherwise); wgan_gp's linear lr decay and n_critic; sngan's
+ResNet with n_dis 3 and the lr decay, and the standard CNN with the non-saturating loss."""
+import importlib
+import sys
+from functools import partial
+
+import pytest
+import torch
+
+import cgan
+import dcgan
+import sngan
+import wgan
+import wgan_gp
+from common import checkpoint as ckpt_io
+from common import run as runlib
+from tests import helpers, wiring
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# script, its builders (each: the names of the nets it returns), steps, extra flags, module constants to set
+CASES = {
+    "dcgan": (dcgan, {"build": "GD"}, 2, [], {}),
+    # 480 training images, batch 200: the momentum ramp (epoch 1 → 2) starts at the 4th step
+    "cgan-mlp": (cgan, {"build": "GD"}, 4, ["--batch-size", "200", "--lr-decay", "1.5", "--momentum-epochs", "2",
+                                            "--final-momentum", "0.9"], {}),
+    "cgan-conv": (cgan, {"build": "GD"}, 2, ["--arch", "conv"], {}),
+    "wgan-boost": (wgan, {"build_generator": "G", "build_critic": "D"}, 5, ["--boost-critic", "--n-critic", "2"],
+                   {"BOOST_ITERS": 7, "BOOST_FIRST": 1, "BOOST_EVERY": 3}),
+    "wgan_gp": (wgan_gp, {"build": "GD"}, 2, ["--image-size", "16", "--n-critic", "3"], {}),
+    "sngan-resnet": (sngan, {"build_generator": "G", "build_discriminator": "D"}, 2,
+                     ["--n-dis", "3", "--lr-decay", "linear"], {}),
+    "sngan-cnn": (sngan, {"build_generator": "G", "build_discriminator": "D"}, 2,
+                  ["--arch", "cnn", "--loss", "nonsaturating"], {}),
+}
+
+
+def watch(m, script, builders):
+    """Record, while `m` (a monkeypatch context) lasts, every optimizer built and each forward pass of the nets
+    the script's builders return, outside Run.end_step (its samples and evaluation): (optimizers,
+    {"G": net, "D": net}, list of "G"/"D" in call order)."""
+    built, nets, passes, in_end_step = wiring.record_optimizers(m), {}, [], []
+    end_step = runlib.Run.end_step
+
+    def paused_end_step(self, *args, **kwargs):
+        in_end_step.append(True)
+        try:
+            return end_step(self, *args, **kwargs)
+        finally:
+            in_end_step.pop()
+    m.setattr(runlib.Run, "end_step", paused_end_step)
+
+    def on_forward(name, *_):
+        if not in_end_step:
+            passes.append(name)
+    for builder, names in builders.items():
+        original = getattr(script, builder)
+
+        def build(*args, _original=original, _names=names, **kwargs):
+            result = _original(*args, **kwargs)
+            for name, net in zip(_names, result if isinstance(result, tuple) else (result,)):
+                nets[name] = net
+                net.register_forward_hook(partial(on_forward, name))
+            return result
+        m.setattr(script, builder, build)
+    return built, nets, passes
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bare_loop_trains_the_same_weights_as_the_script(case, tmp_path, monkeypatch):
+    script, builders, steps, extra, constants = CASES[case]
+    for name, value in constants.items():
+        monkeypatch.setattr(script, name, value)
+    flags = [*extra, "--threads", "1"]
+    with monkeypatch.context() as m:
+        _, _, passes = watch(m, script, builders)
+        wiring.train_steps(script, tmp_path, steps, *flags)
+    ckpt = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", script.SCRIPT)
+
+    bare = importlib.import_module(f"bare.{script.SCRIPT}")
+    args = script.parse_args(["--dry-run", "--steps", str(steps), *flags])
+    kept = {}
+    with monkeypatch.context() as m:
+        built, nets, passes_bare = watch(m, script, builders)
+        times = bare.run(args, steps, keep=kept)
+    rng = torch.get_rng_state()
+
+    assert len(times) == steps
+    assert passes_bare == passes   # the same passes of G and D in the same order: none extra, none missing
+    for name in "GD":
+        assert kept[name] is nets[name]
+        helpers.assert_same(kept[name].state_dict(), ckpt["models"][name], name)
+        helpers.assert_same(kept[f"opt_{name}"].state_dict(), ckpt["optimizers"][name], f"optimizer of {name}")
+    assert torch.equal(rng, ckpt["rng"]["torch"]), "the bare loop drew other random numbers than the script"
+
+    # the weights compared are trained ones: both optimizers moved their net's parameters
+    assert len(built) == 2
+    for opt, name in zip(built, "GD" if built[0].owns(nets["G"]) else "DG"):
+        assert opt.owns(nets[name])
+        assert any(not torch.equal(p, p0) for p, p0 in zip(opt.params, opt.initial)), f"{case}: {name} did not train"
