@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import pix2pix
 from common import data as datasets
@@ -287,22 +286,6 @@ def fixed_batches(monkeypatch, x, y):
     monkeypatch.setattr(datasets, "translation_batches", batches)
 
 
-@contextlib.contextmanager
-def recorded_steps():
-    """Yields a list that gets each optimizer step, as (optimizer, its gradients, its learning rate) just
-    before the step."""
-    steps = []
-
-    def hook(opt, args, kwargs):
-        params = [p for g in opt.param_groups for p in g["params"]]
-        steps.append((opt, [None if p.grad is None else p.grad.clone() for p in params], opt.param_groups[0]["lr"]))
-    handle = register_optimizer_step_pre_hook(hook)
-    try:
-        yield steps
-    finally:
-        handle.remove()
-
-
 def built_nets(monkeypatch):
     """(copies of the nets as built, the nets train() goes on to train) for each call of pix2pix.build."""
     calls, original = [], pix2pix.build
@@ -315,16 +298,20 @@ def built_nets(monkeypatch):
     return calls
 
 
-def assert_grads(got, want, what):
-    for g, w in zip(got, want, strict=True):
-        assert g is not None, f"{what}: a parameter got no gradient"
-        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6 * float(w.abs().max()) + 1e-12), what
+@contextlib.contextmanager
+def recorded_updates():
+    """Every optimizer step train() takes (see wiring.record_updates)."""
+    steps, stop = wiring.record_updates()
+    try:
+        yield steps
+    finally:
+        stop()
 
 
-def assert_adam_first_step(net, before, grads, lr, what):
-    """Adam's first step moves each parameter by −lr · g / (|g| + eps)."""
-    for p, p0, g in zip(net.parameters(), before.parameters(), grads, strict=True):
-        assert torch.allclose(p.detach() - p0.detach(), wiring.adam_first_update(lr, g), atol=lr * 1e-3), what
+def assert_adam_first_step(step, what):
+    """Adam's first step moves each parameter by −lr · g / (|g| + eps), g the gradient it stepped with."""
+    lr = wiring.setting(step, "lr")
+    wiring.assert_update(step, [wiring.adam_first_update(lr, g) for g in step["grads"]], what)
 
 
 @pytest.mark.parametrize("extra", [[], ["--gan-mode", "lsgan", "--lambda-l1", "7"], ["--gan-mode", "none"]])
@@ -336,7 +323,7 @@ def test_one_step_follows_the_objective(tmp_path, monkeypatch, extra):
     fixed_batches(monkeypatch, x, y)
     nets = built_nets(monkeypatch)
     lr = 0.01   # large enough that D's update visibly changes G's gradient
-    with recorded_steps() as steps:
+    with recorded_updates() as steps:
         wiring.train_steps(pix2pix, tmp_path, 1, "--lr", str(lr), *extra)
     args = pix2pix.parse_args(["--dry-run", *extra])
     (G0, D0), (G1, D1) = nets[0]
@@ -349,24 +336,26 @@ def test_one_step_follows_the_objective(tmp_path, monkeypatch, extra):
         return -(target * torch.log(torch.sigmoid(logits)) + (1 - target) * torch.log(1 - torch.sigmoid(logits))).mean()
 
     if mode == "none":
-        assert D1 is None and len(steps) == 1
+        assert D1 is None and wiring.who_steps(steps, G=G1) == ["G"]
     else:
-        assert [opt for opt, _, _ in steps] == [steps[0][0], steps[1][0]] and steps[0][0] is not steps[1][0]
-        (opt_d, grads_d, lr_d), (opt_g, grads_g, lr_g) = steps   # D is stepped first
+        assert wiring.who_steps(steps, G=G1, D=D1) == ["D", "G"]   # D first, each by its own optimizer
+        d_step = steps[0]
         fake = G0(x).detach()
         loss_d = 0.5 * (bce(D0(x, y), 1.0) + bce(D0(x, fake), 0.0))   # conditional: D sees the input with each
-        assert_grads(grads_d, torch.autograd.grad(loss_d, list(D0.parameters())), "D's gradient")
-        assert lr_d == lr
-        assert_adam_first_step(D1, D0, grads_d, lr, "D's update")
-    grads_g, lr_g = steps[-1][1], steps[-1][2]
+        wiring.assert_same_gradients(d_step["grads"], wiring.grads(loss_d, D0), "D's gradient")
+        assert wiring.setting(d_step, "lr") == lr
+        assert_adam_first_step(d_step, "D's update")
+        wiring.assert_same(d_step["after"], list(D1.parameters()), "D after its step")   # G's step left D alone
+    g_step = steps[-1]
     fake = G0(x)
     loss_g = lam * (fake - y).abs().mean()
     if mode != "none":
         D_after = copy.deepcopy(D1)   # D as G's step saw it: after D's own step
         loss_g = loss_g + bce(D_after(x, fake), 1.0)
-    assert_grads(grads_g, torch.autograd.grad(loss_g, list(G0.parameters())), "G's gradient")
-    assert lr_g == lr
-    assert_adam_first_step(G1, G0, grads_g, lr, "G's update")   # D's step left G alone
+    wiring.assert_same_gradients(g_step["grads"], wiring.grads(loss_g, G0), "G's gradient")
+    assert wiring.setting(g_step, "lr") == lr
+    wiring.assert_same(g_step["before"], list(G0.parameters()), "G before its step")   # D's step left G alone
+    assert_adam_first_step(g_step, "G's update")
 
 
 def test_optimizers_and_learning_rate_decay(tmp_path, monkeypatch):
@@ -374,14 +363,14 @@ def test_optimizers_and_learning_rate_decay(tmp_path, monkeypatch):
     steps, then lr · (1 − (step − n_const) / (n_decay + 1)) (official 'linear' policy, here per step)."""
     built = wiring.record_optimizers(monkeypatch)
     nets = built_nets(monkeypatch)
-    with recorded_steps() as steps:
+    with recorded_updates() as steps:
         wiring.train_steps(pix2pix, tmp_path, 4)
     _, (G, D) = nets[0]
     assert len(built) == 2
     for net in (G, D):   # one Adam over each net's parameters, and no other's
         [opt] = [b for b in built if {id(p) for p in b.params} == {id(p) for p in net.parameters()}]
-        assert opt.type == "Adam" and opt.setting("betas") == (0.5, 0.999)
-        seen = [lr for o, _, lr in steps if o is opt.opt]   # 4 steps: 2 at the full lr, 2 decaying (n_decay = 2)
+        assert opt.type == "Adam" and opt.setting("betas") == (0.5, 0.999) and opt.setting("lr") == 2e-4
+        seen = [wiring.setting(s, "lr") for s in steps if s["opt"] is opt.opt]   # 2 steps at the full lr, 2 decaying
         assert seen == pytest.approx([2e-4, 2e-4, 2e-4 * (1 - 1 / 3), 2e-4 * (1 - 2 / 3)])
 
 
