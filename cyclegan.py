@@ -8,7 +8,7 @@ out the many mappings that match the distributions but forget the input:
     L_GAN(G, D_B) = E_b[(D_B(b) − 1)²] + E_a[D_B(G(a))²]        (least-squares GAN, Sec. 4; Eq. 1 with LSGAN)
     L_cyc(G, F)   = E_a[‖F(G(a)) − a‖₁] + E_b[‖G(F(b)) − b‖₁]    (Eq. 2)
     L_identity    = E_b[‖G(b) − b‖₁] + E_a[‖F(a) − a‖₁]          (Sec. 5.2, painting <-> photo)
-    G, F minimise (D(G(a)) − 1)² + (D_A(F(b)) − 1)² + λ L_cyc + λ_id · λ · L_identity,   λ = 10   (Eq. 3)
+    G, F minimise (D_B(G(a)) − 1)² + (D_A(F(b)) − 1)² + λ L_cyc + λ_id L_identity,   λ = 10   (Eq. 3)
     each D minimises ½ [(D(real) − 1)² + D(fake)²] ("we divide the objective by 2 while optimizing D"),
     its fakes drawn from a history of the last 50 generated images (Sec. 4, Shrivastava et al. 2017).
 
@@ -17,7 +17,9 @@ The nets (Sec. 4, Appendix 7.2; official models/networks.py):
         c7s1-k = reflection pad 3, conv 7x7, InstanceNorm, ReLU; dk = conv 3x3 stride 2, IN, ReLU;
         Rk = residual block of two reflection-padded 3x3 convs with IN (ReLU between);
         uk = transposed conv 3x3 stride 2, IN, ReLU. --g-width sets the 64.
-    D_A, D_B: the 70x70 PatchGAN C64-C128-C256-C512 (conv 4x4, stride 2, stride 1 for the last two
+    D_A, D_B: D_A judges domain A (real a against F(b): the paper's D_X, the official code's netD_B), D_B domain B
+        (real b against G(a): the paper's D_Y, the official netD_A); G and F are the official netG_A and netG_B.
+        Each is the 70x70 PatchGAN C64-C128-C256-C512 (conv 4x4, stride 2, stride 1 for the last two
         convs, InstanceNorm but not on the first layer, LeakyReLU 0.2), then a conv to one score per patch.
     Weights ~ N(0, 0.02), biases 0 (official init_weights); InstanceNorm without affine parameters.
     Adam lr 2e-4, β = (0.5, 0.999), batch 1; one Adam for G and F together and one for both Ds; G and F are
@@ -27,9 +29,12 @@ The nets (Sec. 4, Appendix 7.2; official models/networks.py):
     Data: resize to 286 (--load-size), random crop 256 (--image-size), random flip (--no-flip), each image
     on its own; A and B are drawn independently.
 
-Identity loss: on by default with --lambda-identity 0.5 (× λ), as the official code (its default for every
-dataset); the paper used it only for painting <-> photo (Sec. 5.2). --lambda-identity 0 is the paper's
-setting for horse2zebra, maps and cityscapes.
+Identity loss: on by default with λ_id = 0.5 λ (--lambda-identity 0.5, a fraction of λ, as the official
+code's, its default for every dataset); the paper used it only for painting <-> photo (Sec. 5.2).
+--lambda-identity 0 is the paper's setting for horse2zebra, maps and cityscapes. Being a fraction of λ, it
+goes with the cycle term: --lambda-cyc 0 alone drops both. --identity-weight sets λ_id itself, so that
+--lambda-cyc 0 --identity-weight 5 drops the cycle term alone (the paper's ablations, on cityscapes, had no
+identity term to keep).
 
 Evaluation (every --eval-every steps and at the end, on testA/testB, at most --eval-samples images per
 domain, at --image-size with no crop or flip): metric/cycle_l1 = ½ (mean |F(G(a)) − a| + mean |G(F(b)) − b|)
@@ -45,8 +50,10 @@ Usage:
     # a quick CPU run (3 minutes) at 32x32, digits <-> stroke outlines of other digits (the tasks of
     # benchmarks/digit_translation.py: `make` builds them from MNIST idx files, `score` scores the checkpoint):
     python cyclegan.py --dataset tasks/outline --image-size 32 --load-size 36 --g-width 16 --d-width 16 --d-layers 2 --steps 2000 --metrics none
+    # ... the same without the cycle term (add --lambda-cyc 0 --identity-weight 5: the identity term kept), or
+    # without both (add --lambda-cyc 0)
     python cyclegan.py --sample runs/cyclegan/horse2zebra-.../ckpt.pt                          # testA -> B, testB -> A
-    python cyclegan.py --sample runs/cyclegan/horse2zebra-.../ckpt.pt --input DIR [--direction BtoA]
+    python cyclegan.py --sample runs/cyclegan/horse2zebra-.../ckpt.pt --input PATH [--direction BtoA]
 
 Differences from the paper:
 - The identity loss is on by default (official code) rather than only for painting <-> photo; see above.
@@ -56,6 +63,7 @@ Differences from the paper:
 """
 import argparse
 import random
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -79,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--lambda-cyc", type=float, default=10.0, help="λ, the weight of the cycle loss (Eq. 3)")
     p.add_argument("--lambda-identity", type=float, default=0.5,
                    help="identity loss weight as a fraction of λ (official default; the paper: 0.5 for paintings only)")
+    p.add_argument("--identity-weight", type=float, default=None,
+                   help="the identity loss's weight itself, λ_id in Eq. 3 (default: --lambda-identity × --lambda-cyc); "
+                        "give it to change λ without changing λ_id, e.g. --lambda-cyc 0 --identity-weight 5")
     p.add_argument("--pool-size", type=int, default=50, help="generated images kept for D (0 = none)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (G, F and the Ds)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
@@ -90,22 +101,29 @@ def parse_args(argv=None):
                    help="training: swap the domains for BtoA; with --sample --input: AtoB translates with G, BtoA with F")
     d.add_argument("--load-size", type=int, default=286, help="training images are resized to this, then cropped")
     d.add_argument("--no-flip", action="store_true", help="no random left-right flips")
-    d.add_argument("--input", default=None, metavar="DIR",
-                   help="with --sample: translate the images in DIR (any size) and write PNGs of the same names to --out")
+    d.add_argument("--input", default=None, metavar="PATH",
+                   help="with --sample: translate an image, or the images in a folder (any size), into PNGs of the "
+                        "same names in <out>/translated_AtoB/ (or _BtoA/, see --direction)")
     runlib.add_args(p, dataset="horse2zebra", image_size=256, batch_size=1, steps=200 * 1334, log_every=100,
                     sample_every=2000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid", export=False)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 16, "load_size": 18, "g_width": 4, "d_width": 4, "d_layers": 1,
         "pool_size": 3, "batch_size": 2},
-        defaults=lambda a: {"n_blocks": 9 if a.image_size >= 256 else 6})
+        defaults=lambda a: {"n_blocks": 9 if a.image_size >= 256 else 6,
+                            "identity_weight": a.lambda_identity * a.lambda_cyc})
+    if {"lambda_identity", "identity_weight"} <= set(args.explicit):
+        raise runlib.UsageError("--identity-weight sets the identity loss's weight itself, --lambda-identity sets it "
+                                "as a fraction of --lambda-cyc: give one of them")
     if args.input and not args.sample:
-        raise runlib.UsageError("--input DIR translates your images with a trained model: give --sample CKPT too")
+        raise runlib.UsageError("--input PATH translates your images with a trained model: give --sample CKPT too")
+    if args.input and not Path(args.input).exists():
+        raise runlib.UsageError(f"--input {args.input} does not exist: give an image or a folder of images")
     if not 0 <= args.decay_fraction <= 1:
         raise runlib.UsageError(f"--decay-fraction must be in [0, 1], got {args.decay_fraction}")
     if args.load_size < args.image_size:
         raise runlib.UsageError(f"--load-size {args.load_size} must be at least --image-size {args.image_size} "
                                 "(images are resized to the load size, then cropped)")
-    for name in ("lambda_cyc", "lambda_identity", "pool_size"):
+    for name in ("lambda_cyc", "lambda_identity", "identity_weight", "pool_size"):
         if getattr(args, name) < 0:
             raise runlib.UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return args
@@ -245,20 +263,27 @@ def identity_loss(mapped, original):
     return (mapped - original).abs().mean()
 
 
-def generator_loss(d_b_fake, d_a_fake, rec_a, a, rec_b, b, lambda_cyc, lambda_identity=0.0, idt_b=None, idt_a=None):
-    """Eq. 3 for G and F: GAN terms + λ L_cyc + λ_id · λ · L_identity. Returns (total, dict of the terms)."""
+def generator_loss(d_b_fake, d_a_fake, rec_a, a, rec_b, b, lambda_cyc, lambda_id=0.0, idt_b=None, idt_a=None):
+    """Eq. 3 for G and F: GAN terms + λ L_cyc + λ_id L_identity (λ_id is the identity term's own weight, not a
+    fraction of λ). Returns (total, dict of the terms)."""
     terms = {"G_GAN": lsgan_loss(d_b_fake, True), "F_GAN": lsgan_loss(d_a_fake, True),
              "cycle_A": cycle_loss(rec_a, a), "cycle_B": cycle_loss(rec_b, b)}
     total = terms["G_GAN"] + terms["F_GAN"] + lambda_cyc * (terms["cycle_A"] + terms["cycle_B"])
-    if lambda_identity > 0:
+    if lambda_id > 0:
         terms["identity_B"], terms["identity_A"] = identity_loss(idt_b, b), identity_loss(idt_a, a)
-        total = total + lambda_identity * lambda_cyc * (terms["identity_B"] + terms["identity_A"])
+        total = total + lambda_id * (terms["identity_B"] + terms["identity_A"])
     return total, terms
 
 
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
+
+def build(args, c_a, c_b):
+    """G: A -> B, F: B -> A, D_A judging domain A and D_B judging domain B."""
+    return {"G": Generator(c_a, c_b, args.g_width, args.n_blocks), "F": Generator(c_b, c_a, args.g_width, args.n_blocks),
+            "D_A": PatchGAN(c_a, args.d_width, args.d_layers), "D_B": PatchGAN(c_b, args.d_width, args.d_layers)}
+
 
 def lr_factor(step, args):
     """1 for the first (1 − decay_fraction) of the steps, then linear towards 0 (official 'linear' policy)."""
@@ -308,7 +333,7 @@ def train(args):
         check_size(args.image_size, args.d_layers)
     train_data, test = load_data(args)
     c_a, c_b = train_data.a.shape[1], train_data.b.shape[1]
-    if args.lambda_identity > 0 and c_a != c_b:
+    if args.identity_weight > 0 and c_a != c_b:
         raise runlib.UsageError(f"the identity loss needs domains with the same channels ({c_a} vs {c_b}): "
                                 "use --lambda-identity 0")
     if args.metrics:
@@ -316,8 +341,7 @@ def train(args):
     r = runlib.setup(args, SCRIPT, data=train_data)
     device = r.device
 
-    raw = {"G": Generator(c_a, c_b, args.g_width, args.n_blocks), "F": Generator(c_b, c_a, args.g_width, args.n_blocks),
-           "D_A": PatchGAN(c_a, args.d_width, args.d_layers), "D_B": PatchGAN(c_b, args.d_width, args.d_layers)}
+    raw = build(args, c_a, c_b)
     G, F_, D_A, D_B = (r.prepare(raw[k], channels_last=True) for k in ("G", "F", "D_A", "D_B"))
     adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
     opt_g = torch.optim.Adam(list(G.parameters()) + list(F_.parameters()), **adam)      # one Adam for G and F
@@ -353,10 +377,10 @@ def train(args):
             D.requires_grad_(False)
         with r.autocast():
             fake_b, fake_a = G(a), F_(b)
-            idt = (G(b), F_(a)) if args.lambda_identity > 0 else (None, None)
+            idt = (G(b), F_(a)) if args.identity_weight > 0 else (None, None)
             # Eq. 3: LSGAN terms for G and F + λ (‖F(G(a)) − a‖₁ + ‖G(F(b)) − b‖₁) [+ identity]
             loss_g, terms = generator_loss(D_B(fake_b), D_A(fake_a), F_(fake_b), a, G(fake_a), b,
-                                           args.lambda_cyc, args.lambda_identity, *idt)
+                                           args.lambda_cyc, args.identity_weight, *idt)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -373,8 +397,9 @@ def train(args):
         opt_d.step()
 
         scalars = {"loss/G_total": loss_g, **{f"loss/{k}": v for k, v in terms.items()},
-                   "loss/D_A": loss_d_a, "loss/D_B": loss_d_b, "opt/lr": opt_g.param_groups[0]["lr"],
-                   **{f"loss/D_{k}": lsgan_loss(v.detach(), k.endswith("real")) for k, v in scores.items()}}
+                   "loss/D_A": loss_d_a, "loss/D_B": loss_d_b, "opt/lr": opt_g.param_groups[0]["lr"]}
+        if r.is_log_step(step):   # each D's real and fake halves, only for the log
+            scalars.update({f"loss/D_{k}": lsgan_loss(v.detach(), k.endswith("real")) for k, v in scores.items()})
         if r.end_step(step, scalars, samples=samples, state=state,
                       evaluate=lambda: evaluate(raw["G"], raw["F"], test, args, device)):
             break
@@ -396,9 +421,10 @@ def sample(args):
     if args.input:   # the user's images, any size, resized to the training size
         net, channels = (G, c_a) if args.direction == "AtoB" else (F_, c_b)
         x, names = datasets.read_image_folder(args.input, targs.image_size, channels=channels)
-        datasets.save_images(translate(net, datasets.to_range(x, (-1, 1), True).to(device)), out, names)
-        print(f"wrote {len(names)} translations ({args.direction}) to {out}")
-        return {"translated": len(names), "out": str(out)}
+        folder = out / f"translated_{args.direction}"
+        datasets.save_images(translate(net, datasets.to_range(x, (-1, 1), True).to(device)), folder, names)
+        print(f"translated {len(names)} images from {args.input} ({args.direction}) into {folder}")
+        return {"translated": len(names), "out": str(folder)}
     test = datasets.load_translation(argparse.Namespace(**{**vars(targs), "download": args.download}), "test",
                                      paired=False, size=targs.image_size)
     a, b = (datasets.to_range(t, (-1, 1), True).to(device) for t in (test.a, test.b))

@@ -36,11 +36,13 @@ The nets (Sec. 6.1, and the official models/networks.py):
     edges2shoes 15 epochs of 50k and edges2handbags 15 epochs of 137k, batch 4; night2day 17 epochs of
     17823, batch 4. facades trains labels -> photo (--direction BtoA), as the official script.
 
-Test time: G keeps dropout on and normalises with the statistics of the test batch (train-mode BN; batches
-of --batch-size images, so one image at a time by default, as the official test.py), which is the paper's
-noise and the official test.py without --eval; --no-test-noise uses BN's running averages and no dropout
-instead (the official --eval). Test images are resized to --image-size, no crop or flip. Panels, evaluation
-and --sample all translate this way.
+Test time: G translates one image at a time with BN in train mode, so each image is normalised by its own
+statistics, and with dropout on: the paper's noise, and the official test.py without --eval (which fixes the
+batch at 1 whatever the training batch, e.g. 4 for edges2shoes). A U-Net of 32x32 or less has no dropout
+layers (see below), so there the per-image statistics are the only difference from eval mode and the
+output is deterministic. --no-test-noise uses BN's running averages and no dropout instead (the official
+--eval). Test images are resized to --image-size, no crop or flip. Panels, evaluation and --sample all
+translate this way.
 
 Evaluation (logged every --eval-every steps and at the end, on the test split: test/ or, for sets that
 have none such as maps, val/; at most --eval-samples images): metric/l1 = mean |G(x) − y| on the [−1, 1]
@@ -58,7 +60,7 @@ Usage:
     python benchmarks/digit_translation.py make MNIST_TEST_DIR tasks   # a folder of the t10k-* idx files
     python pix2pix.py --dataset tasks/masked --image-size 32 --load-size 36 --g-width 16 --d-width 16 --d-layers 2 --steps 4000 --metrics none
     python pix2pix.py --sample runs/pix2pix/facades-.../ckpt.pt                # translate the test split
-    python pix2pix.py --sample runs/pix2pix/facades-.../ckpt.pt --input DIR   # translate your own images
+    python pix2pix.py --sample runs/pix2pix/facades-.../ckpt.pt --input PATH  # translate your own images
 
 Differences from the paper:
 - Dropout placement is the official code's (the depth − 5 decoder layers after the innermost) rather than
@@ -74,6 +76,7 @@ Differences from the paper:
 """
 import argparse
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -121,17 +124,21 @@ def parse_args(argv=None):
     d.add_argument("--load-size", type=int, default=286, help="training images are resized to this, then cropped")
     d.add_argument("--no-flip", action="store_true", help="no random left-right flips")
     d.add_argument("--test-noise", action=argparse.BooleanOptionalAction, default=True,
-                   help="at test time keep dropout and use the test batch's BN statistics (the paper's noise); "
+                   help="at test time keep dropout on and normalise each image by its own BN statistics (the paper's noise); "
                         "--no-test-noise = the official --eval")
-    d.add_argument("--input", default=None, metavar="DIR",
-                   help="with --sample: translate the images in DIR (any size) and write PNGs of the same names to --out")
+    d.add_argument("--input", default=None, metavar="PATH",
+                   help="with --sample: translate an image, or the images in a folder (any size; a folder whose images "
+                        "are all twice as wide as high holds A|B pairs, as the datasets: their input halves are "
+                        "translated), into PNGs of the same names in <out>/translated/")
     runlib.add_args(p, dataset="facades", image_size=256, batch_size=1, steps=80_000, log_every=100,
                     sample_every=2000, ckpt_every=2000, eval_every=0, eval_samples=10000, metrics="fid", export=False)
     args = runlib.parse(p, argv, dry_run_defaults={
         "dataset": "fake", "image_size": 32, "load_size": 36, "g_width": 4, "d_width": 4, "batch_size": 2},
         defaults=lambda a: DATASET_DEFAULTS.get(a.dataset, {}))
     if args.input and not args.sample:
-        raise runlib.UsageError("--input DIR translates your images with a trained model: give --sample CKPT too")
+        raise runlib.UsageError("--input PATH translates your images with a trained model: give --sample CKPT too")
+    if args.input and not Path(args.input).exists():
+        raise runlib.UsageError(f"--input {args.input} does not exist: give an image or a folder of images")
     if args.netD == "pixel" and "d_layers" in args.explicit:
         raise runlib.UsageError("--d-layers sets the PatchGAN's depth; the PixelGAN (--netD pixel) has none")
     if args.gan_mode == "none" and args.lambda_l1 <= 0:
@@ -277,13 +284,14 @@ def g_loss(fake_logits, fake, target, lambda_l1, mode="vanilla"):
 
 
 @torch.no_grad()
-def translate(G, x, noise=True, batch=1):
-    """G at test time. noise=True (the paper's): dropout on and BN with the statistics of each batch of
-    `batch` images, as the official test.py without --eval; G's running BN averages are left unchanged.
-    noise=False: G.eval() (official --eval)."""
+def translate(G, x, noise=True):
+    """G at test time. noise=True (the paper's): one image at a time with dropout on and BN in train mode, so
+    each image is normalised by its own statistics, as the official test.py (batch 1) without --eval; G's
+    running BN averages are left unchanged. noise=False: G.eval() (official --eval), in batches of 100."""
     was_training = G.training
     saved = {k: v.clone() for k, v in G.named_buffers()}
     G.train(noise)
+    batch = 1 if noise else 100
     out = torch.cat([G(x[i:i + batch]) for i in range(0, len(x), batch)])
     G.load_state_dict(saved, strict=False)   # train-mode BN updated its running averages: undo
     G.train(was_training)
@@ -327,7 +335,7 @@ def evaluate(G, test, args, device, noise):
     """metric/l1, metric/psnr (and metric/fid with --metrics fid) on the test split; see the docstring."""
     n = min(len(test.a), args.eval_samples)
     x, y = (datasets.to_range(t[:n], (-1, 1), True).to(device) for t in (test.a, test.b))
-    fake = translate(G, x, noise, args.batch_size)
+    fake = translate(G, x, noise)
     out = {"metric/l1": l1_loss(fake, y), "metric/psnr": psnr(fake, y)}
     if args.metrics and "fid" in args.metrics and n >= 2:
         feats = [metrics.inception_features((metrics.to_uint8(t[i:i + 100]) for i in range(0, n, 100)), device,
@@ -376,7 +384,7 @@ def train(args):
     r.restore_rng()
 
     def samples():
-        return {"test_panel": (panel(fixed_x, translate(g_raw, fixed_x, args.test_noise, args.batch_size), fixed_y), 3)}
+        return {"test_panel": (panel(fixed_x, translate(g_raw, fixed_x, args.test_noise), fixed_y), 3)}
 
     def state():
         return {"models": {k: m.state_dict() for k, m in models.items()},
@@ -400,8 +408,10 @@ def train(args):
             loss_d.backward()
             opt_d.step()
             D.requires_grad_(False)
-            scalars = {"loss/D": loss_d, "loss/D_real": gan_loss(real_logits.detach(), True, args.gan_mode),
-                       "loss/D_fake": gan_loss(fake_logits.detach(), False, args.gan_mode)}
+            scalars = {"loss/D": loss_d}
+            if r.is_log_step(step):   # D's real and fake halves, only for the log
+                scalars.update({"loss/D_real": gan_loss(real_logits.detach(), True, args.gan_mode),
+                                "loss/D_fake": gan_loss(fake_logits.detach(), False, args.gan_mode)})
         with r.autocast():
             # Eq. 4: L_cGAN (non-saturating) + λ L_L1
             loss_g, adv, l1 = g_loss(D(x, fake) if D is not None else None, fake, y, args.lambda_l1, args.gan_mode)
@@ -431,15 +441,21 @@ def sample(args):
     torch.manual_seed(args.seed)   # the test-time dropout
     noise, step = args.test_noise, state["step"]
     if args.input:   # the user's images, any size, resized to the training size
-        x, names = datasets.read_image_folder(args.input, targs.image_size, channels=c_in)
-        fake = translate(G, datasets.to_range(x, (-1, 1), True).to(device), noise, targs.batch_size)
-        datasets.save_images(fake, out, names)
-        print(f"wrote {len(names)} translations to {out}")
-        return {"translated": len(names), "out": str(out)}
+        try:   # all twice as wide as high: A|B pairs, as in the dataset folders, of which G translates the input half
+            a, b, names = datasets.read_image_folder(args.input, targs.image_size, pairs=True, channels=c_in)
+            x, half = (a, "A") if targs.direction == "AtoB" else (b, "B")
+            what = f"the {half} halves (G's input) of {len(names)} A|B pairs"
+        except runlib.UsageError:   # whole images
+            x, names = datasets.read_image_folder(args.input, targs.image_size, channels=c_in)
+            what = f"{len(names)} images"
+        fake = translate(G, datasets.to_range(x, (-1, 1), True).to(device), noise)
+        datasets.save_images(fake, out / "translated", names)
+        print(f"translated {what} from {args.input} into {out / 'translated'}")
+        return {"translated": len(names), "out": str(out / "translated")}
     test = datasets.load_translation(argparse.Namespace(**{**vars(targs), "download": args.download}), "test",
                                      paired=True, size=targs.image_size)
     x, y = (datasets.to_range(t, (-1, 1), True).to(device) for t in (test.a, test.b))
-    fake = translate(G, x, noise, targs.batch_size)
+    fake = translate(G, x, noise)
     datasets.save_images(fake, out / "test", test.names)
     print(f"wrote {len(fake)} translations of the test split to {out / 'test'}")
     result = dict(runlib.write_samples(out, step, {"test_panel": panel(x[:16], fake[:16], y[:16])}, nrow=6))

@@ -17,9 +17,11 @@ and labels.txt (file name, digit) in each folder. Training uses the first 8,000 
 
 `score` translates the test split with a checkpoint and measures, with that classifier (on the 28x28 digit
 inside the padding), for pix2pix: L1 to the target, PSNR, classifier FID against the targets, and the share of
-outputs classified as the input's digit (the paper's test-time noise: dropout on, per-image batch statistics,
-and the same with G in eval mode); for CycleGAN: the share of F(outline) classified as the outline's digit and
-of G(digit) as the digit's, the cycle L1 both ways, and the classifier FID of each direction. Prints JSON.
+outputs classified as the input's digit, with G as the official test runs it (one image at a time, BN in train
+mode, so each output is normalised by its own statistics; dropout would stay on, but the 32x32 U-Net has none)
+and again with G in eval mode (BN's running averages); for CycleGAN: the share of F(outline) classified as the
+outline's digit and of G(digit) as the digit's, the cycle L1 both ways, and the classifier FID of each
+direction. Prints JSON.
 """
 import argparse
 import json
@@ -94,9 +96,9 @@ def score_pix2pix(state, tasks, clf):
     G.load_state_dict(state["models"]["G"])
     (x, y), labels = read(tasks / "masked" / "test", pairs=True)
     out = {"step": state["step"]}
-    for tag, noise, batch in (("", True, 1), (" (G in eval mode)", False, 100)):
-        torch.manual_seed(0)   # the test-time dropout
-        fake = pix2pix.translate(G, x, noise=noise, batch=batch)
+    for tag, noise in (("", True), (" (G in eval mode)", False)):
+        torch.manual_seed(0)   # the test-time dropout (a 32x32 U-Net has none)
+        fake = pix2pix.translate(G, x, noise=noise)
         out.update({f"l1{tag}": float((fake - y).abs().mean()), f"psnr{tag}": float(pix2pix.psnr(fake, y)),
                     f"cfid{tag}": digits.classifier_fid(clf, digit(fake), digit(y)),
                     f"agree{tag}": digits.class_agreement(clf, digit(fake), labels)})

@@ -1,16 +1,20 @@
 import argparse
+import contextlib
+import copy
 import random
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import cyclegan
 from common import data as datasets
 from common import metrics
-from tests import helpers
+from tests import helpers, wiring
 
 
 class StubInception(nn.Module):
@@ -69,7 +73,7 @@ def test_sample_both_directions_and_own_images(tmp_path):
         result = cyclegan.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine), "--out", str(o),
                                 "--direction", direction])
         assert result["translated"] == 2
-        with Image.open(o / "grey.png") as img:
+        with Image.open(o / f"translated_{direction}" / "grey.png") as img:
             assert img.size == (16, 16)
 
 
@@ -84,6 +88,9 @@ def test_help(capsys):
     (["--image-size", "16", "--d-layers", "4"], "PatchGAN"),
     (["--input", "x"], "--sample"),
     (["--lambda-cyc", "-1"], ">= 0"),
+    (["--identity-weight", "-1"], ">= 0"),
+    (["--identity-weight", "2", "--lambda-identity", "0.2"], "give one of them"),
+    (["--sample", "ckpt.pt", "--input", "no/such/folder"], "--input no/such/folder does not exist"),
 ])
 def test_bad_flags(tmp_path, capsys, argv, match):
     out = tmp_path / "x"
@@ -173,9 +180,9 @@ def test_cycle_and_identity_losses_on_hand_made_tensors():
     assert float(terms["G_GAN"]) == 0 and float(terms["F_GAN"]) == 1
     assert torch.isclose(total, torch.tensor(1 + 10 * 1.25))
     idt_b, idt_a = b * 0.5, a + 0.1                            # ‖G(b) − b‖ = 0.5, ‖F(a) − a‖ = 0.1
-    total_id, terms = cyclegan.generator_loss(d_fake_b, d_fake_a, rec_a, a, rec_b, b, 10.0, 0.5, idt_b, idt_a)
+    total_id, terms = cyclegan.generator_loss(d_fake_b, d_fake_a, rec_a, a, rec_b, b, 10.0, 5.0, idt_b, idt_a)
     assert torch.isclose(terms["identity_B"], torch.tensor(0.5)) and torch.isclose(terms["identity_A"], torch.tensor(0.1))
-    assert torch.isclose(total_id, total + 0.5 * 10 * 0.6)   # 0.5 · λ · L_identity
+    assert torch.isclose(total_id, total + 5.0 * 0.6)   # λ_id L_identity, λ_id its own weight
     assert torch.isclose(cyclegan.d_loss(torch.full((4,), 0.5), torch.full((4,), 0.5)), torch.tensor(0.25))
 
 
@@ -217,3 +224,193 @@ def test_learning_rate_decays_linearly():
     assert cyclegan.lr_factor(100, args) == 1.0
     assert cyclegan.lr_factor(101, args) == pytest.approx(1 - 1 / 101)
     assert cyclegan.lr_factor(200, args) == pytest.approx(1 / 101)
+
+
+# -- the training loop: one step against the objective computed by hand -------------------------------
+
+def fixed_batches(monkeypatch, a, b):
+    """train() draws every batch as (a, b)."""
+    def batches(*args, **kwargs):
+        while True:
+            yield a.clone(), b.clone()
+    monkeypatch.setattr(datasets, "translation_batches", batches)
+
+
+@contextlib.contextmanager
+def recorded_steps():
+    """Yields a list that gets each optimizer step, as (optimizer, its gradients, its learning rate) just
+    before the step."""
+    steps = []
+
+    def hook(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        steps.append((opt, [None if p.grad is None else p.grad.clone() for p in params], opt.param_groups[0]["lr"]))
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield steps
+    finally:
+        handle.remove()
+
+
+def built_nets(monkeypatch):
+    """(copies of the nets as built, the nets train() goes on to train) for each call of cyclegan.build."""
+    calls, original = [], cyclegan.build
+
+    def build(*args, **kwargs):
+        nets = original(*args, **kwargs)
+        calls.append((copy.deepcopy(nets), nets))
+        return nets
+    monkeypatch.setattr(cyclegan, "build", build)
+    return calls
+
+
+def params(nets, *names):
+    return [p for name in names for p in nets[name].parameters()]
+
+
+def assert_grads(got, want, what):
+    for g, w in zip(got, want, strict=True):
+        assert g is not None, f"{what}: a parameter got no gradient"
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6 * float(w.abs().max()) + 1e-12), what
+
+
+def assert_adam_first_step(after, before, grads, lr, what):
+    """Adam's first step moves each parameter by −lr · g / (|g| + eps)."""
+    for p, p0, g in zip(after, before, grads, strict=True):
+        assert torch.allclose(p.detach() - p0.detach(), wiring.adam_first_update(lr, g), atol=lr * 1e-3), what
+
+
+@pytest.mark.parametrize("extra, lam, lam_id", [
+    ([], 10.0, 5.0),                                        # the defaults: λ = 10, λ_id = 0.5 λ
+    (["--lambda-cyc", "3", "--lambda-identity", "0.1"], 3.0, 0.3),
+    (["--lambda-cyc", "0", "--identity-weight", "5"], 0.0, 5.0),   # the cycle term off, the identity term kept
+])
+def test_one_step_follows_the_objective(tmp_path, monkeypatch, extra, lam, lam_id):
+    """One step of train() against Eq. 3 on the same batch: G and F first on the LSGAN terms (targets 1) through
+    D_B(G(a)) and D_A(F(b)), λ times both cycles and λ_id times both identities; then each D, halved, on its own
+    domain's real images (target 1) against what its history pool returned for the other G's fakes (target 0)."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1 for _ in "ab")
+    fixed_batches(monkeypatch, a, b)
+    nets = built_nets(monkeypatch)
+    queried = []
+
+    def query(self, images):   # a stand-in history: returns other images than it was given (mirrored)
+        queried.append((self, images.detach().clone()))
+        return images.detach().flip(-1)
+    monkeypatch.setattr(cyclegan.ImagePool, "query", query)
+    pools = wiring.record_calls(monkeypatch, cyclegan, "ImagePool")
+    lr = 0.01   # large enough that an update before the other's step visibly changes its gradient
+    with recorded_steps() as steps:
+        wiring.train_steps(cyclegan, tmp_path, 1, "--lr", str(lr), "--pool-size", "5", *extra)
+    (n0, n1), = nets
+    G, F_, D_A, D_B = (n0[k] for k in ("G", "F", "D_A", "D_B"))
+
+    def mse(scores, target):
+        return (scores - target).pow(2).mean()
+
+    def l1(x, y):
+        return (x - y).abs().mean()
+
+    assert [o for o, _, _ in steps] == [steps[0][0], steps[1][0]] and steps[0][0] is not steps[1][0]
+    (_, grads_g, lr_g), (_, grads_d, lr_d) = steps   # G and F first, then the Ds
+    fake_b, fake_a = G(a), F_(b)
+    loss_g = (mse(D_B(fake_b), 1) + mse(D_A(fake_a), 1) + lam * (l1(F_(fake_b), a) + l1(G(fake_a), b))
+              + lam_id * (l1(G(b), b) + l1(F_(a), a)))
+    assert_grads(grads_g, torch.autograd.grad(loss_g, params(n0, "G", "F")), "G's and F's gradient")
+    assert lr_g == lr
+    assert_adam_first_step(params(n1, "G", "F"), params(n0, "G", "F"), grads_g, lr, "G's and F's update")
+
+    assert [args for args, _, _ in pools] == [(5,), (5,)]   # --pool-size
+    assert len(queried) == 2 and queried[0][0] is not queried[1][0]   # one history per domain
+    for fake in (fake_b, fake_a):   # each G's fakes from before G's update go into a pool
+        assert sum(torch.allclose(x, fake.detach(), atol=1e-6) for _, x in queried) == 1
+    fake_b, fake_a = fake_b.detach().flip(-1), fake_a.detach().flip(-1)   # what the stand-in pools return
+    loss_d = 0.5 * (mse(D_B(b), 1) + mse(D_B(fake_b), 0)) + 0.5 * (mse(D_A(a), 1) + mse(D_A(fake_a), 0))
+    assert_grads(grads_d, torch.autograd.grad(loss_d, params(n0, "D_A", "D_B")), "the Ds' gradient")
+    assert lr_d == lr
+    assert_adam_first_step(params(n1, "D_A", "D_B"), params(n0, "D_A", "D_B"), grads_d, lr, "the Ds' update")
+
+
+def test_optimizers_and_learning_rate_decay(tmp_path, monkeypatch):
+    """One Adam (2e-4, β (0.5, 0.999)) over G and F, one over both Ds; the lr constant for the first half of the
+    steps, then lr · (1 − (step − n_const) / (n_decay + 1)) (official 'linear' policy, here per step)."""
+    built = wiring.record_optimizers(monkeypatch)
+    nets = built_nets(monkeypatch)
+    with recorded_steps() as steps:
+        wiring.train_steps(cyclegan, tmp_path, 4)
+    (_, n), = nets
+    assert len(built) == 2
+    for names in (("G", "F"), ("D_A", "D_B")):
+        [opt] = [o for o in built if {id(p) for p in o.params} == {id(p) for p in params(n, *names)}]
+        assert opt.type == "Adam" and opt.setting("betas") == (0.5, 0.999)
+        seen = [lr for o, _, lr in steps if o is opt.opt]   # 4 steps: 2 at the full lr, 2 decaying (n_decay = 2)
+        assert seen == pytest.approx([2e-4, 2e-4, 2e-4 * (1 - 1 / 3), 2e-4 * (1 - 2 / 3)])
+
+
+def test_log_only_terms_leave_training_unchanged(tmp_path):
+    """Each D's real and fake halves are computed only at log steps; the weights and pools do not depend on the
+    log interval."""
+    a = wiring.train_steps(cyclegan, tmp_path, 4, "--pool-size", "1", name="every")   # a pool draw per image
+    b = cyclegan.main(["--dry-run", "--steps", "4", "--pool-size", "1", "--out", str(tmp_path / "rare"),
+                       "--log-every", "3", "--sample-every", "0", "--ckpt-every", "0", "--eval-every", "0"])
+    logged = {"loss/D_A_real", "loss/D_A_fake", "loss/D_B_real", "loss/D_B_fake"}
+    assert logged <= set(a["losses"]) and logged <= set(b["losses"])
+    wa, wb = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("every", "rare"))
+    helpers.assert_same(wa["models"], wb["models"])
+    helpers.assert_same(wa["pools"], wb["pools"])
+
+
+# -- translating your own images; bad images ------------------------------------------------------------
+
+def truncated_png(path, size=(12, 12)):
+    """A PNG cut in half, as an interrupted download leaves it."""
+    noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_translations_of_own_images_leave_the_run_alone(tmp_path):
+    out, _, _ = helpers.dry_run(cyclegan, tmp_path, "--steps", "1")
+    run_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    mine = tmp_path / "mine"
+    write_domain(mine, 2, (0, 200, 0))
+    result = cyclegan.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine)])   # the default --out
+    assert sorted(p.name for p in Path(result["out"]).glob("*.png")) == ["000.png", "001.png"]
+    assert Path(result["out"]).name == "translated_AtoB"
+    assert all(p.read_bytes() == data for p, data in run_files.items())   # no training grid overwritten
+
+
+@pytest.mark.xfail(raises=NotADirectoryError, strict=True,
+                   reason="needs common.data.read_image_folder to accept a single image file")
+def test_sample_translates_one_image(tmp_path):
+    out, _, _ = helpers.dry_run(cyclegan, tmp_path, "--steps", "1")
+    Image.new("RGB", (50, 37), (200, 10, 10)).save(tmp_path / "photo.jpg")
+    result = cyclegan.main(["--sample", str(out / "ckpt.pt"), "--input", str(tmp_path / "photo.jpg"),
+                            "--out", str(tmp_path / "o")])
+    assert result["translated"] == 1
+    with Image.open(tmp_path / "o" / "translated_AtoB" / "photo.png") as img:
+        assert img.size == (16, 16)
+
+
+@pytest.mark.xfail(raises=OSError, strict=True,
+                   reason="needs common.data.read_image_folder to name an unreadable image (it raises PIL's OSError)")
+@pytest.mark.parametrize("bad", ["truncated.png", "notes.jpg"])
+def test_a_bad_image_in_the_dataset_is_named_at_start_up(tmp_path, capsys, bad):
+    """It stops the run at start-up with one line naming it (exit 2, no traceback), or is skipped with a warning
+    that names it."""
+    root = tmp_path / "set"
+    for name in ("trainA", "trainB", "testA", "testB"):
+        write_domain(root / name, 2, (9, 9, 9))
+    if bad == "truncated.png":
+        truncated_png(root / "trainB" / bad)
+    else:
+        (root / "trainB" / bad).write_text("not an image")
+    try:
+        cyclegan.main(["--dry-run", "--dataset", str(root), "--out", str(tmp_path / "run"), "--steps", "1"])
+    except SystemExit as e:
+        err = capsys.readouterr().err.strip()
+        assert e.code == 2 and bad in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    else:
+        assert bad in capsys.readouterr().err

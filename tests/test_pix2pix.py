@@ -1,7 +1,11 @@
 import argparse
+import contextlib
+import copy
 import math
 import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -10,7 +14,7 @@ from PIL import Image
 import pix2pix
 from common import data as datasets
 from common import metrics
-from tests import helpers
+from tests import helpers, wiring
 
 
 class StubInception(nn.Module):
@@ -71,7 +75,7 @@ def test_sample_test_split_and_own_images(tmp_path):
     result = pix2pix.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine), "--out", str(tmp_path / "o")])
     assert result["translated"] == 2
     for name in ("photo.png", "scan.png"):
-        with Image.open(tmp_path / "o" / name) as img:
+        with Image.open(tmp_path / "o" / "translated" / name) as img:
             assert img.size == (32, 32)   # the training size
 
 
@@ -84,6 +88,7 @@ def test_help(capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--image-size", "48", "--load-size", "48"], "power of two"),
     (["--input", "somewhere"], "--sample"),
+    (["--sample", "ckpt.pt", "--input", "no/such/folder"], "--input no/such/folder does not exist"),
     (["--netD", "pixel", "--d-layers", "2"], "PixelGAN"),
     (["--gan-mode", "none", "--lambda-l1", "0"], "nothing to train"),
     (["--load-size", "16"], "--load-size"),
@@ -269,3 +274,205 @@ def test_learning_rate_schedule():
 def test_psnr():
     y = torch.zeros(2, 1, 4, 4)
     assert torch.isclose(pix2pix.psnr(y + 0.2, y), torch.tensor(10 * math.log10(1 / 0.01)))
+
+
+# -- the training loop: one step against the objective computed by hand -------------------------------
+
+def fixed_batches(monkeypatch, x, y):
+    """train() draws every batch as (x, y)."""
+    def batches(*args, **kwargs):
+        while True:
+            yield x.clone(), y.clone()
+    monkeypatch.setattr(datasets, "translation_batches", batches)
+
+
+def built_nets(monkeypatch):
+    """(copies of the nets as built, the nets train() goes on to train) for each call of pix2pix.build."""
+    calls, original = [], pix2pix.build
+
+    def build(*args, **kwargs):
+        nets = original(*args, **kwargs)
+        calls.append((copy.deepcopy(nets), nets))
+        return nets
+    monkeypatch.setattr(pix2pix, "build", build)
+    return calls
+
+
+@contextlib.contextmanager
+def recorded_updates():
+    """Every optimizer step train() takes (see wiring.record_updates)."""
+    steps, stop = wiring.record_updates()
+    try:
+        yield steps
+    finally:
+        stop()
+
+
+def assert_adam_first_step(step, what):
+    """Adam's first step moves each parameter by −lr · g / (|g| + eps), g the gradient it stepped with."""
+    lr = wiring.setting(step, "lr")
+    wiring.assert_update(step, [wiring.adam_first_update(lr, g) for g in step["grads"]], what)
+
+
+@pytest.mark.parametrize("extra", [[], ["--gan-mode", "lsgan", "--lambda-l1", "7"], ["--gan-mode", "none"]])
+def test_one_step_follows_the_objective(tmp_path, monkeypatch, extra):
+    """One step of train() against Eq. 1-4 on the same batch: D first, on (x, y) as real and (x, G(x)) as fake,
+    its loss halved; then G on the non-saturating GAN term (D already updated) + λ L1; Adam's first step."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1, torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    fixed_batches(monkeypatch, x, y)
+    nets = built_nets(monkeypatch)
+    lr = 0.01   # large enough that D's update visibly changes G's gradient
+    with recorded_updates() as steps:
+        wiring.train_steps(pix2pix, tmp_path, 1, "--lr", str(lr), *extra)
+    args = pix2pix.parse_args(["--dry-run", *extra])
+    (G0, D0), (G1, D1) = nets[0]
+    mode, lam = args.gan_mode, args.lambda_l1
+    assert lam == (7 if "7" in extra else 100)
+
+    def bce(logits, target):   # Eq. 1's log terms (vanilla) or least squares, a mean over D's patches
+        if mode == "lsgan":
+            return (logits - target).pow(2).mean()
+        return -(target * torch.log(torch.sigmoid(logits)) + (1 - target) * torch.log(1 - torch.sigmoid(logits))).mean()
+
+    if mode == "none":
+        assert D1 is None and wiring.who_steps(steps, G=G1) == ["G"]
+    else:
+        assert wiring.who_steps(steps, G=G1, D=D1) == ["D", "G"]   # D first, each by its own optimizer
+        d_step = steps[0]
+        fake = G0(x).detach()
+        loss_d = 0.5 * (bce(D0(x, y), 1.0) + bce(D0(x, fake), 0.0))   # conditional: D sees the input with each
+        wiring.assert_same_gradients(d_step["grads"], wiring.grads(loss_d, D0), "D's gradient")
+        assert wiring.setting(d_step, "lr") == lr
+        assert_adam_first_step(d_step, "D's update")
+        wiring.assert_same(d_step["after"], list(D1.parameters()), "D after its step")   # G's step left D alone
+    g_step = steps[-1]
+    fake = G0(x)
+    loss_g = lam * (fake - y).abs().mean()
+    if mode != "none":
+        D_after = copy.deepcopy(D1)   # D as G's step saw it: after D's own step
+        loss_g = loss_g + bce(D_after(x, fake), 1.0)
+    wiring.assert_same_gradients(g_step["grads"], wiring.grads(loss_g, G0), "G's gradient")
+    assert wiring.setting(g_step, "lr") == lr
+    wiring.assert_same(g_step["before"], list(G0.parameters()), "G before its step")   # D's step left G alone
+    assert_adam_first_step(g_step, "G's update")
+
+
+def test_optimizers_and_learning_rate_decay(tmp_path, monkeypatch):
+    """Adam 2e-4, β (0.5, 0.999) for G and for D, each over its own net; the lr constant for the first half of the
+    steps, then lr · (1 − (step − n_const) / (n_decay + 1)) (official 'linear' policy, here per step)."""
+    built = wiring.record_optimizers(monkeypatch)
+    nets = built_nets(monkeypatch)
+    with recorded_updates() as steps:
+        wiring.train_steps(pix2pix, tmp_path, 4)
+    _, (G, D) = nets[0]
+    assert len(built) == 2
+    for net in (G, D):   # one Adam over each net's parameters, and no other's
+        [opt] = [b for b in built if {id(p) for p in b.params} == {id(p) for p in net.parameters()}]
+        assert opt.type == "Adam" and opt.setting("betas") == (0.5, 0.999) and opt.setting("lr") == 2e-4
+        seen = [wiring.setting(s, "lr") for s in steps if s["opt"] is opt.opt]   # 2 steps at the full lr, 2 decaying
+        assert seen == pytest.approx([2e-4, 2e-4, 2e-4 * (1 - 1 / 3), 2e-4 * (1 - 2 / 3)])
+
+
+def test_log_only_terms_leave_training_unchanged(tmp_path):
+    """D's real and fake halves are computed only at log steps; the weights do not depend on the log interval."""
+    a = wiring.train_steps(pix2pix, tmp_path, 3, name="every")
+    b = pix2pix.main(["--dry-run", "--steps", "3", "--out", str(tmp_path / "rare"), "--log-every", "2",
+                      "--sample-every", "0", "--ckpt-every", "0", "--eval-every", "0"])
+    assert {"loss/D_real", "loss/D_fake"} <= set(a["losses"]) and {"loss/D_real", "loss/D_fake"} <= set(b["losses"])
+    wa, wb = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("every", "rare"))
+    helpers.assert_same(wa["models"], wb["models"])
+
+
+# -- translating your own images ------------------------------------------------------------------------
+
+def truncated_png(path, size=(24, 12)):
+    """A PNG cut in half, as an interrupted download leaves it."""
+    noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def read_png(path):
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+@pytest.mark.parametrize("direction", ["AtoB", "BtoA"])
+def test_sample_translates_the_input_half_of_pairs(tmp_path, direction):
+    """--input on a folder of A|B pairs (the dataset layout) translates the half G was trained on, not the pair
+    squashed into one square; the outputs go to <out>/translated/ and leave the run's grids alone."""
+    out, _, _ = helpers.dry_run(pix2pix, tmp_path, "--direction", direction, "--steps", "1")
+    run_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    pairs = tmp_path / "pairs"
+    write_pairs(pairs, 2, h=20)
+    result = pix2pix.main(["--sample", str(out / "ckpt.pt"), "--input", str(pairs)])   # the default --out
+    assert result["translated"] == 2
+    assert all(p.read_bytes() == data for p, data in run_files.items())   # no training grid overwritten
+    translated = sorted(Path(result["out"]).glob("*.png"))
+    assert [p.name for p in translated] == ["000.png", "001.png"] and Path(result["out"]).name == "translated"
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    G = pix2pix.UNet(3, 3, 32, state["args"]["g_width"])
+    G.load_state_dict(state["models"]["G"])
+    a, b, _ = datasets.read_image_folder(pairs, 32, pairs=True, channels=3)
+    halves = {"AtoB": a, "BtoA": b}
+    want = pix2pix.translate(G, datasets.to_range(halves[direction], (-1, 1), True))   # 32 px: no dropout
+    got = torch.stack([read_png(p) for p in translated])
+    assert (got - want).abs().max() < 2 / 255
+    squashed, _ = datasets.read_image_folder(pairs, 32, channels=3)   # what --input did before
+    for x in (halves["BtoA" if direction == "AtoB" else "AtoB"], squashed):   # the test can tell them apart
+        assert (got - pix2pix.translate(G, datasets.to_range(x, (-1, 1), True))).abs().max() > 6 / 255
+
+
+@pytest.mark.xfail(raises=NotADirectoryError, strict=True,
+                   reason="needs common.data.read_image_folder to accept a single image file")
+def test_sample_translates_one_image(tmp_path):
+    out, _, _ = helpers.dry_run(pix2pix, tmp_path, "--steps", "1")
+    Image.new("RGB", (50, 37), (200, 10, 10)).save(tmp_path / "photo.jpg")
+    result = pix2pix.main(["--sample", str(out / "ckpt.pt"), "--input", str(tmp_path / "photo.jpg"),
+                           "--out", str(tmp_path / "o")])
+    assert result["translated"] == 1
+    with Image.open(tmp_path / "o" / "translated" / "photo.png") as img:
+        assert img.size == (32, 32)
+
+
+def assert_stops_or_skips(run, bad, capsys):
+    """A bad image stops the run at start-up with one line naming it (exit 2, no traceback), or is skipped with
+    a warning that names it."""
+    try:
+        run()
+    except SystemExit as e:
+        err = capsys.readouterr().err.strip()
+        assert e.code == 2 and bad.name in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    else:
+        assert bad.name in capsys.readouterr().err
+
+
+@pytest.mark.xfail(raises=OSError, strict=True,
+                   reason="needs common.data.read_image_folder to name an unreadable image (it raises PIL's OSError)")
+@pytest.mark.parametrize("bad", ["truncated.png", "notes.jpg"])
+def test_a_bad_image_in_the_dataset_is_named_at_start_up(tmp_path, capsys, bad):
+    root = tmp_path / "set"
+    write_pairs(root / "train", 3)
+    write_pairs(root / "test", 1)
+    if bad == "truncated.png":
+        truncated_png(root / "train" / bad)
+    else:
+        (root / "train" / bad).write_text("not an image")
+    out = tmp_path / "run"
+    assert_stops_or_skips(lambda: pix2pix.main(["--dry-run", "--dataset", str(root), "--out", str(out),
+                                                "--steps", "1"]), root / "train" / bad, capsys)
+
+
+@pytest.mark.xfail(raises=OSError, strict=True,
+                   reason="needs common.data.read_image_folder to name an unreadable image (it raises PIL's OSError)")
+def test_a_bad_image_given_to_translate_is_named(tmp_path, capsys):
+    out, _, _ = helpers.dry_run(pix2pix, tmp_path, "--steps", "1")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(mine / "ok.png")
+    truncated_png(mine / "cut.png")
+    capsys.readouterr()
+    assert_stops_or_skips(lambda: pix2pix.main(["--sample", str(out / "ckpt.pt"), "--input", str(mine),
+                                                "--out", str(tmp_path / "o")]), mine / "cut.png", capsys)
