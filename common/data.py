@@ -451,7 +451,7 @@ def load_translation(args, split, paired, size):
 
 
 def read_image_folder(folder, size, pairs=False, channels=None):
-    """The images directly in `folder` resized to size x size (bicubic, as the official code): uint8
+    """The images directly in `folder` (or the one image file `folder`) resized to size x size (bicubic, as the official code): uint8
     (N, C, size, size) and the file names. C is 1 when all are grey, else 3, unless `channels` is given.
     pairs=True splits each image into its left (A) and right (B) square: returns A, B, names. Files are decoded
     and resized on a thread per core (PIL releases the GIL there), then taken in name order."""
@@ -459,7 +459,8 @@ def read_image_folder(folder, size, pairs=False, channels=None):
 
     import numpy as np
     from PIL import Image
-    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UsageError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
 

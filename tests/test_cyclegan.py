@@ -382,8 +382,6 @@ def test_translations_of_own_images_leave_the_run_alone(tmp_path):
     assert all(p.read_bytes() == data for p, data in run_files.items())   # no training grid overwritten
 
 
-@pytest.mark.xfail(raises=NotADirectoryError, strict=True,
-                   reason="needs common.data.read_image_folder to accept a single image file")
 def test_sample_translates_one_image(tmp_path):
     out, _, _ = helpers.dry_run(cyclegan, tmp_path, "--steps", "1")
     Image.new("RGB", (50, 37), (200, 10, 10)).save(tmp_path / "photo.jpg")
@@ -394,8 +392,6 @@ def test_sample_translates_one_image(tmp_path):
         assert img.size == (16, 16)
 
 
-@pytest.mark.xfail(raises=OSError, strict=True,
-                   reason="needs common.data.read_image_folder to name an unreadable image (it raises PIL's OSError)")
 @pytest.mark.parametrize("bad", ["truncated.png", "notes.jpg"])
 def test_a_bad_image_in_the_dataset_is_named_at_start_up(tmp_path, capsys, bad):
     """It stops the run at start-up with one line naming it (exit 2, no traceback), or is skipped with a warning
