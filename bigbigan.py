@@ -52,7 +52,7 @@ Usage:
     python bigbigan.py --cuda                                            # CIFAR-10, 32x32
     # a CPU run on digits (~35 min on one core): linear probe, samples' classifier FID, reconstructions
     # (on the 10k MNIST test digits, probe on μ at step 2000, seeds 0–2: 74.8% (70.5–79.8%), 65.8% with
-    # --no-unary; random encoders 57–66%, raw pixels 90%: benchmarks/bigbigan_probe.py, see README)
+    # --no-unary; random encoders 57–66%, raw pixels 90%: benchmarks/bigbigan_probe.py, docs/results.md)
     python bigbigan.py --dataset mnist --g-width 8 --d-width 8 --e-width 16 --mlp-width 128 --batch-size 32 \\
         --steps 2000 --metrics cfid,agree --eval-every 500 --eval-samples 2000
     python bigbigan.py --sample runs/bigbigan/cifar10-.../ckpt.pt     # samples + reconstructions

@@ -48,7 +48,7 @@ Usage:
     python stylegan.py --dataset ~/ffhq-thumbnails --image-size 128 --flip --cuda   # any image folder
     # a CPU run: MNIST grown 8 → 32 (phases of 10k images; EMA half-life 1k images; ~25 min on one core),
     # scored with the digit classifier per phase. Without style mixing: with the paper's p = 0.9 these tiny
-    # nets mode-collapsed in such a short run (3 digits at 16 px), without it they cover all ten (see README)
+    # nets mode-collapsed in such a short run (3 digits at 16 px), without it they cover all ten (docs/results.md)
     python stylegan.py --dataset mnist --image-size 32 --fmap-base 256 --fmap-max 32 --z-dim 32 --w-dim 32 \\
         --batch-size 16 --batch-schedule "" --stable-kimg 10 --fade-kimg 10 --ema-kimg 1 --steps 6250 \\
         --mixing-prob 0 --metrics cfid --eval-every 625 --eval-samples 2000

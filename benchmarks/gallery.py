@@ -6,10 +6,10 @@ trained on a 2-core CPU (the commands of docs/results.md), and the commands that
     python benchmarks/gallery.py render --runs runs/gallery              # docs/gallery/<script>.png
     python benchmarks/gallery.py commands                                 # print every command, run nothing
 
-`--digits` is the MNIST test split as a folder of idx files (see the README: "The digits used here").
+`--digits` is the MNIST test split as a folder of idx files (see the README: "Datasets").
 Each picture is what `python X.py --sample RUN/ckpt.pt` writes (gail: its learning curve, read from the
-run's TensorBoard events), shrunk to a palette PNG of at most 150 KB. `train` skips a run whose checkpoint
-exists, so an interrupted `train` continues where it stopped.
+run's TensorBoard events), shrunk to a palette PNG of at most 150 KB. `train` skips a finished run and
+resumes an interrupted one (--resume auto), so running it again continues where it stopped.
 """
 import argparse
 import shlex
@@ -56,7 +56,8 @@ RUNS = {
                              "--d-layers 2 --steps 4000 --metrics none")], "", ["test_panel"],
                 "test digits with the lower half masked: input, output, target"),
     "cyclegan": ([("cyclegan", "--dataset {tasks}/outline --image-size 32 --load-size 36 --g-width 16 --d-width 16 "
-                               "--d-layers 2 --steps 2000 --metrics none")], "", ["test_panel"],
+                               "--d-layers 2 --steps 2000 --metrics none")], "",
+                 ["test_A_to_B_to_A", "test_B_to_A_to_B"],
                  "unpaired digits and stroke outlines: each input, its translation and its cycle"),
     "infogan": ([("infogan", f"{MNIST} --width 32 --steps 1500 --eval-every 500")], "", ["c1"],
                 "varying the categorical code c1 along each row (fixed noise), 1.5k steps"),
@@ -70,7 +71,7 @@ RUNS = {
              "CartPole-v1 from one expert trajectory: mean return per iteration"),
     "vqgan": ([("vqgan", f"{MNIST} --image-size 32 --g-width 32 --ch-mult 1,2,2 --num-res-blocks 1 --norm-groups 8 "
                          "--embed-dim 64 --d-width 32 --batch-size 16 --steps 1000 --perceptual-weight 0 "
-                         "--disc-start 100000 --restart-dead-codes 100 --metrics cfid,agree --eval-samples 1000"),
+                         "--disc-start 100000 --restart-dead-codes 100 --metrics cfid,agree --eval-samples 1000 --eval-every 250"),
                ("vqgan-stage2", "--stage 2 --vqgan {runs}/vqgan/ckpt.pt --n-layer 4 --n-head 4 --n-embd 128 "
                                 "--batch-size 32 --steps 2000 --metrics cfid --eval-samples 1000")],
               "", ["reconstructions", "samples"], "reconstructions (pairs) and samples of the GPT prior over the codes"),
@@ -83,6 +84,12 @@ def training_commands(runs, digits, tasks):
             flags = flags.format(digits=digits, tasks=tasks, runs=runs)
             yield name, [sys.executable, f"{script}.py", *shlex.split(flags), "--threads", "1",
                          "--out", str(Path(runs) / name)]
+
+
+def finished(runs, name):
+    """Whether the run wrote its summary at its last step (summary.json, or summary-<checkpoint>.json)."""
+    import json
+    return any(not json.loads(f.read_text()).get("interrupted", True) for f in (Path(runs) / name).glob("summary*.json"))
 
 
 def checkpoint(runs, name):
@@ -145,9 +152,15 @@ def render(runs):
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [sys.executable, f"{script}.py", "--sample", str(ckpt), "--out", tmp, *shlex.split(sample_flags)]
-                subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-                pngs = sorted(Path(tmp).glob("*.png"))
-                shrink([next(p for p in pngs if p.name.startswith(g + "-")) for g in grids], target)
+                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if done.returncode:
+                    print(f"{script}: {shlex.join(cmd[1:])} failed: {done.stderr.strip().splitlines()[-1]}")
+                    continue
+                pngs = {p.name.rsplit("-", 2)[0]: p for p in Path(tmp).glob("*.png")}
+                if set(grids) - set(pngs):
+                    print(f"{script}: --sample wrote {sorted(pngs)}, not {sorted(set(grids) - set(pngs))}")
+                    continue
+                shrink([pngs[g] for g in grids], target)
         print(f"{target.relative_to(ROOT)}: {target.stat().st_size / 1000:.0f} KB  ({caption})")
 
 
@@ -166,7 +179,8 @@ def main(argv=None):
             print(shlex.join(["python", *cmd[1:]]))
     elif args.action == "train":
         for name, cmd in commands:
-            if checkpoint(args.runs, name) is None:
+            if not finished(args.runs, name):
+                cmd += ["--resume", "auto"] if checkpoint(args.runs, name) else []
                 print(shlex.join(["python", *cmd[1:]]), flush=True)
                 subprocess.run(cmd, cwd=ROOT, check=True)
     else:
