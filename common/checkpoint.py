@@ -41,7 +41,7 @@ def load(path, script):
                                   "safe load refuses to run") from None
         if isinstance(e, pickle.UnpicklingError):   # torch's message would advise an unsafe load: leave it out
             raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
     if isinstance(state, dict) and state.get("script", script) != script:
         raise CheckpointError(f"{path} was written by {state['script']}.py, not {script}.py")

@@ -113,3 +113,25 @@ def test_resume_with_other_architecture_flags_is_refused_before_writing(name, tm
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert f"--{flag.replace('_', '-')} {args[flag] + 3} (now {args[flag]})" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"] and (out / "ckpt.pt").read_bytes() == before
+
+
+def test_a_killed_save_leaves_nothing_behind_at_the_next_start(tmp_path):
+    """A SIGKILL during checkpoint.save leaves .ckpt.pt.tmp-PID: the next start (a resume) removes the temp
+    files of dead processes and keeps one a live process may still be writing."""
+    import subprocess
+    import sys
+
+    gan = importlib.import_module("gan")
+    out = tmp_path / "run"
+    gan.main(["--dry-run", "--out", str(out), "--steps", "2"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stale, live = out / f".ckpt.pt.tmp-{dead.pid}", out / f".ckpt.pt.tmp-{writer.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    try:
+        gan.main(["--dry-run", "--out", str(out), "--steps", "3", "--resume", "auto"])
+    finally:
+        writer.kill()
+    assert not stale.exists() and live.exists()
