@@ -185,8 +185,8 @@ def instance_norm(x, eps=1e-8):
 
 
 def adain(x, style):
-    """Eq. 1, AdaIN(x, y) = y_s · (x − μ(x)) / σ(x) + y_b, in the code's form: instance norm, then x · (1 + y_s) + y_b
-    per channel; style = (y_s, y_b) of shape (N, 2C)."""
+    """Eq. 1, AdaIN(x, y) = y_s · (x − μ(x)) / σ(x) + y_b, in the code's form: instance norm, then
+    x · (1 + y_s) + y_b per channel; style = (y_s, y_b) of shape (N, 2C)."""
     ys, yb = style.view(style.shape[0], 2, -1, 1, 1).unbind(1)
     return instance_norm(x) * (ys + 1) + yb
 
