@@ -110,6 +110,7 @@ from common import metrics as inception
 from common import run as runlib
 
 SCRIPT = "improved_gan"
+VALUE_RANGE = {"mlp": (0, 1), "conv": (-1, 1)}   # the data range of each kind of net (the code's)
 
 # The official code's settings (mnist_svhn_cifar10/train_*_feature_matching.py): labelled examples,
 # Adam learning rate, epochs, and the last epochs over which the lr decays linearly to 0.
@@ -129,9 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=["auto", "mlp", "conv"], default="auto",
                    help="mlp: the MNIST nets; conv: the CIFAR-10/SVHN nets; auto: mlp for one-channel images")
     p.add_argument("--labels", type=int, default=None,
-                   help="labelled training examples, balanced over the classes; 0 (--mode generate only): no "
-                        "labels, one logit, an ordinary GAN (default: 100 with the mlp nets (MNIST), 4000 with the "
-                        "conv nets (CIFAR-10), 1000 on SVHN; 0 on unlabelled data)")
+                   help="labelled training examples, balanced over the classes; 0 (--mode generate only): one logit, "
+                        "an ordinary GAN (default: 100 mlp/MNIST, 4000 conv/CIFAR-10, 1000 SVHN; 0 without labels)")
     p.add_argument("--no-gan", action="store_true",
                    help="baseline: train the same classifier on the labelled examples only (no G, no L_unsupervised)")
     p.add_argument("--test-size", type=int, default=2000,
@@ -145,11 +145,10 @@ def parse_args(argv=None):
                         "for the small gradients of these nets")
     p.add_argument("--epochs", type=float, default=None,
                    help="training length in passes over the training set, sets --steps (default: the paper's, "
-                        "300 with the mlp nets (MNIST), 1200 with the conv nets (CIFAR-10), 900 on SVHN; "
-                        "none when --steps is given)")
+                        "300 mlp/MNIST, 1200 conv/CIFAR-10, 900 SVHN; none when --steps is given)")
     p.add_argument("--decay-epochs", type=float, default=None,
-                   help="the lr decays linearly to 0 over these last epochs (default: 0 with the mlp nets (MNIST), "
-                        "400 with the conv nets (CIFAR-10), 300 on SVHN)")
+                   help="the lr decays linearly to 0 over these last epochs (default: 0 mlp/MNIST, "
+                        "400 conv/CIFAR-10, 300 SVHN)")
     p.add_argument("--unsup-weight", type=float, default=0.5,
                    help="weight of L_unsupervised in D's loss (the code's 1/2; the paper's sum is 1)")
     g = p.add_argument_group("techniques (Sec. 3)")
@@ -488,18 +487,13 @@ def resolve(args, data):
         raise runlib.UsageError(f"the conv nets need square images with a side divisible by 8 and at least 16, "
                            f"got {h}x{w}; use --image-size 32 (or --arch mlp)")
     paper = PAPER["svhn"] if args.dataset == "svhn" else PAPER["mnist" if args.arch == "mlp" else "cifar10"]
-    for key in ("lr", "decay_epochs", "epochs"):
-        if getattr(args, key) is None:
-            setattr(args, key, paper[key])
     semi = args.mode == "semi"
-    if args.labels is None:
-        args.labels = paper["labels"] if data.num_classes else 0
-    if args.g_objective is None:
-        args.g_objective = "feature-matching" if semi else "minimax"
-    if args.minibatch_disc is None:
-        args.minibatch_disc = not semi
-    if args.g_steps is None:
-        args.g_steps = 1 if semi else 3
+    left_open = {**paper, "labels": paper["labels"] if data.num_classes else 0,   # the code's, per mode:
+                 "g_objective": "feature-matching" if semi else "minimax", "minibatch_disc": not semi,
+                 "g_steps": 1 if semi else 3}
+    for key, value in left_open.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.labels < 0 or (args.labels and not data.num_classes):
         raise runlib.UsageError(f"--labels {args.labels}: {args.dataset} has no labels" if args.labels > 0
                            else "--labels must be >= 0")
@@ -550,23 +544,17 @@ def select_labelled(args, train):
 @torch.no_grad()
 def test_error(D, images, labels, value_range, device, batch=100):
     """% of test images whose argmax over D's K logits is wrong (D in eval mode: no noise, no dropout)."""
-    was_training = D.training
-    D.eval()
     wrong = torch.zeros((), device=device)
-    for i in range(0, len(images), batch):
-        x = datasets.to_range(images[i:i + batch].to(device), value_range, True)
-        wrong += (D(x).argmax(1) != labels[i:i + batch].to(device)).sum()
-    D.train(was_training)
+    with runlib.eval_mode(D):
+        for i in range(0, len(images), batch):
+            x = datasets.to_range(images[i:i + batch].to(device), value_range, True)
+            wrong += (D(x).argmax(1) != labels[i:i + batch].to(device)).sum()
     return 100 * wrong.item() / len(images)
 
 
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
-
-def value_range_of(arch):
-    return (0, 1) if arch == "mlp" else (-1, 1)
-
 
 def build_generator(args, shape):
     width = args.g_hidden if args.arch == "mlp" else args.g_width
@@ -598,7 +586,7 @@ def train(args):
     clf = clf.to(device) if clf is not None else None
     gan = not args.no_gan
     conv = args.arch == "conv"
-    value_range = value_range_of(args.arch)
+    value_range = VALUE_RANGE[args.arch]
     classes = data.num_classes if args.labels else 1  # K; one logit without labels (an ordinary GAN)
     b = args.batch_size // r.world_size
 
@@ -617,12 +605,11 @@ def train(args):
     hist = {"G": HistoricalAverage(g_params), "D": HistoricalAverage(d_params)} if args.hist_avg > 0 else {}
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
-    state = r.resume_state
-    if state is not None:
+    if r.resume_state is not None:   # the averages travel with the checkpoint
         if d_avg is not None:
-            d_avg.load_state_dict(state["ema"]["D"])
+            d_avg.load_state_dict(r.resume_state["ema"]["D"])
         for k, h in hist.items():
-            h.load_state_dict(state["hist_avg"][k])
+            h.load_state_dict(r.resume_state["hist_avg"][k])
     batches = datasets.iterate(data, b, device, value_range=value_range, rank=r.rank, world_size=r.world_size,
                                workers=args.workers)
     if labelled is not None:
@@ -737,10 +724,9 @@ def train(args):
 @torch.no_grad()
 def sample(args):
     state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
-    G = build_generator(targs, state["data_shape"])
+    G = build_generator(targs, state["data_shape"]).to(device)
     G.load_state_dict(state["models"]["G"])
-    G.to(device)
-    value_range = value_range_of(targs.arch)
+    value_range = VALUE_RANGE[targs.arch]
     g = torch.Generator().manual_seed(args.seed)
     step = state["step"]
     grid = G(sample_noise(100, targs.z_dim, "cpu", g).to(device))

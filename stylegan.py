@@ -118,8 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--ema-kimg", type=float, default=10.0, help="G EMA half-life in thousands of images")
     p.add_argument("--mbstd-group", type=int, default=4, help="minibatch standard deviation group size")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="mirror each real image left-right with probability 1/2 (the configs' mirror_augment) "
-                        "(None: on for celeba, standing in for FFHQ / CelebA-HQ whose configs mirror; off otherwise)")
+                   help="mirror each real image left-right with probability 1/2 (the configs' mirror_augment; "
+                        "default: on for celeba, standing in for FFHQ / CelebA-HQ whose configs mirror, else off)")
     runlib.add_args(p, dataset="celeba", image_size=64, batch_size=4, steps=720312, log_every=1000,
                     sample_every=10000, ckpt_every=10000, eval_every=0, eval_samples=10000, digits=True, metrics="fid")
     args = runlib.parse(p, argv, dry_run_defaults={
@@ -127,24 +127,18 @@ def parse_args(argv=None):
         "fmap_max": 8, "initial_resolution": 4, "steps": 6, "batch_size": 8, "batch_schedule": "",
         "stable_kimg": 0.008, "fade_kimg": 0.016, "minibatch_repeats": 1},
         defaults=lambda a: {"flip": a.dataset == "celeba"})
-    try:
-        args.batch_dict = parse_schedule(args.batch_schedule, int)
-        args.lr_dict = parse_schedule(args.lr_schedule, float)
-    except ValueError as e:
-        raise runlib.UsageError(str(e)) from None
+    args.batch_dict = parse_schedule(args.batch_schedule, int)
+    args.lr_dict = parse_schedule(args.lr_schedule, float)
     return args
 
 
 def parse_schedule(text, kind):
     """'4:128,8:64' → {4: 128, 8: 64}."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        try:
-            res, value = item.split(":")
-            out[int(res)] = kind(value)
-        except ValueError:
-            raise ValueError(f"a schedule is 'resolution:value,...', got {text!r}") from None
-    return out
+    items = [item.split(":") for item in text.split(",") if item]
+    try:
+        return {int(res): kind(value) for res, value in items}
+    except ValueError:
+        raise runlib.UsageError(f"a schedule is 'resolution:value,...', got {text!r}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,15 +184,11 @@ def instance_norm(x, eps=1e-8):
     return x * torch.rsqrt(x.pow(2).mean(dim=(2, 3), keepdim=True) + eps)
 
 
-def style_modulation(x, style):
-    """Eq. 1 in the code's form: x · (1 + y_s) + y_b per channel, style = (y_s, y_b) of shape (N, 2C)."""
-    ys, yb = style.view(style.shape[0], 2, -1, 1, 1).unbind(1)
-    return x * (ys + 1) + yb
-
-
 def adain(x, style):
-    """AdaIN(x, y) = y_s · (x − μ(x)) / σ(x) + y_b with the code's (1 + y_s) parametrisation."""
-    return style_modulation(instance_norm(x), style)
+    """Eq. 1, AdaIN(x, y) = y_s · (x − μ(x)) / σ(x) + y_b, in the code's form: instance norm, then
+    x · (1 + y_s) + y_b per channel; style = (y_s, y_b) of shape (N, 2C)."""
+    ys, yb = style.view(style.shape[0], 2, -1, 1, 1).unbind(1)
+    return instance_norm(x) * (ys + 1) + yb
 
 
 def blur(x):
@@ -251,7 +241,7 @@ def feature_maps(resolution, fmap_base, fmap_max):
 
 
 # ------------------------------------------------------------------------------------------------
-# Mapping, truncation, mixing (Fig. 1b, Sec. 3.1, 3.4)
+# The networks: mapping f (Fig. 1b), truncation (Sec. 3.4), mixing (Sec. 3.1), synthesis g, discriminator
 # ------------------------------------------------------------------------------------------------
 
 class Mapping(nn.Module):
@@ -281,10 +271,6 @@ def style_mix(ws, ws2, crossover):
     layer = torch.arange(ws.shape[1], device=ws.device)[None, :, None]
     return torch.where(layer < crossover, ws, ws2)
 
-
-# ------------------------------------------------------------------------------------------------
-# Synthesis network and discriminator
-# ------------------------------------------------------------------------------------------------
 
 class StyleLayer(nn.Module):
     """The code's layer_epilogue: + B ⊙ noise, + bias, LeakyReLU, instance norm, style modulation by A(w)."""
@@ -503,8 +489,7 @@ def update_average(avg, model, beta):
 def build(args, shape):
     G = Generator(args.z_dim, args.w_dim, shape[1], shape[0], args.mapping_layers, args.mapping_lrmul,
                   args.fmap_base, args.fmap_max)
-    D = Discriminator(shape[1], shape[0], args.fmap_base, args.fmap_max, args.mbstd_group)
-    return G, D
+    return G, Discriminator(shape[1], shape[0], args.fmap_base, args.fmap_max, args.mbstd_group)
 
 
 def check(args):
@@ -557,14 +542,12 @@ def train(args):
     r = runlib.setup(args, SCRIPT, data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
-    real_stats = None
-    if args.metrics and "fid" in args.metrics:
-        real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
+    real_stats = (metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
+                  if args.metrics and "fid" in args.metrics else None)
 
     G, D = build(args, data.shape)
-    Gs = copy.deepcopy(G).requires_grad_(False)
+    Gs = copy.deepcopy(G).requires_grad_(False).to(device)
     G, D = prepare(r, G, args), prepare(r, D, args)
-    Gs = Gs.to(device)
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
     d_penalty = getattr(D, "_orig_mod", D)   # the penalty's double backward runs uncompiled
 
@@ -575,16 +558,10 @@ def train(args):
     stable_img, fade_img = round(args.stable_kimg * 1000), round(args.fade_kimg * 1000)
     nimg, lod, prev_lod = 0, None, -1.0
     start = r.resume({"G": g_raw, "D": d_raw, "Gs": Gs}, {"G": opt_g, "D": opt_d})
-    if start:
-        schedule = r.resume_state["schedule"]
-        nimg, lod, prev_lod = schedule["nimg"], schedule["lod"], schedule["prev_lod"]
-    iterators = {}
-
-    def batches(b):
-        if b not in iterators:
-            iterators[b] = datasets.iterate(data, b // r.world_size, device, rank=r.rank,
-                                            world_size=r.world_size, workers=args.workers)
-        return iterators[b]
+    if start:   # the schedule goes on where it stopped
+        nimg, lod, prev_lod = (r.resume_state["schedule"][k] for k in ("nimg", "lod", "prev_lod"))
+    batches = {b: datasets.iterate(data, b // r.world_size, device, rank=r.rank, world_size=r.world_size,
+                                   workers=args.workers) for b in set(batch_at.values())}   # one per minibatch size
     fixed_z = sample_noise(64, args.z_dim, "cpu", torch.Generator().manual_seed(args.seed)).to(device)
     r.restore_rng()
 
@@ -592,6 +569,15 @@ def train(args):
         with r.side_rng(), torch.no_grad():
             x = Gs(fixed_z, level, alpha, psi=args.psi, cutoff=args.cutoff)
             r.images(tag, upscale(x, R // res) if to_target else x, step, nrow=8)
+
+    def evaluate():   # FID of the EMA generator (ψ = 1) upscaled to the target resolution, as the code; cfid on digits
+        def generate(n):
+            return upscale(Gs(sample_noise(n, args.z_dim, device), level, alpha), R // res)
+        scores = metrics.evaluate(generate, args.eval_samples, real_stats, device, metrics=args.metrics,
+                                  weights=args.inception_weights) if args.metrics else {}
+        if clf is not None:
+            scores.update(digits.evaluate(clf, generate, args.eval_samples, data, args.digit_metrics))
+        return scores
 
     def state():
         return {"models": {"G": g_raw.state_dict(), "D": d_raw.state_dict(), "Gs": Gs.state_dict()},
@@ -619,7 +605,7 @@ def train(args):
         bl = b // r.world_size
 
         # D step: softplus(D(G(z))) + softplus(−D(x)) + (γ/2)‖∇D(x)‖²
-        x, _ = next(batches(b))
+        x, _ = next(batches[b])
         x = process_reals(mirror(x) if args.flip else x, res, alpha)
         with r.autocast():
             with torch.no_grad():
@@ -643,24 +629,10 @@ def train(args):
         scalars = {"loss/D": loss_d, "loss/G": loss_g, "loss/r1": penalty, "progress/kimg": nimg / 1000,
                    "progress/resolution": res, "progress/alpha": alpha, "progress/lod": lod, "progress/batch": b}
         if r.end_step(step, scalars, samples=lambda: snapshot("samples", level, res, alpha, step), state=state,
-                      evaluate=(lambda: evaluate(Gs, level, res, alpha, R, args, device, real_stats, data, clf))
-                      if args.metrics or clf is not None else None):
+                      evaluate=evaluate if args.metrics or clf is not None else None):
             break
     level, res, alpha = nets_at(lod, R)
     return r.finish(step, kimg=nimg / 1000, resolution=res, alpha=alpha)
-
-
-def evaluate(Gs, level, res, alpha, R, args, device, real_stats, data=None, clf=None):
-    """FID of the EMA generator (ψ = 1), nearest-upscaled to the target resolution as the code did."""
-    def generate(n):
-        return upscale(Gs(sample_noise(n, args.z_dim, device), level, alpha), R // res)
-    scores = {}
-    if args.metrics:
-        scores = metrics.evaluate(generate, args.eval_samples, real_stats, device, metrics=args.metrics,
-                                  weights=args.inception_weights)
-    if clf is not None:   # --metrics cfid: on digits, the classifier of common/digits.py
-        scores.update(digits.evaluate(clf, generate, args.eval_samples, data, args.digit_metrics))
-    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,9 +697,8 @@ def sample(args):
     state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
     shape = state["data_shape"]
     Gs = Generator(targs.z_dim, targs.w_dim, shape[1], shape[0], targs.mapping_layers, targs.mapping_lrmul,
-                   targs.fmap_base, targs.fmap_max)
+                   targs.fmap_base, targs.fmap_max).to(device).eval()
     Gs.load_state_dict(state["models"]["Gs"])
-    Gs.to(device).eval()
     schedule = state["schedule"]
     level, res, alpha = schedule["level"], schedule["resolution"], schedule["alpha"]
     print(f"checkpoint at {schedule['nimg'] / 1000:g} kimg: {res}x{res}, alpha {alpha:.3f}")
@@ -737,11 +708,10 @@ def sample(args):
              f"samples_psi{targs.psi}": Gs(z, level, alpha, psi=targs.psi, cutoff=targs.cutoff)}
     # Fig. 8: truncation sweep, ψ from −1 to 1 (rows: 8 latents, columns: ψ), on all layers in use
     psis = torch.linspace(-1, 1, 9).tolist()
-    zs = z[:8]
-    grids["truncation"] = torch.stack([Gs(zs, level, alpha, psi=p, cutoff=Gs.num_layers, randomize_noise=False)
+    grids["truncation"] = torch.stack([Gs(z[:8], level, alpha, psi=p, cutoff=Gs.num_layers, randomize_noise=False)
                                        for p in psis], 1).flatten(0, 1)
     # Fig. 3: style mixing, coarse / middle / fine styles from source B
-    wa, wb = Gs.mapping(sample_noise(6, targs.z_dim, "cpu", g).to(device)), Gs.mapping(sample_noise(6, targs.z_dim, "cpu", g).to(device))
+    wa, wb = (Gs.mapping(sample_noise(6, targs.z_dim, "cpu", g).to(device)) for _ in range(2))
     active = 2 * (level + 1)
     for name, (lo, hi) in STYLE_RANGES.items():
         hi = active if hi is None else min(hi, active)
@@ -754,16 +724,14 @@ def sample(args):
     std = (std / std.flatten(1).amax(1).view(-1, 1, 1, 1).clamp_min(1e-8)) * 2 - 1  # normalised, [−1, 1]
     std = std.expand(-1, draws.shape[2], -1, -1)
     grids["noise"] = torch.cat([draws[:, :8], std[:, None]], 1).flatten(0, 1)
-    nrows = {"truncation": len(psis), "noise": 9}
-    paths = {}
-    for name, x in grids.items():
-        ncol = nrows.get(name, 7 if name.startswith("style_mixing") else 10)
-        paths.update(runlib.write_samples(out, state["step"], {name: x}, nrow=ncol))
-    result = dict(paths)
+    result = {}
+    for name, x in grids.items():   # images per row: the ψ values; 8 draws and the std; source + 6 mixed; 10
+        nrow = {"truncation": len(psis), "noise": 9}.get(name, 7 if name.startswith("style_mixing") else 10)
+        result.update(runlib.write_samples(out, state["step"], {name: x}, nrow=nrow))
     result.update(resolution=res, alpha=alpha)
-    R = shape[1]   # --eval: samples at the checkpoint's resolution, upscaled to the data's
+    # --eval: samples at the checkpoint's resolution, upscaled to the data's
     result.update(metrics.score(args, targs, lambda n: upscale(Gs(sample_noise(n, targs.z_dim, device), level, alpha),
-                                                               R // res), device, out=out, step=state["step"]))
+                                                               shape[1] // res), device, out=out, step=state["step"]))
     if args.eval and args.digit_metrics:   # on digits: what Figs. 3, 4 and 8 show, as numbers
         clf = digits.prepare(args.digit_metrics, datasets.load(targs), targs.data_root).to(device)
         claims = figure_claims(Gs, clf, level, alpha, targs.z_dim, device, g, psi=targs.psi, cutoff=targs.cutoff)

@@ -116,10 +116,11 @@ from common import run as runlib
 SCRIPT = "vqgan"
 CKPT_NAMES = {1: "ckpt.pt", 2: "transformer.pt"}   # one checkpoint file per stage in the run directory
 BASE_LR = 4.5e-6   # base_learning_rate of every config; lr = base × batch (main.py)
-STAGE1_FLAGS = {"g_width", "ch_mult", "num_res_blocks", "attn_resolutions", "norm_groups", "n_embed", "embed_dim",
-                "beta", "beta_on", "d_width", "disc_layers", "disc_start", "disc_weight", "disc_factor",
-                "codebook_weight", "perceptual_weight", "lpips_weights", "restart_dead_codes"}
-STAGE2_FLAGS = {"vqgan", "conditional", "n_layer", "n_head", "n_embd", "weight_decay"}
+STAGE_FLAGS = {   # the flags that act in one stage only: given in the other, a start-up error
+    1: {"g_width", "ch_mult", "num_res_blocks", "attn_resolutions", "norm_groups", "n_embed", "embed_dim", "beta",
+        "beta_on", "d_width", "disc_layers", "disc_start", "disc_weight", "disc_factor", "codebook_weight",
+        "perceptual_weight", "lpips_weights", "restart_dead_codes"},
+    2: {"vqgan", "conditional", "n_layer", "n_head", "n_embd", "weight_decay", "top_k", "temperature"}}
 FACES_GPT = {"n_layer": 24, "n_head": 16, "n_embd": 1024}   # configs/faceshq_transformer.yaml
 
 
@@ -185,12 +186,14 @@ def parse_args(argv=None):
 
 
 def stage_defaults(a):
-    """Stage 2: the data and image size of the VQGAN, AdamW's β and batch of the transformer configs."""
+    """lr = 4.5e-6 × batch (main.py: base_learning_rate × batch × GPUs × accumulation); stage 2: the data and image
+    size of the VQGAN, AdamW's β and batch of the transformer configs."""
+    out = {"lr": BASE_LR * a.batch_size}
     if a.stage == 1 or a.sample or not a.vqgan:
-        return {}
+        return out
     vq_args = read_vqgan(a.vqgan)["args"]
-    out = {"beta1": 0.9, "beta2": 0.95, "dataset": vq_args["dataset"], "image_size": vq_args["image_size"],
-           "data_root": vq_args["data_root"]}
+    out.update(beta1=0.9, beta2=0.95, dataset=vq_args["dataset"], image_size=vq_args["image_size"],
+               data_root=vq_args["data_root"])
     if not a.dry_run:
         out["batch_size"] = 2
         if vq_args["image_size"] >= 128:
@@ -568,30 +571,19 @@ def first_tokens(n_embed, labels=None, n=None, device="cpu"):
     return labels.long() + n_embed
 
 
-def has_test_split(dataset):
-    """Named datasets come with a test split; folders and fake data do not."""
-    return (dataset in datasets.IN_MEMORY + datasets.STREAMED or dataset.startswith("lsun:")
-            or dataset == "stacked-mnist")
-
-
-def held_out_count(n_images):
-    """A set without a test split holds out its first tenth, at most 10,000 images (the size of the official
-    FFHQ validation list, 10,000 of 70,000)."""
-    return max(1, min(n_images // 10, 10_000))
-
-
 def split_held_out(args, data, n):
-    """(training data, up to n held-out uint8 images, their labels) for the reconstruction metrics: the test split
-    of a named dataset; of any other set (an image folder, a folder of MNIST idx files, fake) its first
-    held_out_count images, which are then left out of the training data. They are never trained on, and they are
-    apart from the last 2,000 images of a folder of idx files, which the digit classifier holds out
-    (common/digits.py). With class subfolders the first tenth is the first classes."""
-    if has_test_split(args.dataset):
+    """(training data, up to n held-out uint8 images, their labels): a named dataset's test split; any other set
+    (an image folder, a folder of MNIST idx files, fake) holds out its first tenth, at most 10,000 images (the
+    official FFHQ validation list is 10,000 of 70,000), and trains on the rest; with class subfolders the first
+    tenth is the first classes. Apart from the last 2,000 images of a folder of idx files, which the digit
+    classifier holds out (common/digits.py)."""
+    named = datasets.IN_MEMORY + datasets.STREAMED + ("stacked-mnist",)   # these come with a test split
+    if args.dataset in named or args.dataset.startswith("lsun:"):
         train, held = data, datasets.load(args, split="test")
     else:
         if len(data) < 2:
             raise runlib.UsageError(f"{args.dataset} holds a single image; one is held out, so at least 2 are needed")
-        k = held_out_count(len(data))
+        k = max(1, min(len(data) // 10, 10_000))
         held, n = data, min(n, k)
         if data.images is not None:
             labels = data.labels[k:] if data.labels is not None else None
@@ -625,8 +617,8 @@ def evaluate_stage1(vq, held, args, device, real_stats=None, labels=None, data=N
     """L1, PSNR (dB, on [0, 1] images, per-image mean), codebook usage on the held-out images, with --metrics
     their rFID (and any other Inception metric) against the held-out images, and on digits (common/digits.py)
     cfid of the reconstructions and agree: reconstructions classified as the original's label."""
-    vq.eval()
-    rec, idx = reconstruct(vq, held, device)
+    with runlib.eval_mode(vq):
+        rec, idx = reconstruct(vq, held, device)
     x = to_unit(held)
     mse = ((rec - x) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
     used, ppl = codebook_usage(torch.bincount(idx.flatten(), minlength=vq.n_embed))
@@ -639,23 +631,7 @@ def evaluate_stage1(vq, held, args, device, real_stats=None, labels=None, data=N
         out.update({k.replace("metric/fid", "metric/rfid"): v for k, v in scores.items()})
     if clf is not None:
         out.update(digits.score(clf, rec, data, args.digit_metrics, labels))
-    vq.train()
     return out
-
-
-def evaluate_stage2(make, num_classes, args, device, real_stats=None, data=None, clf=None):
-    """FID (and any Inception metric) of samples with --metrics; on digits cfid, and agree for class-conditional
-    samples (classified as the class they were drawn for)."""
-    scores = {}
-    if args.metrics:
-        scores = metrics.evaluate(make, args.eval_samples, real_stats, device, metrics=args.metrics,
-                                  weights=args.inception_weights)
-    if clf is not None:
-        def labelled(n):
-            y = torch.randint(num_classes, (n,), device=device) if num_classes else None
-            return (make(n, y), y) if num_classes else make(n)
-        scores.update(digits.evaluate(clf, labelled, args.eval_samples, data, args.digit_metrics))
-    return scores
 
 
 def held_out_stats(held, args, device):
@@ -685,34 +661,24 @@ def interleave(x, rec, nrow=10):
 # Training
 # ------------------------------------------------------------------------------------------------
 
-def check_flags(args):
-    """A flag of the other stage cannot act: a start-up error. (Resuming the other stage's checkpoint is refused by
-    the set-up's check of the resumed flags: --stage differs.)"""
-    other = STAGE2_FLAGS | {"top_k", "temperature"} if args.stage == 1 else STAGE1_FLAGS
-    wrong = sorted(set(args.explicit) & other)
+def train(args):
+    """Stage 1 or 2. A flag of the other stage is refused (resuming the other stage's checkpoint is refused by the
+    set-up's check of the resumed flags: --stage differs)."""
+    wrong = sorted(set(args.explicit) & STAGE_FLAGS[3 - args.stage])
     if wrong:
         raise runlib.UsageError(f"--{wrong[0].replace('_', '-')} does not act in stage {args.stage}")
-    sizes = ("g_width", "num_res_blocks", "n_embed", "embed_dim", "d_width") if args.stage == 1 else \
-        ("n_layer", "n_head", "n_embd")
-    for name in sizes:
-        if getattr(args, name) < 1:
-            raise runlib.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.stage == 1 and args.lpips_weights and args.perceptual_weight == 0:
-        raise runlib.UsageError("--lpips-weights does nothing with --perceptual-weight 0")
-    if args.stage == 1 and args.restart_dead_codes < 0:
-        raise runlib.UsageError(f"--restart-dead-codes must be >= 0 (0: never), got {args.restart_dead_codes}")
-    if args.stage == 2 and (args.top_k < 0 or not args.temperature > 0):
-        raise runlib.UsageError(f"--top-k must be >= 0 and --temperature > 0, got {args.top_k}, {args.temperature}")
-    if args.lr is None:
-        args.lr = BASE_LR * args.batch_size   # main.py: base_learning_rate × batch (× GPUs × accumulation)
-
-
-def train(args):
-    check_flags(args)
+    sizes = ("g_width", "num_res_blocks", "n_embed", "embed_dim", "d_width", "n_layer", "n_head", "n_embd")
+    small = [n for n in sizes if n in STAGE_FLAGS[args.stage] and getattr(args, n) < 1]
+    if small:
+        raise runlib.UsageError(f"--{small[0].replace('_', '-')} must be >= 1, got {getattr(args, small[0])}")
     return train_stage1(args) if args.stage == 1 else train_stage2(args)
 
 
 def train_stage1(args):
+    if args.lpips_weights and args.perceptual_weight == 0:
+        raise runlib.UsageError("--lpips-weights does nothing with --perceptual-weight 0")
+    if args.restart_dead_codes < 0:
+        raise runlib.UsageError(f"--restart-dead-codes must be >= 0 (0: never), got {args.restart_dead_codes}")
     with runlib.as_usage_error():
         check_autoencoder(args.image_size, args.ch_mult, args.g_width, args.norm_groups, args.attn_resolutions or ())
         if args.disc_layers < 1 or patch_output_side(args.image_size, args.disc_layers) < 1:
@@ -743,7 +709,9 @@ def train_stage1(args):
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
     shown = to_unit(held[:50]).to(device)
-    real_stats = None
+    with r.side_rng():   # the held-out images' Inception statistics (building the network draws random numbers)
+        real_stats = (held_out_stats(held[:args.eval_samples], args, device)
+                      if args.metrics and args.eval_samples else None)
     counts = torch.zeros(args.n_embed, device=device)   # code use within the current --log-every window
     unused = torch.zeros(args.n_embed, device=device)   # code use since the last --restart-dead-codes
     restarted = torch.zeros((), device=device)
@@ -756,9 +724,6 @@ def train_stage1(args):
             return {"reconstructions": interleave(shown, vq_raw(shown)[0].float().clamp(-1, 1))}
 
     def evaluation():
-        nonlocal real_stats
-        if args.metrics and real_stats is None:
-            real_stats = held_out_stats(held[:args.eval_samples], args, device)
         return evaluate_stage1(vq_raw, held[:args.eval_samples], args, device, real_stats,
                                held_labels[:args.eval_samples], data, clf)
 
@@ -773,15 +738,12 @@ def train_stage1(args):
         gan_on = step > args.disc_start        # the code's adopt_weight: global_step (from 0) ≥ disc_start
         with r.autocast():
             x_rec, codebook_loss, idx = vq(x)
-            l1 = (x - x_rec).abs().mean()
-            rec_loss = l1                                              # L_rec = |x − x̂| + w · LPIPS(x, x̂)
+            rec_loss = l1 = (x - x_rec).abs().mean()                   # L_rec = |x − x̂| + w · LPIPS(x, x̂)
+            scalars = {"loss/rec": l1, "loss/codebook": codebook_loss}
             if perceptual is not None:
-                p_loss = perceptual(x, x_rec).mean()
+                scalars["loss/perceptual"] = p_loss = perceptual(x, x_rec).mean()
                 rec_loss = rec_loss + args.perceptual_weight * p_loss
         loss = rec_loss + args.codebook_weight * codebook_loss        # L_VQ (Eq. 4)
-        scalars = {"loss/rec": l1, "loss/codebook": codebook_loss}
-        if perceptual is not None:
-            scalars["loss/perceptual"] = p_loss
         if gan_on:
             d_raw.requires_grad_(False)                                 # G's step leaves D's gradients alone
             with r.autocast():
@@ -802,28 +764,28 @@ def train_stage1(args):
             opt_d.step()
             scalars["loss/D"] = d_loss
 
-        counts += torch.bincount(idx.flatten(), minlength=args.n_embed)
+        uses = torch.bincount(idx.flatten(), minlength=args.n_embed)
+        counts += uses
         if args.restart_dead_codes:
-            unused += torch.bincount(idx.flatten(), minlength=args.n_embed)
+            unused += uses
             if step % args.restart_dead_codes == 0:
-                restart_dead_codes(vq_raw, x, unused, r)
-                restarted = (unused == 0).sum()
+                restarted = restart_dead_codes(vq_raw, x, unused, r)
                 unused.zero_()
             scalars["train/restarted_codes"] = restarted   # at the last restart
-        if r.every(step, args.log_every) or step == args.steps:
+        if r.every(step, args.log_every) or step == args.steps:   # code use in this --log-every window
             scalars["metric/train_usage"], scalars["metric/train_perplexity"] = codebook_usage(counts)
+            counts.zero_()
         if r.end_step(step, scalars, samples=samples, evaluate=evaluation if args.eval_samples else None,
                       state=state):
             break
-        if r.every(step, args.log_every) or step == args.steps:
-            counts.zero_()   # the next --log-every window starts
     return r.finish(step)
 
 
 @torch.no_grad()
 def restart_dead_codes(vq, x, uses, r):
     """--restart-dead-codes: the codes no encoder output picked since the last restart (`uses` == 0, summed over
-    the ranks) move onto random encoder outputs of this batch (rank 0's, then broadcast to every rank)."""
+    the ranks) move onto random encoder outputs of this batch (rank 0's, then broadcast to every rank); returns
+    how many moved."""
     if r.distributed:
         torch.distributed.all_reduce(uses)
     dead = (uses == 0).nonzero().squeeze(1)
@@ -832,6 +794,7 @@ def restart_dead_codes(vq, x, uses, r):
         vq.quantizer.restart(dead, z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
     if r.distributed:
         torch.distributed.broadcast(vq.quantizer.codebook.weight.data, 0)
+    return (uses == 0).sum()
 
 
 def load_vqgan(state, device):
@@ -843,6 +806,8 @@ def load_vqgan(state, device):
 
 
 def train_stage2(args):
+    if args.top_k < 0 or not args.temperature > 0:
+        raise runlib.UsageError(f"--top-k must be >= 0 and --temperature > 0, got {args.top_k}, {args.temperature}")
     if not args.vqgan:
         raise runlib.UsageError("stage 2 needs the VQGAN's checkpoint: --vqgan CKPT")
     vq_state = read_vqgan(args.vqgan)
@@ -875,10 +840,9 @@ def train_stage2(args):
     start = r.resume({"gpt": gpt_raw}, {"gpt": opt})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
-    real_stats = None
-    if args.metrics:
-        real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
-    shown_labels = torch.arange(100, device=device) // 10 % max(num_classes, 1) if num_classes else None
+    real_stats = (metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
+                  if args.metrics else None)
+    shown_labels = torch.arange(100, device=device) // 10 % num_classes if num_classes else None
     r.restore_rng()
 
     def make(n, labels=None):
@@ -890,8 +854,17 @@ def train_stage2(args):
             return {"samples": make(100, shown_labels)}
 
     def evaluation():
+        """FID (and any Inception metric) of samples with --metrics; on digits cfid, and agree for class-conditional
+        samples (classified as the class they were drawn for)."""
+        def labelled(n):
+            y = torch.randint(num_classes, (n,), device=device) if num_classes else None
+            return (make(n, y), y) if num_classes else make(n)
         with runlib.eval_mode(gpt_raw):
-            return evaluate_stage2(make, num_classes, args, device, real_stats, data, clf)
+            scores = metrics.evaluate(make, args.eval_samples, real_stats, device, metrics=args.metrics,
+                                      weights=args.inception_weights) if args.metrics else {}
+            if clf is not None:
+                scores.update(digits.evaluate(clf, labelled, args.eval_samples, data, args.digit_metrics))
+        return scores
 
     def state():
         return {"stage": 2, "data_shape": list(data.shape), "num_classes": num_classes,
@@ -933,10 +906,9 @@ def sample(args):
     _, held, _ = split_held_out(targs, data, 50)
     grids = {"reconstructions": interleave(to_unit(held), reconstruct(vq, held, device)[0])}
     if stage == 2:
-        gpt = build_gpt(targs, vq.n_embed, vq.side, state["num_classes"])
-        gpt.load_state_dict(state["models"]["gpt"])
-        gpt.to(device).eval()
         k = state["num_classes"]
+        gpt = build_gpt(targs, vq.n_embed, vq.side, k).to(device).eval()
+        gpt.load_state_dict(state["models"]["gpt"])
 
         def make(n, labels=None):
             return generate(vq, gpt, n, vq.n_embed, device, k, args.top_k, args.temperature, labels)
@@ -946,7 +918,7 @@ def sample(args):
     if args.eval and stage == 1:
         _, held, _ = split_held_out(targs, data, args.eval_samples)
         scores = evaluate_stage1(vq, held, args, device, held_out_stats(held, args, device) if args.metrics else None)
-        scores = {k: float(v) for k, v in scores.items()}
+        scores = {name: float(v) for name, v in scores.items()}
         print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         result.update(scores)
     elif stage == 2:

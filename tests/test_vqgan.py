@@ -442,6 +442,7 @@ def test_stage2_loop_is_next_code_prediction_on_the_frozen_vqgan(stage1, tmp_pat
     (["--attn-resolutions", "5"], "not a resolution"),
     (["--stage", "2"], "needs the VQGAN's checkpoint"),
     (["--n-layer", "2"], "does not act in stage 1"),
+    (["--temperature", "0.5"], "does not act in stage 1"),               # sampling flags act in stage 2 alone
     (["--perceptual-weight", "0", "--lpips-weights", "x.pth"], "does nothing"),
     (["--restart-dead-codes", "-1"], "must be >= 0"),
 ])
