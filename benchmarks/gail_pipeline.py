@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--expert-hold-x", type=float, default=None, metavar="X",
                    help="CartPole: an expert that keeps the cart near x = X; adds TRPO on the true reward")
     p.add_argument("--eval-episodes", type=int, default=50, help="evaluation episodes per policy")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run (1: the same numbers on any machine)")
     p.add_argument("--out", default="runs/gail-pipeline", help="where the runs go (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -59,7 +60,7 @@ def spread(values):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    env = ["--env", args.env, "--eval-episodes", str(args.eval_episodes)]
+    env = ["--env", args.env, "--eval-episodes", str(args.eval_episodes), "--threads", str(args.threads)]
     habit = ["--expert-hold-x", str(args.expert_hold_x)] if args.expert_hold_x is not None else []
     with friendly_errors():
         if args.expert_hold_x is not None and args.env != "CartPole-v1":

@@ -62,20 +62,29 @@ def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(discrete):
     assert (H @ v).abs().max() > 1e-3
 
 
-def test_line_search_backtracks_to_the_kl_bound_and_never_lowers_the_surrogate():
-    # KL is quadratic at θ0 (Hessian 2I, what CG sees) but grows faster further out: the full step
-    # overshoots the bound and the search must shrink it.
+def test_line_search_rejects_steps_whose_kl_exceeds_the_bound():
+    """A KL that is quadratic at θ0 (Hessian 2I, what conjugate gradient sees) but grows faster further out:
+    the full step, scaled so that the quadratic model's KL is the bound, has a true KL of 0.0125 > 0.01
+    (|s|² = 0.01, 50 Σ s⁴ = 0.0025); the search must reject it and take the half step (KL 0.00266)."""
     theta = torch.nn.Parameter(torch.zeros(3))
     g = torch.tensor([1.0, 2.0, -1.0])
     kl = lambda: (theta.pow(2) + 50 * theta.pow(4)).sum()   # noqa: E731
     info = gail.trust_region_step([theta], lambda: g @ theta, kl, max_kl=0.01, damping=0.0)
-    assert info["accepted"] and info["backtracks"] > 0
-    assert float(kl().detach()) <= 0.01 and float(g @ theta.detach()) > 0
-    # A surrogate that falls off a cliff beyond the tiniest step: no step is accepted, θ is unchanged.
+    full = 0.1 * g / g.norm()                                # natural gradient g/2, scaled to |s|² = max_kl
+    assert math.isclose(float((full.pow(2) + 50 * full.pow(4)).sum()), 0.0125, rel_tol=1e-5)
+    assert info["accepted"] and info["backtracks"] == 1
+    assert torch.allclose(theta.detach(), full / 2, atol=1e-6) and math.isclose(info["kl"], 0.00265625, rel_tol=1e-4)
+    # A KL with a kink at θ0 (invisible to the Fisher-vector products): every halving of the step still has
+    # KL > 0.01, so no step is taken, although each one raises the surrogate.
     theta2 = torch.nn.Parameter(torch.zeros(3))
-    surrogate = lambda: g @ theta2 - 1e9 * theta2.pow(2).sum()   # noqa: E731
-    info = gail.trust_region_step([theta2], surrogate, lambda: theta2.pow(2).sum(), max_kl=0.01, damping=0.0)
+    info = gail.trust_region_step([theta2], lambda: g @ theta2, lambda: theta2.pow(2).sum() + 1e3 * theta2.abs().sum(),
+                                  max_kl=0.01, damping=0.0)
     assert not info["accepted"] and torch.equal(theta2.detach(), torch.zeros(3))
+    # A surrogate that falls off a cliff beyond the tiniest step: no step is accepted, θ is unchanged.
+    theta3 = torch.nn.Parameter(torch.zeros(3))
+    surrogate = lambda: g @ theta3 - 1e9 * theta3.pow(2).sum()   # noqa: E731
+    info = gail.trust_region_step([theta3], surrogate, lambda: theta3.pow(2).sum(), max_kl=0.01, damping=0.0)
+    assert not info["accepted"] and torch.equal(theta3.detach(), torch.zeros(3))
 
 
 def test_policy_step_improves_the_surrogate_within_the_kl_bound():
@@ -247,6 +256,9 @@ def test_without_expert_one_is_trained_first_inside_the_run(tmp_path, capsys):
     assert (out / "expert" / "expert.npz").is_file() and list((out / "expert").glob("events.out.tfevents.*"))
     said = capsys.readouterr().out
     assert "training one first" in said and f"--expert {out / 'expert' / 'expert.npz'}" in said
+    # the expert's start-up and progress lines come first, then GAIL's own start-up line
+    assert said.index("training one first") < said.index(f"gail: {out / 'expert'} |") < said.index("step 1/4") \
+        < said.index(f"gail: {out} |")
 
 
 def test_resume_is_exact(tmp_path, monkeypatch, expert_file):
@@ -295,7 +307,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, expert_file)
     ckpt = (expert_file.parent / "ckpt.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(ckpt[:len(ckpt) // 2])
     (tmp_path / "text.npz").write_text("not an archive")
-    for name in ("obs.npy", "cut.pt", "text.npz"):
+    whole = expert_file.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])
+    for name in ("obs.npy", "cut.pt", "text.npz", "cut.npz"):
         helpers.expect_usage_error(gail, [*base, "--expert", str(tmp_path / name)], capsys,
                                    "--expert takes the expert.npz that --mode expert writes")
     helpers.expect_usage_error(gail, [*base, "--expert", str(expert_file.parent / "ckpt.pt")], capsys,
