@@ -116,16 +116,8 @@ BC_VALID_EVERY = 100   # official --bclone_eval_freq in im_classic_pipeline.yaml
 EVAL_SEED = 10_000     # evaluation episodes start from seeds EVAL_SEED + seed + i, the same for every policy
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each help ends with its default, except where the default is None: those helps say it themselves."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generative Adversarial Imitation Learning (Ho & Ermon 2016)",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="Generative Adversarial Imitation Learning (Ho & Ermon 2016)")
     p.add_argument("--env", default="CartPole-v1", help=f"gymnasium environment: {', '.join(ENVS)}")
     p.add_argument("--mode", choices=["gail", "bc", "expert"], default="gail", help="gail: Algorithm 1; bc: "
                    "behavioural cloning; expert: TRPO on the true reward, then save its trajectories (expert.npz)")
@@ -207,9 +199,7 @@ def check_args(args):
                                 "trajectories the expert saves (--expert-trajs)")
 
 
-# ------------------------------------------------------------------------------------------------
-# Models
-# ------------------------------------------------------------------------------------------------
+# ---- Models ------------------------------------------------------------------------------------
 
 class RunningNorm(nn.Module):
     """x ↦ (x − mean) / (std + 1e-6) with the mean and std of every point seen so far (official
@@ -329,9 +319,7 @@ class Discriminator(nn.Module):
         return scores[..., 0]
 
 
-# ------------------------------------------------------------------------------------------------
-# Losses and TRPO
-# ------------------------------------------------------------------------------------------------
+# ---- Losses and TRPO ---------------------------------------------------------------------------
 
 def bernoulli_entropy(logits):
     """Entropy of Bernoulli(sigmoid(l)) in nats: softplus(−l) + (1 − σ(l)) l."""
@@ -482,9 +470,7 @@ def bc_loss(policy, obs, actions):
     return -policy.log_prob(obs, actions).mean()
 
 
-# ------------------------------------------------------------------------------------------------
-# Environments, rollouts, expert data
-# ------------------------------------------------------------------------------------------------
+# ---- Environments, rollouts, expert data -------------------------------------------------------
 
 def make_env(env_id):
     import gymnasium as gym
@@ -569,12 +555,12 @@ def save_expert(path, env_id, batch, random_return):
 def load_expert(path, env_id, env):
     """Read and check an expert file (see the docstring): a UsageError says what is wrong."""
     path, what = Path(path), "--expert takes the expert.npz that --mode expert writes (see gail.py's docstring)"
-    if not path.is_file():
-        raise runlib.UsageError(f"expert file {path} does not exist; {what}")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
-    except Exception:   # a .npy, a truncated archive, a checkpoint, text, no permission...
+    except FileNotFoundError:
+        raise runlib.UsageError(f"expert file {path} does not exist; {what}") from None
+    except Exception:   # a .npy, a truncated archive, a checkpoint, text, a folder, no permission...
         raise runlib.UsageError(f"{path} is not a readable .npz of expert trajectories; {what}") from None
     missing = {"env", "obs", "actions", "lengths", "returns"} - set(data)
     if missing:
@@ -582,14 +568,12 @@ def load_expert(path, env_id, env):
     if str(data["env"]) != env_id:
         raise runlib.UsageError(f"{path} holds trajectories of {data['env']}, not {env_id} (--env)")
     obs_dim, act_dim, discrete = env_spec(env)
-    n, T = data["lengths"].shape[0], data["obs"].shape[1] if data["obs"].ndim == 3 else -1
-    act_shape = (n, T) if discrete else (n, T, act_dim)
-    if data["obs"].shape != (n, T, obs_dim) or data["actions"].shape != act_shape or data["returns"].shape != (n,):
-        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), actions {'(N, T)' if discrete else f'(N, T, {act_dim})'} "
-                                f"and returns (N,) for {env_id}, got obs {data['obs'].shape}, actions "
-                                f"{data['actions'].shape}, returns {data['returns'].shape}")
-    if discrete and data["actions"].dtype.kind not in "iu":
-        raise runlib.UsageError(f"{path}: {env_id} has discrete actions; the file's are {data['actions'].dtype}")
+    n, T = len(data["lengths"]), data["obs"].shape[1] if data["obs"].ndim == 3 else -1
+    want = {"obs": (n, T, obs_dim), "actions": (n, T) if discrete else (n, T, act_dim), "returns": (n,)}
+    if any(data[k].shape != v for k, v in want.items()) or (discrete and data["actions"].dtype.kind not in "iu"):
+        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), {'integer ' * discrete}actions "
+                                f"{'(N, T)' if discrete else f'(N, T, {act_dim})'} and returns (N,) for {env_id}, got "
+                                + ", ".join(f"{k} {data[k].shape} {data[k].dtype}" for k in want))
     if data["lengths"].ndim != 1 or (data["lengths"] < 1).any() or (data["lengths"] > T).any():
         raise runlib.UsageError(f"{path}: lengths must be in [1, {T}]")
     return data
@@ -629,16 +613,11 @@ def expert_data(args, env):
     return data
 
 
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
+# ---- Training ----------------------------------------------------------------------------------
 
 def build(spec, args):
-    obs_dim, act_dim, discrete = spec
-    policy = Policy(obs_dim, act_dim, discrete, args.g_width)
-    value = ValueNet(obs_dim, args.g_width)
-    D = Discriminator(obs_dim, act_dim, discrete, args.d_width)
-    return policy, value, D
+    """The policy, value net and D of an environment with spec = (obs_dim, act_dim, discrete)."""
+    return Policy(*spec, args.g_width), ValueNet(spec[0], args.g_width), Discriminator(*spec, args.d_width)
 
 
 def check_start(args):
@@ -798,7 +777,7 @@ def train_rl(args, r, env, spec, data):
 
 def train_bc(args, r, env, spec, data):
     """Behavioural cloning on the subsampled expert pairs (official BehavioralCloningOptimizer)."""
-    policy = Policy(spec[0], spec[1], spec[2], args.g_width).to(r.device)
+    policy = Policy(*spec, args.g_width).to(r.device)
     obs, acts = (t.to(r.device) for t in expert_pairs(data, args.num_trajs, args.subsample))
     if len(obs) < 2:
         raise runlib.UsageError(f"{len(obs)} expert pair after subsampling: BC needs at least 2 (train and validation)")
@@ -813,7 +792,7 @@ def train_bc(args, r, env, spec, data):
     step = start
 
     def evaluate_best():
-        final = Policy(spec[0], spec[1], spec[2], args.g_width).to(r.device)
+        final = Policy(*spec, args.g_width).to(r.device)
         final.load_state_dict(best["policy"])
         return final_evaluation(env, final, args, data, r.device)
 
@@ -844,16 +823,14 @@ def train_bc(args, r, env, spec, data):
     return r.finish(step, mode="bc", env=args.env, best_step=best["step"])
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluating a checkpoint
-# ------------------------------------------------------------------------------------------------
+# ---- Evaluating a checkpoint -------------------------------------------------------------------
 
 def sample(args):
     """--sample CKPT: evaluate the checkpoint's policy (see `evaluation`) into evaluation.json."""
     state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
     env = make_env(state["env"])
     spec = tuple(state["spec"])
-    policy = Policy(spec[0], spec[1], spec[2], targs.g_width)
+    policy = Policy(*spec, targs.g_width)
     policy.load_state_dict(state["models"]["best" if "best" in state["models"] else "policy"])
     policy.to(device).eval()
     result = {"env": state["env"], "step": state["step"], "episodes": args.eval_episodes,

@@ -6,7 +6,7 @@ what imitation beyond survival looks like (any positive reward keeps the pole up
 demonstrations say where the cart should be).
 
     python benchmarks/gail_pipeline.py --num-trajs 1 4 10 --seeds 0               # Table 3 / Fig. 1, CartPole
-    python benchmarks/gail_pipeline.py --expert-hold-x 1 --seeds 0 1 2 3            # beyond survival
+    python benchmarks/gail_pipeline.py --expert-hold-x 1 --seeds 0 1 2 3 --steps 150 --d-steps 5   # beyond survival
     python benchmarks/gail_pipeline.py --env Acrobot-v1 --num-trajs 1 4 --steps 100
 
 Every run is a gail.py run of its own under --out (expert/, bc-<n>traj-s<seed>/, gail-<n>traj-s<seed>/,
@@ -24,15 +24,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gail  # noqa: E402
-from common.run import UsageError, friendly_errors  # noqa: E402
+from common.run import HelpFormatter, UsageError, friendly_errors  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gail.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--env", default="CartPole-v1", help="gymnasium environment (see gail.py)")
     p.add_argument("--num-trajs", type=int, nargs="+", default=[1], help="expert trajectories, one count per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the BC, GAIL and TRPO runs")
     p.add_argument("--steps", type=int, default=300, help="GAIL's (and TRPO's) iterations (the paper: 300)")
+    p.add_argument("--d-steps", type=int, default=1, help="GAIL's D steps per iteration (the paper: 1)")
     p.add_argument("--expert-steps", type=int, default=100, help="the expert's TRPO iterations (official: 101)")
     p.add_argument("--expert-hold-x", type=float, default=None, metavar="X",
                    help="CartPole: an expert that keeps the cart near x = X; adds TRPO on the true reward")
@@ -46,11 +47,11 @@ def run(argv, out):
     """gail.py with argv into `out`; a finished run is read back, an interrupted one resumed."""
     done = out / "summary.json"
     if done.is_file() and not json.loads(done.read_text()).get("interrupted"):
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "out": str(out)}
     summary = gail.main([*argv, "--out", str(out), "--resume", "auto"])
     if summary.get("interrupted"):
         raise SystemExit("interrupted; run the same command again to continue")
-    return summary
+    return {**summary, "out": str(out)}
 
 
 def spread(values):
@@ -72,15 +73,17 @@ def main(argv=None):
         for seed in args.seeds:
             for n in args.num_trajs:
                 for mode in ("bc", "gail"):
-                    steps = [] if mode == "bc" else ["--steps", str(args.steps)]
+                    own = [] if mode == "bc" else ["--steps", str(args.steps), "--d-steps", str(args.d_steps)]
+                    name = f"{mode}-{n}traj-s{seed}" + (f"-dsteps{args.d_steps}" if mode == "gail" and args.d_steps != 1 else "")
                     rows.setdefault((mode, n), []).append(
                         run(["--mode", mode, *env, "--expert", expert_file, "--num-trajs", str(n), "--seed", str(seed),
-                             *steps], out / f"{mode}-{n}traj-s{seed}"))
+                             *own], out / name))
             if habit:   # the control: TRPO on CartPole's true reward alone
                 rows.setdefault(("trpo", 0), []).append(
                     run(["--mode", "expert", *env, "--steps", str(args.steps), "--seed", str(seed)], out / f"trpo-s{seed}"))
     stats = gail.expert_stats(gail.load_expert(expert_file, args.env, gail.make_env(args.env)), args.env)
     results = {"env": args.env, "expert_hold_x": args.expert_hold_x, "seeds": args.seeds, "steps": args.steps,
+               "d_steps": args.d_steps,
                "expert_trajectories": stats, "runs": []}
     cart = args.env == "CartPole-v1"
     print(f"\n{args.env}: expert's trajectories: return {stats['expert_return']:.1f}"
@@ -94,7 +97,7 @@ def main(argv=None):
         name = {"expert": "expert", "trpo": "TRPO, true r"}.get(mode, f"{mode.upper()} {n} traj")
         print(f"{name:14s} {spread(returns):>22s}" + (f" {spread(xs):>22s}" if cart else ""))
         results["runs"].append({"policy": mode, "num_trajs": n, "returns": returns, "cart_x": xs,
-                                "dirs": [str(Path(s.get("out", ""))) for s in summaries]})
+                                "dirs": [s["out"] for s in summaries]})
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'results.json'}")
     return results
