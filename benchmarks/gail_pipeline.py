@@ -74,13 +74,14 @@ def main(argv=None):
             for n in args.num_trajs:
                 for mode in ("bc", "gail"):
                     own = [] if mode == "bc" else ["--steps", str(args.steps), "--d-steps", str(args.d_steps)]
-                    name = f"{mode}-{n}traj-s{seed}" + (f"-dsteps{args.d_steps}" if mode == "gail" and args.d_steps != 1 else "")
+                    name = f"{mode}-{n}traj-s{seed}" + (f"-dsteps{args.d_steps}" * (mode == "gail" and args.d_steps != 1))
                     rows.setdefault((mode, n), []).append(
                         run(["--mode", mode, *env, "--expert", expert_file, "--num-trajs", str(n), "--seed", str(seed),
                              *own], out / name))
             if habit:   # the control: TRPO on CartPole's true reward alone
                 rows.setdefault(("trpo", 0), []).append(
-                    run(["--mode", "expert", *env, "--steps", str(args.steps), "--seed", str(seed)], out / f"trpo-s{seed}"))
+                    run(["--mode", "expert", *env, "--steps", str(args.steps), "--seed", str(seed)],
+                        out / f"trpo-s{seed}"))
     stats = gail.expert_stats(gail.load_expert(expert_file, args.env, gail.make_env(args.env)), args.env)
     results = {"env": args.env, "expert_hold_x": args.expert_hold_x, "seeds": args.seeds, "steps": args.steps,
                "d_steps": args.d_steps,
