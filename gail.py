@@ -12,98 +12,97 @@ Algorithm 1, one iteration: sample trajectories of π; take an Adam step on D to
 reward r(s, a) = −log D(s, a) (the causal entropy H(π) enters as a bonus −λ log π(a|s) in the reward,
 as the official code does; λ = 0 as the paper, except Reacher). Environments whose episodes end on
 success (MountainCar, Acrobot) get r = log(1 − D) instead (the official `favor_zero_expert_reward`),
-so that ending early is not penalised; every other environment gets −log D, which keeps the survival
-bias of a positive reward (see "Verification" below).
+so that ending early is not penalised; the others get −log D > 0, which pays for surviving.
 
-TRPO (Schulman et al. 2015), as the paper's Appendix B and the official policyopt/rl.py, optim.py:
-maximise the surrogate L(θ) = mean[π_θ(a|s)/π_old(a|s) · Â] subject to mean KL(π_old ‖ π_θ) ≤ 0.01: the
-natural gradient x = (F + 0.1 I)⁻¹ g by 10 conjugate-gradient steps on Fisher-vector products (the
-Hessian of the mean KL, by double backward, on a random 10% of the batch), scaled to the KL bound,
-then a backtracking line search (halving, ≤ 10 times) that accepts the first step with KL ≤ 0.01 and a
-surrogate gain ≥ 0.1 × the linear prediction. Advantages Â by GAE(γ = 0.995, λ = 0.97), standardised.
-The value network is refitted every iteration on the discounted returns, itself with a trust region
-(mean squared change of its normalised output ≤ 0.01, damping 0.1; official rl.ValueFunc).
+TRPO (Schulman et al. 2015; the paper's Appendix B, official policyopt/rl.py, optim.py): maximise
+L(θ) = mean[π_θ(a|s)/π_old(a|s) · Â] subject to mean KL(π_old ‖ π_θ) ≤ 0.01: the natural gradient
+(F + 0.1 I)⁻¹ g by 10 conjugate-gradient steps on Fisher-vector products (double backward on a random 10%
+of the batch), scaled to the bound, then a line search (halving, ≤ 10 times) for the first step with
+KL ≤ 0.01 and a gain ≥ 0.1 × the linear prediction. Â: GAE(γ 0.995, λ 0.97), standardised. The value
+net is refitted each iteration on the discounted returns with a trust region of its own (mean squared
+change of its normalised output ≤ 0.01; official rl.ValueFunc).
 
-Networks (official scripts/imitate_mj.py SIMPLE_ARCHITECTURE): policy, value and D are 2 × 100 tanh
-MLPs; Glorot-uniform hidden layers and zero output layers (official nn.AffineLayer); a softmax policy for
-discrete actions, a Gaussian with a state-independent log σ (initially 0) for continuous ones. D scores
-every discrete action of a state (its output picks a's score) or takes (s, a) concatenated for
-continuous actions. Observations are standardised by running statistics initialised with the expert
-data (official `--obsnorm_mode expertdata`, nn.Standardizer): the policy's are updated with each batch
-after its step, D's with the policy and expert pairs it is fitted on, the value net's on its fit.
-D: Adam lr 0.01, 1 step per iteration on the iteration's policy pairs and as many expert pairs drawn with
-replacement, each class's loss averaged, minus 0.001 × the mean Bernoulli entropy of D's output (official
-TransitionClassifier). Per iteration 5000 state-action pairs (whole episodes until ≥ 5000), 300
-iterations (classic control; the paper's MuJoCo runs use 50000 × 500).
+Networks (official scripts/imitate_mj.py): policy, value and D are 2 × 100 tanh MLPs, Glorot-uniform
+hidden layers, zero output layers; a softmax policy for discrete actions, a Gaussian with a state-
+independent log σ (initially 0) for continuous ones. D scores every discrete action of a state and picks
+a's score, or reads (s, a) concatenated. Observations are standardised by running statistics that start
+from the expert data (official --obsnorm_mode expertdata). D: Adam lr 0.01, 1 step per iteration on the
+iteration's policy pairs and as many expert pairs drawn with replacement, each class averaged, minus
+0.001 × the mean Bernoulli entropy of D's outputs (official TransitionClassifier). Per iteration 5000
+pairs (whole episodes), 300 iterations (classic control; MuJoCo 50000 × 500).
 
-Experts and data (official pipelines/im_classic_pipeline.yaml, im_pipeline.yaml, scripts/im_pipeline.py):
-experts are TRPO policies on the true reward (`--mode expert`); 10 stochastic expert trajectories are
-saved; a run uses the first `--num-trajs` of them, each subsampled to every k-th pair from a random
-offset (k = 10 CartPole, 5 MountainCar and Acrobot, 20 MuJoCo). Behavioural cloning (`--mode bc`, the
-baseline): maximum likelihood of the expert's actions, Adam lr 1e-3, minibatch 128, 1001 updates (20001
-for MuJoCo in the paper), 70/30 train/validation split, keeping the policy with the best validation loss
-of those checked every 100 updates. Evaluation: the mean true return of the learned policy acting
-deterministically (argmax / mean action) over 50 episodes, also scaled so that the expert's mean return
-(over its trajectories) is 1 and a uniformly random policy's is 0 (the paper's Fig. 1).
+Experts and data (official pipelines/im_classic_pipeline.yaml, im_pipeline.yaml): experts are TRPO
+policies on the true reward (`--mode expert`) that save 10 stochastic trajectories; a run uses the first
+`--num-trajs`, each subsampled to every k-th pair from a random offset (k = 10 CartPole, 5 MountainCar and
+Acrobot, 20 MuJoCo). Behavioural cloning (`--mode bc`, the baseline): maximum likelihood of the expert's
+actions, Adam lr 1e-3, minibatch 128, 1001 updates (MuJoCo 20001), 70/30 train/validation split, keeping
+the policy with the best validation loss of those checked every 100 updates. Evaluation: the mean true
+return of the policy acting deterministically over 50 episodes, also scaled so that the expert's mean
+return is 1 and a uniformly random policy's 0 (Fig. 1).
 
-Expert trajectory file (.npz, written by `--mode expert`, read by `--expert PATH`):
-    env        str            gymnasium id, e.g. "CartPole-v1"
-    obs        (N, T, obs_dim) float32   observations, right-padded with zeros to T = the longest episode
-    actions    (N, T) int64 (discrete) or (N, T, act_dim) float32 (continuous), padded likewise
-    rewards    (N, T) float32  true rewards;   lengths (N,) int64;   returns (N,) float32 (sums of rewards)
-    random_return  ()  float32  optional: a random policy's mean return (computed when absent)
-A file of full trajectories; subsampling happens when a run loads it.
+Expert file (.npz, written by `--mode expert`, read by `--expert PATH`), full trajectories right-padded
+with zeros to the longest, T: env (str, gymnasium id); obs (N, T, obs_dim) float32; actions (N, T) int64
+or (N, T, act_dim) float32; rewards (N, T) float32 true rewards; lengths (N,) int64; returns (N,) float32;
+random_return () float32, optional (a random policy's mean return, computed when absent).
+
+An expert with a habit (`--mode expert --expert-hold-x X`, CartPole; not in the paper): TRPO on the true
+reward plus exp(−((x − X)/0.5)²) per step for keeping the cart near x = X. On CartPole any positive reward
+keeps the pole up (an untrained D already pays −log ½ per step), so a return near the expert's shows
+little; where the cart stays shows whether GAIL copies what is specific to the expert. Its file carries
+the true rewards. benchmarks/gail_pipeline.py measures it against BC and TRPO on the true reward.
 
 Usage:
-    python gail.py                                   # CartPole-v1, 1 expert trajectory (Table 3); trains
-                                                     # and caches the expert under <data-root>/gail first
-    python gail.py --mode pipeline --num-trajs 1 4 7 10   # expert, BC and GAIL per count (Fig. 1), a table
-    python gail.py --env Acrobot-v1 --mode pipeline --num-trajs 1 4 --steps 100   # a quicker CPU run
-    python gail.py --mode expert --env Pendulum-v1   # just an expert and its trajectories (expert.npz)
-    python gail.py --mode bc --expert runs/gail/CartPole-v1-.../expert.npz --num-trajs 4
-    python gail.py --env Hopper-v5 --num-trajs 4     # MuJoCo: 50000 pairs x 500 iterations, the paper's
-                                                     # Hopper row (pip install "gymnasium[mujoco]")
-    python gail.py --sample runs/gail/CartPole-v1-.../ckpt.pt   # evaluate a checkpoint's policy
+    python gail.py                            # CartPole-v1, 1 expert trajectory (Table 3); trains the expert
+                                              # first, inside the run directory (<out>/expert/)
+    python gail.py --mode expert --expert-hold-x 1 --steps 100 --out runs/habit   # an expert with a habit
+    python gail.py --expert runs/habit/expert.npz --num-trajs 4       # GAIL from its trajectories
+    python gail.py --mode bc --expert runs/habit/expert.npz           # behavioural cloning
+    python gail.py --env Hopper-v5 --num-trajs 4    # MuJoCo, 50000 pairs x 500 iterations (gymnasium[mujoco])
+    python gail.py --sample runs/gail/CartPole-v1-.../ckpt.pt          # evaluate a checkpoint's policy
 
-`--steps` counts TRPO iterations and `--batch-size` the state-action pairs per iteration (gail, expert);
-BC has its own `--bc-steps`, `--bc-batch-size`, `--bc-lr`. A flag of another mode is a start-up error. `--sample CKPT` rolls out the checkpoint's policy
-(deterministically, `--eval-episodes` episodes), prints and writes its mean return (scaled when the
-checkpoint knows its expert) to evaluation.json and draws the first episode's observations over time
-(rollout-*.png). Resume is exact: every iteration collects whole episodes, each started from a seed drawn
-from torch's RNG, so no environment state lives across iterations (the checkpoint holds the networks,
-their normalisers, D's optimiser, the RNG and the learning curve).
+`--steps` counts TRPO iterations, `--batch-size` the pairs per iteration; BC has `--bc-steps`,
+`--bc-batch-size`, `--bc-lr`; a flag that cannot act in the chosen mode is a start-up error. Without
+`--expert` a run first trains its own expert with its --steps and --batch-size inside its run directory
+(progress on the console, curves in the run's TensorBoard) and says how to reuse it. TensorBoard shows
+the true return, D's accuracies and on CartPole the mean cart position (episode/cart_x; the final
+evaluation's metric/cart_x sits next to metric/expert_cart_x). `--sample CKPT` evaluates a checkpoint's
+policy into evaluation.json. Resume is exact: every iteration collects whole episodes from seeds drawn
+from torch's RNG, so no environment state lives across iterations.
 
 Differences from the paper (and its official code):
-- gymnasium's CartPole-v1 (500 steps), Acrobot-v1, MountainCar-v0 and Pendulum-v1 instead of gym's
-  CartPole-v0 (200 steps), Acrobot-v0, MountainCar-v0; MuJoCo -v5 tasks instead of -v1.
-- Order within an iteration as Algorithm 1 (D's step, then the TRPO step on the new D's reward); the
-  official code steps π on the previous D's reward and fits D afterwards.
-- The line search's KL wall is the bound itself (KL ≤ 0.01); the official one rejects only KL > 0.02.
-  When no step passes, π is left unchanged (the official code takes the last, 2⁻¹⁰ step).
-- GAE treats episodes cut by the time limit as truncated (bootstrapped with V of the last state) and
-  only real terminations as terminal; the official code ends every trajectory with 0 and instead feeds
-  the time step t/T to its value net, which has no time input here.
-- Experts: TRPO with the same 2 × 100 nets and `--steps`/`--batch-size` as GAIL (the official classic
-  experts are 64-64 nets, 101 iterations × 5000 pairs); the normalisers start from one extra batch of the
-  untrained policy (official SamplingPolicyOptimizer).
-- BC is validated every 100 updates from update 1 and at the end, on the validation loss (official: the
-  same, "valacc" = −validation loss; the squared error of the mean for continuous actions).
+- gymnasium's CartPole-v1 (500 steps), Acrobot-v1, MountainCar-v0, Pendulum-v1 instead of gym's
+  CartPole-v0 (200 steps), Acrobot-v0, MountainCar-v0; MuJoCo -v5 tasks instead of -v1. A CartPole-v1
+  trajectory is 2.5 times a v0 one: subsampled alike, one trajectory gives BC and D 50 pairs instead of
+  the paper's 20, so BC's Table 3 number (72 with 1 trajectory) is not comparable with a v1 run.
+- Order within an iteration as Algorithm 1 (D's step, then TRPO on the new D's reward); the official code
+  steps π on the previous D's reward and fits D afterwards.
+- The line search's KL wall is the bound itself (the official one rejects only KL > 0.02); when no step
+  passes, π stays (the official code takes the last, 2⁻¹⁰ step).
+- GAE bootstraps episodes cut by the time limit with V of the last state; the official code ends every
+  trajectory with 0 and feeds the time t/T to its value net instead.
+- Experts: TRPO with the same 2 × 100 nets and `--steps`/`--batch-size` as GAIL (official classic experts:
+  64-64 nets, 101 iterations × 5000 pairs); their normalisers start from one batch of the untrained policy.
+- BC is validated from update 1 on (official "valacc": −validation loss; for continuous actions the
+  squared error of the mean).
 - Pendulum-v1 is not in the paper: its subsampling (10) and reward form (−log D) are our choice.
-- Not offered: MuJoCo's Reacher (λ > 0 in the paper), the official linear-reward baselines (FEM, GTAL),
-  torchrun (one process), --amp/--compile (TRPO's conjugate gradient needs float32).
+- Not offered: Reacher (λ > 0 in the paper), the linear-reward baselines (FEM, GTAL), torchrun,
+  --amp/--compile (TRPO's conjugate gradient needs float32).
+- The habit measurement below takes 5 D steps per iteration and 150 iterations (the paper: 1 and 300).
 
-The expert is cached per environment: a later run reuses <data-root>/gail/<env>/expert/expert.npz whatever
-its --steps (delete the folder to retrain); a dry run trains a throw-away expert inside its own run folder.
-
-Measured here (CPU, seed 0, `--mode pipeline --num-trajs 1 4 10 --steps 60 --eval-episodes 20`, i.e. 60
-iterations instead of 300): CartPole-v1 expert 500, random 17; GAIL 500 / 500 / 195 with 1 / 4 / 10
-trajectories (scaled 1.00 / 1.00 / 0.37: the 10-trajectory run had not settled after 60 iterations), BC
-465 / 458 / 492. On CartPole any positive reward keeps the pole up (survival bias), so a return near the
-expert's shows little. An expert with a habit (TRPO with a bonus for |x − 1| < 0.3, 40 iterations; its
-mean cart position x = 1.01, against 0.14 for TRPO on CartPole's constant reward) is copied: GAIL's
-policies keep x = 1.17 / 1.07 (return 353 / 500 with 1 / 4 trajectories, 40 iterations), BC's x = 1.06 /
-1.00 but return 305 / 231. Acrobot-v1 (r = log(1 − D), 30 iterations): expert −91, random −500; GAIL −89 /
-−86 (scaled 1.00 / 1.01) with 1 / 4 trajectories, BC −226 / −86 (0.67 / 1.01).
+Measured here (CPU, one thread; the trained policy acting deterministically for 50 evaluation episodes, true
+reward): `python benchmarks/gail_pipeline.py --expert-hold-x 1 --num-trajs 4 --seeds 0 1 2 3 --steps 150
+--d-steps 5` (about 4 minutes per seed). The habit expert (100 iterations) keeps the cart at x = 0.92 in its
+trajectories (return 500; a random policy 22). From 4 of them, mean [min, max] over seeds 0-2: GAIL return
+500 [500, 500], cart x = 0.93 [0.93, 0.93]; BC 500 [500, 500], x = 0.88 [0.84, 0.92]; TRPO on CartPole's
+true reward 500 [500, 500], x = 0.03 [−0.00, 0.08]. Seed 3, on which nothing was chosen: GAIL 500, x = 0.93;
+BC 500, x = 0.90; TRPO 500, x = −0.01. So GAIL copies where the expert keeps the cart, not only that it
+survives (BC with 4 trajectories does too). With the paper's single D step (the same command with `--d-steps
+1`, seeds 0-2) the cart's position swings through the expert's and the run ends wherever the swing is: x =
+1.46, 0.78, −0.02 (returns 500, 500, 465); D lags the policy. The settings were chosen on seed 2 (`gail.py
+--expert <the expert.npz above> --steps 150 --seed 2 --threads 1` with --num-trajs 1 or 4, --d-steps 1 or
+5): with 1 trajectory (50 pairs) and 5 D steps, D memorised the expert's pairs (its loss fell below 0.01
+after about 110 iterations), the reward vanished and the policy drifted past x = 1.4. The paper's Table 3
+row (CartPole, 1 trajectory, no habit) is not re-measured here.
 """
 import argparse
 import copy
@@ -134,20 +133,18 @@ EVAL_SEED = 10_000     # evaluation episodes start from seeds EVAL_SEED + seed +
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generative Adversarial Imitation Learning (Ho & Ermon 2016)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Generative Adversarial Imitation Learning (Ho & Ermon 2016)")
     p.add_argument("--env", default="CartPole-v1", help=f"gymnasium environment: {', '.join(ENVS)}")
-    p.add_argument("--mode", choices=["gail", "bc", "expert", "pipeline"], default="gail",
-                   help="gail: Algorithm 1; bc: behavioural cloning; expert: TRPO on the true reward, then save "
-                        "trajectories; pipeline: expert (cached), then BC and GAIL for each --num-trajs")
-    p.add_argument("--expert", default=None, metavar="NPZ",
-                   help="expert trajectories (see the docstring); default: the cached expert of --env under "
-                        "<data-root>/gail/<env>/, trained first if missing")
-    p.add_argument("--num-trajs", type=int, nargs="+", default=[1],
-                   help="expert trajectories used (one count; several with --mode pipeline, e.g. 1 4 7 10)")
+    p.add_argument("--mode", choices=["gail", "bc", "expert"], default="gail", help="gail: Algorithm 1; bc: "
+                   "behavioural cloning; expert: TRPO on the true reward, then save its trajectories (expert.npz)")
+    p.add_argument("--expert", default=None, metavar="NPZ", help="expert trajectories, a --mode expert run's "
+                   "expert.npz; when not given, an expert is trained first into <out>/expert/")
+    p.add_argument("--num-trajs", type=int, default=1, help="expert trajectories used")
     p.add_argument("--expert-trajs", type=int, default=10, help="trajectories saved by --mode expert (official 10)")
-    p.add_argument("--subsample", type=int, default=None,
-                   help="keep every k-th expert pair (default: 10 CartPole, 5 Acrobot/MountainCar, 20 MuJoCo)")
+    p.add_argument("--expert-hold-x", type=float, default=None, metavar="X", help="CartPole: an expert with a habit, "
+                   "paid also for keeping the cart near x = X (default: none, the paper's expert)")
+    p.add_argument("--subsample", type=int, default=None, help="keep every k-th expert pair (default: 10 "
+                   "CartPole and Pendulum, 5 Acrobot and MountainCar, 20 MuJoCo)")
     p.add_argument("--reward", choices=["-log(D)", "log(1-D)"], default=None,
                    help="policy reward from D (default: log(1-D) for Acrobot and MountainCar, else -log(D))")
     p.add_argument("--entropy-lambda", type=float, default=0.0, help="causal entropy weight λ (Eq. 16)")
@@ -166,7 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--bc-batch-size", type=int, default=128, help="behavioural cloning minibatch")
     p.add_argument("--eval-episodes", type=int, default=50, help="episodes per evaluation (official 50)")
     runlib.add_args(p, dataset=None, image_size=None, batch_size=5000, steps=300, log_every=10,
-                    sample_every=50, ckpt_every=20, eval_every=0, images=False)
+                    sample_every=0, ckpt_every=20, eval_every=0, images=False)
     args = runlib.parse(p, argv, dry_run_defaults={
         "g_width": 8, "d_width": 8, "expert_trajs": 3, "eval_episodes": 2, "bc_steps": 4, "bc_batch_size": 8},
         defaults=env_defaults)
@@ -175,9 +172,8 @@ def parse_args(argv=None):
 
 
 def env_defaults(args):
-    """The settings that depend on the environment (official pipelines): subsampling, the reward form and,
-    for MuJoCo, 50000 pairs x 500 iterations, 50 expert trajectories and 20001 BC updates. A dry run keeps
-    every expert pair (its untrained expert's episodes are short)."""
+    """Per environment (official pipelines): subsampling, the reward form and, for MuJoCo, 50000 pairs x 500
+    iterations, 50 expert trajectories, 20001 BC updates. A dry run keeps every pair (short episodes)."""
     if args.env not in ENVS:
         return {}
     d = {"subsample": 1 if args.dry_run else SUBSAMPLE[args.env], "reward": REWARD.get(args.env, "-log(D)")}
@@ -186,45 +182,40 @@ def env_defaults(args):
     return d
 
 
+# Flags that cannot act in a mode; with --expert, neither can the expert's own.
+IDLE = {"expert": ("expert", "num_trajs", "subsample", "reward", "d_lr", "d_steps", "d_entropy", "d_width",
+                   "bc_steps", "bc_lr", "bc_batch_size"),
+        "gail": ("bc_steps", "bc_lr", "bc_batch_size"), "bc": ("reward", "d_lr", "d_steps", "d_entropy", "d_width")}
+RL_FLAGS = ("steps", "batch_size", "max_kl", "cg_damping", "vf_max_kl", "gamma", "gae_lambda", "entropy_lambda")
+
+
 def check_args(args):
-    """Everything that can be checked from the command line alone (nothing is written before this)."""
+    """What can be checked from the command line alone (nothing is written before this)."""
     if args.env not in ENVS:
         raise runlib.UsageError(f"unknown environment {args.env!r}; choose one of {', '.join(ENVS)}")
-    positive = ("g_width", "d_width", "max_kl", "cg_damping", "vf_max_kl", "d_lr", "bc_steps", "bc_lr",
-                "bc_batch_size", "eval_episodes", "expert_trajs")
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise runlib.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.d_steps < 0 or args.entropy_lambda < 0 or args.d_entropy < 0:
-        raise runlib.UsageError("--d-steps, --entropy-lambda and --d-entropy must be >= 0")
-    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+    least = {n: 1 for n in ("num_trajs", "expert_trajs", "subsample", "g_width", "d_width", "d_steps", "bc_steps",
+                            "bc_batch_size", "eval_episodes")} | {"entropy_lambda": 0, "d_entropy": 0}
+    for n, low in least.items():
+        if getattr(args, n) < low:
+            raise runlib.UsageError(f"--{n.replace('_', '-')} must be >= {low}, got {getattr(args, n)}")
+    for n in ("max_kl", "cg_damping", "vf_max_kl", "gamma"):
+        if not getattr(args, n) > 0:
+            raise runlib.UsageError(f"--{n.replace('_', '-')} must be > 0, got {getattr(args, n)}")
+    if args.gamma > 1 or not 0 <= args.gae_lambda <= 1:
         raise runlib.UsageError("--gamma must be in (0, 1] and --gae-lambda in [0, 1]")
-    if min(args.num_trajs) < 1 or (args.subsample is not None and args.subsample < 1):
-        raise runlib.UsageError("--num-trajs and --subsample must be >= 1")
-    if len(args.num_trajs) > 1 and args.mode != "pipeline":
-        raise runlib.UsageError(f"--mode {args.mode} takes one --num-trajs (several only with --mode pipeline)")
-    if args.mode == "expert" and args.expert:
-        raise runlib.UsageError("--mode expert trains an expert; --expert cannot act there")
-    # No flag that does nothing: flags of another mode are an error when given explicitly.
-    d_flags = {"d_lr", "d_steps", "d_entropy", "d_width", "reward"}
-    bc_flags = {"bc_steps", "bc_lr", "bc_batch_size"}
-    rl_flags = {"steps", "batch_size", "max_kl", "cg_damping", "vf_max_kl", "gamma", "gae_lambda", "entropy_lambda"}
-    idle = {"expert": d_flags | bc_flags | {"num_trajs", "subsample"}, "gail": bc_flags,
-            "bc": d_flags | (rl_flags if args.expert else set()), "pipeline": set()}[args.mode]
-    if args.expert:
-        idle |= {"expert_trajs"}
-    given = sorted(set(getattr(args, "explicit", ())) & idle)
+    if args.expert_hold_x is not None and args.env != "CartPole-v1":
+        raise runlib.UsageError("--expert-hold-x trains a CartPole expert; give --env CartPole-v1")
+    idle = IDLE[args.mode] + (("expert_trajs", "expert_hold_x") + RL_FLAGS * (args.mode == "bc") if args.expert else ())
+    given = [n for n in idle if n in args.explicit]
     if given:
         raise runlib.UsageError(f"--{given[0].replace('_', '-')} cannot act with --mode {args.mode}"
                                 + (" and --expert" if args.expert and args.mode != "expert" else ""))
-    if not args.expert and max(args.num_trajs) > args.expert_trajs and args.mode != "expert":
-        raise runlib.UsageError(f"--num-trajs {max(args.num_trajs)} is more than the {args.expert_trajs} "
+    if not args.expert and args.mode != "expert" and args.num_trajs > args.expert_trajs:
+        raise runlib.UsageError(f"--num-trajs {args.num_trajs} is more than the {args.expert_trajs} "
                                 "trajectories the expert saves (--expert-trajs)")
 
 
-# ------------------------------------------------------------------------------------------------
-# Models
-# ------------------------------------------------------------------------------------------------
+# ---- Models ------------------------------------------------------------------------------------
 
 class RunningNorm(nn.Module):
     """x ↦ (x − mean) / (std + 1e-6) with the mean and std of every point seen so far (official
@@ -344,9 +335,7 @@ class Discriminator(nn.Module):
         return scores[..., 0]
 
 
-# ------------------------------------------------------------------------------------------------
-# Losses and TRPO
-# ------------------------------------------------------------------------------------------------
+# ---- Losses and TRPO ---------------------------------------------------------------------------
 
 def bernoulli_entropy(logits):
     """Entropy of Bernoulli(sigmoid(l)) in nats: softplus(−l) + (1 − σ(l)) l."""
@@ -487,14 +476,17 @@ def value_step(value, obs, returns, max_kl, damping, fvp_fraction=0.1):
     return info, -float(surrogate().detach())
 
 
+def hold_bonus(x, target, width=0.5):
+    """The habit expert's extra reward for keeping CartPole's cart near x = target (not the paper's)."""
+    return torch.exp(-((x - target) / width) ** 2)
+
+
 def bc_loss(policy, obs, actions):
     """Behavioural cloning: the negative log-likelihood of the expert's actions."""
     return -policy.log_prob(obs, actions).mean()
 
 
-# ------------------------------------------------------------------------------------------------
-# Environments, rollouts, expert data
-# ------------------------------------------------------------------------------------------------
+# ---- Environments, rollouts, expert data -------------------------------------------------------
 
 def make_env(env_id):
     import gymnasium as gym
@@ -551,7 +543,7 @@ def evaluate(env, act, episodes, seed, device="cpu"):
     observation (e.g. CartPole's cart position is dimension 0)."""
     b = rollout(env, act, episodes=episodes, seeds=[EVAL_SEED + seed + i for i in range(episodes)], device=device)
     return {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
-            "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist(), "batch": b}
+            "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist()}
 
 
 def random_policy(env):
@@ -577,30 +569,27 @@ def save_expert(path, env_id, batch, random_return):
 
 
 def load_expert(path, env_id, env):
-    """Read and check an expert file (see the docstring): a UsageError names what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise runlib.UsageError(f"expert file {path} does not exist")
+    """Read and check an expert file (see the docstring): a UsageError says what is wrong."""
+    path, what = Path(path), "--expert takes the expert.npz that --mode expert writes (see gail.py's docstring)"
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise runlib.UsageError(f"{path} is not a readable .npz of expert trajectories: {e}") from None
+    except FileNotFoundError:
+        raise runlib.UsageError(f"expert file {path} does not exist; {what}") from None
+    except Exception:   # a .npy, a truncated archive, a checkpoint, text, a folder, no permission...
+        raise runlib.UsageError(f"{path} is not a readable .npz of expert trajectories; {what}") from None
     missing = {"env", "obs", "actions", "lengths", "returns"} - set(data)
     if missing:
-        raise runlib.UsageError(f"{path} lacks {', '.join(sorted(missing))} (see gail.py's docstring for the format)")
+        raise runlib.UsageError(f"{path} lacks {', '.join(sorted(missing))}; {what}")
     if str(data["env"]) != env_id:
         raise runlib.UsageError(f"{path} holds trajectories of {data['env']}, not {env_id} (--env)")
     obs_dim, act_dim, discrete = env_spec(env)
-    n, T = data["lengths"].shape[0], data["obs"].shape[1] if data["obs"].ndim == 3 else -1
-    act_shape = (n, T) if discrete else (n, T, act_dim)
-    if data["obs"].shape != (n, T, obs_dim) or data["actions"].shape != act_shape or data["returns"].shape != (n,):
-        want = "(N, T)" if discrete else f"(N, T, {act_dim})"
-        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), actions {want} and returns (N,) for "
-                                f"{env_id}, got obs {data['obs'].shape}, actions {data['actions'].shape}, "
-                                f"returns {data['returns'].shape}")
-    if discrete and data["actions"].dtype.kind not in "iu":
-        raise runlib.UsageError(f"{path}: {env_id} has discrete actions; the file's are {data['actions'].dtype}")
+    n, T = len(data["lengths"]), data["obs"].shape[1] if data["obs"].ndim == 3 else -1
+    want = {"obs": (n, T, obs_dim), "actions": (n, T) if discrete else (n, T, act_dim), "returns": (n,)}
+    if any(data[k].shape != v for k, v in want.items()) or (discrete and data["actions"].dtype.kind not in "iu"):
+        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), {'integer ' * discrete}actions "
+                                f"{'(N, T)' if discrete else f'(N, T, {act_dim})'} and returns (N,) for {env_id}, got "
+                                + ", ".join(f"{k} {data[k].shape} {data[k].dtype}" for k in want))
     if data["lengths"].ndim != 1 or (data["lengths"] < 1).any() or (data["lengths"] > T).any():
         raise runlib.UsageError(f"{path}: lengths must be in [1, {T}]")
     return data
@@ -619,219 +608,178 @@ def expert_pairs(data, num_trajs, every):
     return torch.cat(obs), acts.long() if acts.dtype in (torch.int32, torch.int64) else acts.float()
 
 
-def expert_cache(args):
-    """Where the expert of --env is cached: <data-root>/gail/<env>/expert/ (a --mode expert run directory);
-    a dry run keeps its throw-away expert inside its own run directory."""
-    return Path(args.out) / "expert-dry" if args.dry_run else Path(args.data_root) / "gail" / args.env / "expert"
-
-
-def resolve_expert(args, env):
-    """The expert data: --expert, or the cached expert of --env (trained now if missing)."""
-    path = Path(args.expert) if args.expert else expert_cache(args) / "expert.npz"
+def expert_data(args, env):
+    """The expert's trajectories: --expert, or an expert trained first by this run, inside its directory
+    (<out>/expert/, a --mode expert run: its progress is printed and its curves are in the run's TensorBoard)."""
+    path = Path(args.expert) if args.expert else Path(args.out) / "expert" / "expert.npz"
     if not args.expert and not path.is_file():
-        print(f"no cached expert for {args.env}: training one in {path.parent} (--mode expert)", flush=True)
-        sub = argparse.Namespace(**{**vars(args), "mode": "expert", "out": str(path.parent), "resume": "auto",
-                                    "entropy_lambda": 0.0})
-        summary = train(sub)
-        if summary.get("interrupted"):
+        check_start(args)
+        habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
+        print(f"no --expert given: training one first, TRPO on the true reward{habit} ({args.steps} iterations "
+              f"x {args.batch_size} pairs, minutes on a CPU) in {path.parent}", flush=True)
+        sub = argparse.Namespace(**{**vars(args), "mode": "expert", "out": str(path.parent), "resume": "auto"})
+        if train(sub).get("interrupted"):
             return None
+        print(f"expert ready; later runs can reuse it with --expert {path}", flush=True)
     data = load_expert(path, args.env, env)
-    if max(args.num_trajs) > len(data["lengths"]):
-        raise runlib.UsageError(f"--num-trajs {max(args.num_trajs)} but {path} holds "
-                                f"{len(data['lengths'])} trajectories")
+    if args.num_trajs > len(data["lengths"]):
+        raise runlib.UsageError(f"--num-trajs {args.num_trajs} but {path} holds {len(data['lengths'])} trajectories")
     if "random_return" not in data:
         data["random_return"] = np.float32(evaluate(env, random_policy(env), args.eval_episodes, args.seed)["return"])
     return data
 
 
-# ------------------------------------------------------------------------------------------------
-# Figures (a line plot drawn with torch alone: no plotting dependency)
-# ------------------------------------------------------------------------------------------------
-
-COLORS = [(0.1, 0.3, 0.9), (0.9, 0.2, 0.1), (0.1, 0.6, 0.2), (0.6, 0.2, 0.7), (0.9, 0.6, 0.0), (0.3, 0.3, 0.3)]
-
-
-def line_plot(curves, size=(240, 400)):
-    """curves: list of 1-D sequences (a constant level may be a single value); returns (3, H, W) in [0, 1].
-    Each curve in its own colour (COLORS order), x from 0 to the longest curve's end, y over all values."""
-    H, W = size
-    curves = [torch.as_tensor(c, dtype=torch.float32).detach().cpu().reshape(-1) for c in curves if len(c)]
-    img = torch.ones(3, H, W)
-    if not curves:
-        return img
-    n = max(len(c) for c in curves)
-    lo = min(float(c.min()) for c in curves)
-    hi = max(float(c.max()) for c in curves)
-    hi = hi if hi > lo else lo + 1
-    pad = 0.05 * (hi - lo)
-    lo, hi = lo - pad, hi + pad
-    for k, c in enumerate(curves):
-        if len(c) == 1:   # a level: across the whole width
-            x, y = torch.linspace(0, W - 1, 4 * W), c.expand(4 * W)
-        else:             # x = index, interpolated linearly between points
-            src = torch.linspace(0, len(c) - 1, 4 * W)
-            x = src / max(n - 1, 1) * (W - 1)
-            i0 = src.floor().long().clamp_max(len(c) - 1)
-            i1 = (i0 + 1).clamp_max(len(c) - 1)
-            y = c[i0] + (c[i1] - c[i0]) * (src - i0)
-        row = ((hi - y) / (hi - lo) * (H - 1)).round().long().clamp(0, H - 1)
-        col = x.round().long().clamp(0, W - 1)
-        for dr in (-1, 0, 1):
-            for ch in range(3):
-                img[ch, (row + dr).clamp(0, H - 1), col] = COLORS[k % len(COLORS)][ch]
-    img[:, [0, -1], :] = 0.5
-    img[:, :, [0, -1]] = 0.5
-    return img
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
+# ---- Training ----------------------------------------------------------------------------------
 
 def build(spec, args):
-    obs_dim, act_dim, discrete = spec
-    policy = Policy(obs_dim, act_dim, discrete, args.g_width)
-    value = ValueNet(obs_dim, args.g_width)
-    D = Discriminator(obs_dim, act_dim, discrete, args.d_width)
-    return policy, value, D
+    """The policy, value net and D of an environment with spec = (obs_dim, act_dim, discrete)."""
+    return Policy(*spec, args.g_width), ValueNet(spec[0], args.g_width), Discriminator(*spec, args.d_width)
+
+
+def check_start(args):
+    """runlib.setup's start-up checks (the checkpoint to resume and its settings; no new run into a directory
+    that holds a checkpoint), made before an expert is trained into the run directory: nothing is written
+    before they pass."""
+    ckpt, resume_path = Path(args.out) / "ckpt.pt", None
+    if args.resume:
+        resume_path = ckpt if args.resume == "auto" else Path(args.resume)
+        if args.resume != "auto" or resume_path.exists():
+            runlib.check_resume(args, ckpt_io.load(resume_path, SCRIPT), resume_path)
+    if ckpt.exists() and not (resume_path is not None and resume_path.exists() and ckpt.samefile(resume_path)):
+        raise runlib.UsageError(f"{args.out} already holds a checkpoint ({ckpt.name}): pass --resume auto to "
+                                "continue it, or give another --out")
 
 
 def train(args):
-    if args.resume not in (None, "auto"):   # read it before an expert may be trained and written
-        ckpt_io.load(args.resume, SCRIPT)
-    if args.out is None:   # fixed now: a dry run's expert lives inside it
-        args.out = str(runlib.resolve_out(args, SCRIPT))
-    if args.mode == "pipeline":
-        return pipeline(args)
-    env = make_env(args.env)
-    spec = env_spec(env)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise runlib.UsageError("gail.py runs in one process (no torchrun)")
+    env = make_env(args.env)
+    args.out = str(runlib.resolve_out(args, SCRIPT))   # fixed now: an expert trained first lives inside it
     data = None
     if args.mode != "expert":
-        data = resolve_expert(args, env)
+        data = expert_data(args, env)
         if data is None:
             return {"interrupted": True}
-    if args.mode == "bc":
+    if args.mode == "bc":   # BC counts its own updates (the expert above trained for --steps iterations)
         args = argparse.Namespace(**{**vars(args), "steps": args.bc_steps})
     r = runlib.setup(args, SCRIPT)
-    if r.distributed:
-        raise runlib.UsageError("gail.py runs in one process (no torchrun)")
-    if args.mode == "bc":
-        return train_bc(args, r, env, spec, data)
-    return train_rl(args, r, env, spec, data)
+    return (train_bc if args.mode == "bc" else train_rl)(args, r, env, env_spec(env), data)
 
 
-def scaled(ret, data):
-    """The paper's Fig. 1 scale: random policy 0, expert 1."""
-    expert, rand = float(np.mean(data["returns"])), float(data["random_return"])
-    return (ret - rand) / (expert - rand) if expert != rand else float("nan")
+def expert_stats(data, env_id):
+    """The expert's mean return over its trajectories, a random policy's, and on CartPole the mean cart x."""
+    if data is None:
+        return {}
+    stats = {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
+    if env_id == "CartPole-v1":
+        stats["expert_cart_x"] = float(np.concatenate([o[:n, 0] for o, n in zip(data["obs"], data["lengths"])]).mean())
+    return stats
 
 
-def final_evaluation(r, env, policy, args, data):
-    """The metrics of --eval-episodes deterministic episodes (scaled as Fig. 1 with expert data), and the
-    evaluation itself."""
-    with r.side_rng():
-        ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, r.device)
-    metrics = {"metric/return": ev["return"], "metric/length": ev["length"]}
-    if data is not None:
-        metrics["metric/scaled_return"] = scaled(ev["return"], data)
-        metrics["metric/expert_return"] = float(np.mean(data["returns"]))
-        metrics["metric/random_return"] = float(data["random_return"])
-    return metrics, ev
+def evaluation(env, policy, episodes, seed, device, stats):
+    """Deterministic episodes: the mean true return, scaled as Fig. 1 (random policy 0, expert 1) when the
+    expert is known, and on CartPole the mean cart position x."""
+    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), episodes, seed, device)
+    out = {**ev, **stats}
+    if stats:
+        span = stats["expert_return"] - stats["random_return"]
+        out["scaled_return"] = (ev["return"] - stats["random_return"]) / span if span else float("nan")
+    if env.spec.id == "CartPole-v1":
+        out["cart_x"] = ev["obs_mean"][0]
+    return out
+
+
+def final_evaluation(env, policy, args, data, device):
+    """The metrics logged at the end of a run (metric/return, metric/scaled_return, metric/cart_x, ...)."""
+    ev = evaluation(env, policy, args.eval_episodes, args.seed, device, expert_stats(data, args.env))
+    return {f"metric/{k}": v for k, v in ev.items() if k not in ("return_std", "obs_mean")}
+
+
+def discriminator_step(D, opt, obs, actions, ex_obs, ex_act, steps, entropy_weight):
+    """Algorithm 1's D update: the iteration's policy pairs (label 1) against as many expert pairs drawn with
+    replacement (label 0); D's normaliser first takes in both (official TransitionClassifier.fit)."""
+    idx = torch.randint(len(ex_obs), (len(obs),))
+    e_obs, e_act = ex_obs[idx], ex_act[idx]
+    D.norm.update(torch.cat([D.inputs(obs, actions), D.inputs(e_obs, e_act)]))
+    for _ in range(steps):
+        loss = discriminator_loss(D(obs, actions), D(e_obs, e_act), entropy_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return loss, (D(obs, actions) > 0).float().mean(), (D(e_obs, e_act) < 0).float().mean()
+
+
+def advantages(rewards, value, batch, gamma, lam):
+    """GAE per episode (V bootstrapped only where the time limit cut the episode), standardised (official
+    util.standardized); also the discounted returns the value net is fitted to."""
+    with torch.no_grad():
+        values, last = value(batch["obs"]), value(batch["final_obs"])
+    advs, rets, s = [], [], 0
+    for i, n in enumerate(batch["lengths"]):
+        a, g = gae(rewards[s:s + n], values[s:s + n], 0.0 if batch["terminated"][i] else float(last[i]), gamma, lam)
+        advs.append(a)
+        rets.append(g)
+        s += n
+    adv, ret = torch.cat(advs).to(rewards.device), torch.cat(rets).to(rewards.device)
+    return (adv - adv.mean()) / (adv.std() + 1e-8), ret
 
 
 def train_rl(args, r, env, spec, data):
     """Algorithm 1 (--mode gail), or TRPO on the true reward (--mode expert)."""
-    policy, value, D = build(spec, args)
-    policy, value, D = (r.prepare(m, compile=False, ddp=False) for m in (policy, value, D))
+    policy, value, D = (m.to(r.device) for m in build(spec, args))
     d_opt = torch.optim.Adam(D.parameters(), lr=args.d_lr)
-    reward_form = args.reward
-    ex_obs = ex_act = None
     if data is not None:
-        ex_obs, ex_act = expert_pairs(data, args.num_trajs[0], args.subsample)
-        ex_obs, ex_act = ex_obs.to(r.device), ex_act.to(r.device)
+        ex_obs, ex_act = (t.to(r.device) for t in expert_pairs(data, args.num_trajs, args.subsample))
         for norm in (policy.norm, value.norm):   # official --obsnorm_mode expertdata
             norm.update(ex_obs)
         D.norm.update(D.inputs(ex_obs, ex_act))
     start = r.resume({"policy": policy, "value": value, "D": D}, {"D": d_opt})
-    history = list(r.resume_state["history"]) if r.resume_state else []
     if start == 0 and data is None:   # expert: an extra batch of the untrained policy starts the normalisers
         b0 = rollout(env, policy.act, min_steps=args.batch_size, device=r.device)
         policy.norm.update(b0["obs"])
         value.norm.update(b0["obs"])
     r.restore_rng()
-    step, ev = start, None
-
-    def curve():
-        levels = [[float(np.mean(data["returns"]))], [float(data["random_return"])]] if data is not None else []
-        return line_plot([history, *levels])[None]
-
-    def samples():
-        return {"learning_curve": (curve(), 1, (0, 1))}
-
-    def scores():
-        nonlocal ev
-        metrics, ev = final_evaluation(r, env, policy, args, data)
-        return metrics
+    step = start
 
     def state():
         return {"models": {"policy": policy.state_dict(), "value": value.state_dict(), "D": D.state_dict()},
-                "optimizers": {"D": d_opt.state_dict()}, "history": history,
-                "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data)}
+                "optimizers": {"D": d_opt.state_dict()}, "env": args.env, "spec": list(spec),
+                "expert_stats": expert_stats(data, args.env)}
 
     for step in range(start + 1, args.steps + 1):
         batch = rollout(env, policy.act, min_steps=args.batch_size, device=r.device)
         obs, actions = batch["obs"], batch["actions"]
         scalars = {"return/true": batch["returns"].mean(), "episode/length": float(np.mean(batch["lengths"]))}
-        if data is not None:
-            # ---- D: Adam step(s) on policy pairs (label 1) vs as many expert pairs (label 0)
-            idx = torch.randint(len(ex_obs), (len(obs),))
-            e_obs, e_act = ex_obs[idx], ex_act[idx]
-            D.norm.update(torch.cat([D.inputs(obs, actions), D.inputs(e_obs, e_act)]))
-            for _ in range(args.d_steps):
-                loss_d = discriminator_loss(D(obs, actions), D(e_obs, e_act), args.d_entropy)
-                d_opt.zero_grad(set_to_none=True)
-                loss_d.backward()
-                d_opt.step()
+        if args.env == "CartPole-v1":
+            scalars["episode/cart_x"] = obs[:, 0].mean()
+        if data is not None:   # GAIL: D's step, then the reward of the new D
+            loss_d, acc_p, acc_e = discriminator_step(D, d_opt, obs, actions, ex_obs, ex_act, args.d_steps,
+                                                      args.d_entropy)
             with torch.no_grad():
-                logit_p, logit_e = D(obs, actions), D(e_obs, e_act)
-                rewards = policy_reward(logit_p, reward_form)                       # r = −log D (Alg. 1)
-            scalars.update({"loss/D": loss_d, "D/accuracy_policy": (logit_p > 0).float().mean(),
-                            "D/accuracy_expert": (logit_e < 0).float().mean(),
+                rewards = policy_reward(D(obs, actions), args.reward)                # r = −log D (Alg. 1)
+            scalars.update({"loss/D": loss_d, "D/accuracy_policy": acc_p, "D/accuracy_expert": acc_e,
                             "return/imitation": rewards.sum() / len(batch["lengths"])})
-        else:
+        else:                  # the expert: the true reward (plus the habit's bonus)
             rewards = batch["rewards"]
+            if args.expert_hold_x is not None:
+                rewards = rewards + hold_bonus(obs[:, 0], args.expert_hold_x)
         if args.entropy_lambda > 0:   # causal entropy H(π) = E[−log π(a|s)] (Eq. 16; official policy_ent_reg)
             with torch.no_grad():
                 rewards = rewards - args.entropy_lambda * policy.log_prob(obs, actions)
-        # ---- advantages: GAE per episode, V bootstrapped only where the time limit cut the episode
-        with torch.no_grad():
-            values, last = value(obs), value(batch["final_obs"])
-        advs, rets, s = [], [], 0
-        for i, n in enumerate(batch["lengths"]):
-            boot = 0.0 if batch["terminated"][i] else float(last[i])
-            a, g = gae(rewards[s:s + n], values[s:s + n], boot, args.gamma, args.gae_lambda)
-            advs.append(a)
-            rets.append(g)
-            s += n
-        adv, ret = torch.cat(advs).to(r.device), torch.cat(rets).to(r.device)
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)     # official util.standardized
-        # ---- TRPO on π, then the normaliser update and the value fit (official order)
+        adv, ret = advantages(rewards, value, batch, args.gamma, args.gae_lambda)
+        # ---- TRPO on π, then its normaliser's update and the value fit (official order)
         info = policy_step(policy, obs, actions, adv, args.max_kl, args.cg_damping)
         policy.norm.update(obs)
         vinfo, vloss = value_step(value, obs, ret, args.vf_max_kl, args.cg_damping)
         with torch.no_grad():
             entropy = policy.distribution(policy.params(obs)).entropy().mean()
-        history.append(float(batch["returns"].mean()))
         scalars.update({"trpo/kl": info["kl"], "trpo/improvement": info["improvement"],
                         "trpo/backtracks": info["backtracks"], "policy/entropy": entropy, "loss/value": vloss,
                         "value/kl": vinfo["kl"]})
-        if r.end_step(step, scalars, samples=samples, evaluate=scores, state=state):
-            if not (r.every(step, args.sample_every) or step == args.steps):   # a stopped run keeps its curve
-                r.images("learning_curve", curve(), step, nrow=1, value_range=(0, 1))
+        if r.end_step(step, scalars, evaluate=lambda: final_evaluation(env, policy, args, data, r.device),
+                      state=state):
             break
-    extra = {}
     if args.mode == "expert" and not r.stop_requested:
         # the expert's trajectories: stochastic policy (official deterministic_expert: false)
         with r.side_rng():
@@ -840,24 +788,13 @@ def train_rl(args, r, env, spec, data):
         save_expert(r.out / "expert.npz", args.env, trajs, rand)
         print(f"wrote {r.out / 'expert.npz'}: {args.expert_trajs} trajectories, mean return "
               f"{float(trajs['returns'].mean()):.1f} (random policy {rand:.1f})", flush=True)
-        extra = {"expert_file": str(r.out / "expert.npz"), "expert_traj_return": float(trajs["returns"].mean()),
-                 "random_return": rand}
-    if ev is not None:
-        extra["eval_obs_mean"] = ev["obs_mean"]
-    return r.finish(step, mode=args.mode, env=args.env, num_trajs=args.num_trajs[0], history=history, **extra)
-
-
-def expert_stats(data):
-    if data is None:
-        return {}
-    return {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
+    return r.finish(step, mode=args.mode, env=args.env)
 
 
 def train_bc(args, r, env, spec, data):
     """Behavioural cloning on the subsampled expert pairs (official BehavioralCloningOptimizer)."""
-    policy = r.prepare(Policy(spec[0], spec[1], spec[2], args.g_width), compile=False, ddp=False)
-    obs, acts = expert_pairs(data, args.num_trajs[0], args.subsample)
-    obs, acts = obs.to(r.device), acts.to(r.device)
+    policy = Policy(*spec, args.g_width).to(r.device)
+    obs, acts = (t.to(r.device) for t in expert_pairs(data, args.num_trajs, args.subsample))
     if len(obs) < 2:
         raise runlib.UsageError(f"{len(obs)} expert pair after subsampling: BC needs at least 2 (train and validation)")
     policy.norm.update(obs)                       # official --obsnorm_mode expertdata
@@ -866,22 +803,20 @@ def train_bc(args, r, env, spec, data):
     tr, va = perm[:n_train], perm[n_train:]
     opt = torch.optim.Adam(policy.parameters(), lr=args.bc_lr)
     start = r.resume({"policy": policy}, {"policy": opt})
-    state = r.resume_state
-    best = state["best"] if state else {"loss": float("inf"), "step": 0, "policy": copy.deepcopy(policy.state_dict())}
+    best = (r.resume_state["best"] if start
+            else {"loss": float("inf"), "step": 0, "policy": copy.deepcopy(policy.state_dict())})
     r.restore_rng()
-    step, ev = start, None
+    step = start
 
-    def scores():
-        """The best policy on validation (`final`), evaluated; its first episode as a plot."""
-        nonlocal ev
-        metrics, ev = final_evaluation(r, env, final, args, data)
-        r.images("bc_rollout", rollout_plot(ev["batch"])[None], step, nrow=1, value_range=(0, 1))
-        return metrics
+    def evaluate_best():
+        final = Policy(*spec, args.g_width).to(r.device)
+        final.load_state_dict(best["policy"])
+        return final_evaluation(env, final, args, data, r.device)
 
     def checkpoint():
         return {"models": {"policy": policy.state_dict(), "best": best["policy"]},
                 "optimizers": {"policy": opt.state_dict()}, "best": best,
-                "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data)}
+                "env": args.env, "spec": list(spec), "expert_stats": expert_stats(data, args.env)}
 
     for step in range(start + 1, args.steps + 1):
         idx = tr[torch.randint(len(tr), (args.bc_batch_size,))]
@@ -899,94 +834,29 @@ def train_bc(args, r, env, spec, data):
             scalars["loss/bc_valid"] = val
             if val < best["loss"]:
                 best = {"loss": val, "step": step, "policy": copy.deepcopy(policy.state_dict())}
-        if step == args.steps:   # BC evaluates only the best policy, at the end; its init draws on the training RNG
-            final = Policy(spec[0], spec[1], spec[2], args.g_width).to(r.device)
-            final.load_state_dict(best["policy"])
-        if r.end_step(step, scalars, evaluate=scores if step == args.steps else None, state=checkpoint):
+        # BC evaluates only the policy with the best validation loss, at the end
+        if r.end_step(step, scalars, evaluate=evaluate_best if step == args.steps else None, state=checkpoint):
             break
-    extra = {"best_step": best["step"]}
-    if ev is not None:
-        extra["eval_obs_mean"] = ev["obs_mean"]
-    return r.finish(step, mode="bc", env=args.env, num_trajs=args.num_trajs[0], **extra)
+    return r.finish(step, mode="bc", env=args.env, best_step=best["step"])
 
 
-def rollout_plot(batch):
-    """The first episode's observations over time, one colour per dimension."""
-    n = batch["lengths"][0]
-    return line_plot([batch["obs"][:n, j] for j in range(min(batch["obs"].shape[1], len(COLORS)))])
-
-
-def pipeline(args):
-    """The whole experiment of one environment: the expert (cached), then BC and GAIL for each count of
-    expert trajectories, each a run of its own under <out>/ (resumed if interrupted), and a table."""
-    if args.resume not in (None, "auto"):
-        raise runlib.UsageError("--mode pipeline resumes its runs itself; give --resume auto or nothing")
-    env = make_env(args.env)
-    if args.expert:
-        load_expert(args.expert, args.env, env)   # check before anything is written
-    out = Path(args.out)
-    data = resolve_expert(args, env)
-    if data is None:
-        return {"interrupted": True}
-    results = {"env": args.env, "expert_return": float(np.mean(data["returns"])),
-               "random_return": float(data["random_return"]), "runs": []}
-    curves = []
-    for n in args.num_trajs:
-        for mode in ("bc", "gail"):
-            run_dir = out / f"{mode}-{n}traj"
-            done = run_dir / "summary.json"
-            if done.is_file() and not json.loads(done.read_text()).get("interrupted"):
-                summary = json.loads(done.read_text())
-            else:
-                expert = args.expert or str(expert_cache(args) / "expert.npz")
-                sub = argparse.Namespace(**{**vars(args), "mode": mode, "num_trajs": [n], "out": str(run_dir),
-                                            "resume": "auto", "expert": expert})
-                summary = train(sub)
-                if summary.get("interrupted"):
-                    return summary
-            m = summary["metrics"]
-            results["runs"].append({"mode": mode, "num_trajs": n, "return": m["metric/return"],
-                                    "scaled_return": m["metric/scaled_return"],
-                                    "obs_mean": summary.get("eval_obs_mean"), "out": str(run_dir)})
-            if mode == "gail":
-                curves.append(summary.get("history", []))
-    print(f"\n{args.env}: expert {results['expert_return']:.1f}, random {results['random_return']:.1f}")
-    print("trajs | BC return (scaled) | GAIL return (scaled)")
-    for n in args.num_trajs:
-        row = {x["mode"]: x for x in results["runs"] if x["num_trajs"] == n}
-        print(f"{n:5d} | {row['bc']['return']:8.1f} ({row['bc']['scaled_return']:5.2f}) | "
-              f"{row['gail']['return']:8.1f} ({row['gail']['scaled_return']:5.2f})")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    runlib.save_grid(line_plot([*curves, [results["expert_return"]], [results["random_return"]]])[None],
-                     out / "learning_curves.png", nrow=1, value_range=(0, 1))
-    print(f"wrote {out / 'results.json'} and {out / 'learning_curves.png'} (GAIL per count, expert, random)")
-    return results
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluating a checkpoint
-# ------------------------------------------------------------------------------------------------
+# ---- Evaluating a checkpoint -------------------------------------------------------------------
 
 def sample(args):
+    """--sample CKPT: evaluate the checkpoint's policy (see `evaluation`) into evaluation.json."""
     state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
     env = make_env(state["env"])
     spec = tuple(state["spec"])
-    policy = Policy(spec[0], spec[1], spec[2], targs.g_width)
+    policy = Policy(*spec, targs.g_width)
     policy.load_state_dict(state["models"]["best" if "best" in state["models"] else "policy"])
     policy.to(device).eval()
-    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device)
-    result = {"env": state["env"], "step": state["step"], "episodes": args.eval_episodes, "return": ev["return"],
-              "return_std": ev["return_std"], "length": ev["length"], "obs_mean": ev["obs_mean"]}
-    stats = state.get("expert_stats") or {}
-    if stats:
-        e, rnd = stats["expert_return"], stats["random_return"]
-        result["scaled_return"] = (ev["return"] - rnd) / (e - rnd) if e != rnd else float("nan")
+    result = {"env": state["env"], "step": state["step"], "episodes": args.eval_episodes,
+              **evaluation(env, policy, args.eval_episodes, args.seed, device, state.get("expert_stats") or {})}
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    written = runlib.write_samples(out, state["step"], {"rollout": rollout_plot(ev["batch"])[None]}, (0, 1), nrow=1)
-    shown = f" (scaled {result['scaled_return']:.2f})" if "scaled_return" in result else ""
-    print(f"{state['env']}: mean return {ev['return']:.1f} ± {ev['return_std']:.1f} over {args.eval_episodes} "
-          f"episodes{shown}; wrote {out / 'evaluation.json'}")
-    return {**result, **written}
+    print(f"{state['env']}: mean return {result['return']:.1f} ± {result['return_std']:.1f} over "
+          f"{args.eval_episodes} episodes" + "".join(f", {k} {result[k]:.2f}" for k in ("scaled_return", "cart_x")
+                                                      if k in result) + f"; wrote {out / 'evaluation.json'}")
+    return result
 
 
 def main(argv=None):
