@@ -117,7 +117,6 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, Normal, kl_divergence
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from common import checkpoint as ckpt_io
 from common import run as runlib
 
 SCRIPT = "gail"
@@ -613,7 +612,7 @@ def expert_data(args, env):
     (<out>/expert/, a --mode expert run: its progress is printed and its curves are in the run's TensorBoard)."""
     path = Path(args.expert) if args.expert else Path(args.out) / "expert" / "expert.npz"
     if not args.expert and not path.is_file():
-        check_start(args)
+        runlib.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
         habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
         print(f"no --expert given: training one first, TRPO on the true reward{habit} ({args.steps} iterations "
               f"x {args.batch_size} pairs, minutes on a CPU) in {path.parent}", flush=True)
@@ -634,20 +633,6 @@ def expert_data(args, env):
 def build(spec, args):
     """The policy, value net and D of an environment with spec = (obs_dim, act_dim, discrete)."""
     return Policy(*spec, args.g_width), ValueNet(spec[0], args.g_width), Discriminator(*spec, args.d_width)
-
-
-def check_start(args):
-    """runlib.setup's start-up checks (the checkpoint to resume and its settings; no new run into a directory
-    that holds a checkpoint), made before an expert is trained into the run directory: nothing is written
-    before they pass."""
-    ckpt, resume_path = Path(args.out) / "ckpt.pt", None
-    if args.resume:
-        resume_path = ckpt if args.resume == "auto" else Path(args.resume)
-        if args.resume != "auto" or resume_path.exists():
-            runlib.check_resume(args, ckpt_io.load(resume_path, SCRIPT), resume_path)
-    if ckpt.exists() and not (resume_path is not None and resume_path.exists() and ckpt.samefile(resume_path)):
-        raise runlib.UsageError(f"{args.out} already holds a checkpoint ({ckpt.name}): pass --resume auto to "
-                                "continue it, or give another --out")
 
 
 def train(args):

@@ -114,14 +114,14 @@ def shrink(images, path, caption_height=0):
         canvas = canvas.resize((canvas.width * 3 // 4, canvas.height * 3 // 4))
 
 
-def curve(events_dir, path, tag="eval/return"):
+def curve(events_dir, path, tag="return/true"):
     """A learning curve (tag against step) from TensorBoard events, drawn with PIL."""
     from PIL import Image, ImageDraw
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(events_dir))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    tag = tag if tag in tags else next(t for t in tags if "return" in t)
+    tag = tag if tag in tags else next(t for t in tags if "return" in t)   # gail: return/true
     points = [(e.step, e.value) for e in acc.Scalars(tag)]
     w, h, pad = 480, 240, 36
     img = Image.new("RGB", (w, h), "white")

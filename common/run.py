@@ -467,6 +467,22 @@ def _remove_stale_temp_files(out, ckpt_name):
             tmp.unlink(missing_ok=True)
 
 
+def check_start(args, script, out, ckpt_name="ckpt.pt"):
+    """The checks made before anything is written to the run directory `out`: the checkpoint to resume is
+    read (and so validated) and its settings compared with the new ones; a new run into a directory that
+    holds a checkpoint is refused. Returns (the state to resume or None, its path or None)."""
+    ckpt, resume_state, resume_path = Path(out) / ckpt_name, None, None
+    if args.resume:
+        resume_path = ckpt if args.resume == "auto" else Path(args.resume)
+        if args.resume != "auto" or resume_path.exists():
+            resume_state = ckpt_io.load(resume_path, script)
+            check_resume(args, resume_state, resume_path)
+    if ckpt.exists() and (resume_state is None or not ckpt.samefile(resume_path)):
+        raise UsageError(f"{out} already holds a checkpoint ({ckpt.name}): pass --resume auto to continue it, "
+                         "or give another --out")
+    return resume_state, resume_path
+
+
 def setup(args, script, ckpt_name="ckpt.pt", data=None):
     """Device, threads, seeds, torchrun, output directory (args.json, see run_file), TensorBoard writer, signal
     handlers, and the start-up line. `ckpt_name` is the checkpoint's file name in the run directory (a
@@ -494,16 +510,7 @@ def setup(args, script, ckpt_name="ckpt.pt", data=None):
         box = [str(out) if out else None]
         dist.broadcast_object_list(box, src=0)
         out = Path(box[0])
-    # Read (and so validate) the checkpoint to resume from before anything is written.
-    ckpt, resume_state, resume_path = out / ckpt_name, None, None
-    if args.resume:
-        resume_path = ckpt if args.resume == "auto" else Path(args.resume)
-        if args.resume != "auto" or resume_path.exists():
-            resume_state = ckpt_io.load(resume_path, script)
-            check_resume(args, resume_state, resume_path)
-    if ckpt.exists() and (resume_state is None or not ckpt.samefile(resume_path)):
-        raise UsageError(f"{out} already holds a checkpoint ({ckpt.name}): pass --resume auto to continue it, "
-                         "or give another --out")
+    resume_state, resume_path = check_start(args, script, out, ckpt_name)
     writer = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
