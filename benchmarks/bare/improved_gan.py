@@ -29,7 +29,7 @@ def run(args, steps, keep=None):
         args.steps = max(1, round(args.epochs * steps_per_epoch))
     decay_steps = min(round(args.decay_epochs * steps_per_epoch), args.steps)
     torch.manual_seed(args.seed)
-    value_range = ig.value_range_of(args.arch)
+    value_range = ig.VALUE_RANGE[args.arch]
     b = args.batch_size
 
     G = ig.build_generator(args, data.shape)
