@@ -6,6 +6,7 @@ script's own step unit (see its --steps help), and images/s (it/s x the batch of
     python benchmarks/throughput.py dcgan pix2pix --cuda --modes fp32 amp
     python benchmarks/throughput.py --steps 6                    # the CPU, fp32 (slow at the paper's sizes)
     python benchmarks/throughput.py --dry-run                    # the tiny --dry-run configurations
+    python benchmarks/throughput.py dcgan pix2pix --steps 8 --threads 1 2 --reps 3   # what --threads 1 costs
 
 it/s is measured from the end of the first step to the end of the last (summary.json), so start-up and the
 first step (warm-up, compilation) are left out. With --compile every compiled configuration is first run
@@ -16,6 +17,7 @@ measurement runs alone, one after the other, on a warm cache. Measured this way 
 import argparse
 import concurrent.futures
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,17 +54,18 @@ MODES = {"fp32": [], "amp": ["--amp"], "compile": ["--compile"]}
 NO_IMAGES = {"gail"}   # no --amp or --compile
 
 
-def command(script, mode, steps, out, cuda, dry_run):
+def command(script, mode, steps, out, cuda, dry_run, threads=None):
     cmd = [sys.executable, str(ROOT / f"{script}.py"), "--out", str(out), "--steps", str(steps),
            "--log-every", str(steps), "--sample-every", "0", "--ckpt-every", "0", "--eval-every", "0"]
     cmd += ["--dry-run"] if dry_run else PAPER[script][1]
+    cmd += ["--threads", str(threads)] if threads else []
     return cmd + (["--cuda"] if cuda else []) + MODES[mode]
 
 
-def run(script, mode, steps, cuda, dry_run, timeout):
+def run(script, mode, steps, cuda, dry_run, timeout, threads=None):
     """(it/s, None) or (None, the last line of stderr)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = command(script, mode, steps, Path(tmp) / "run", cuda, dry_run)
+        cmd = command(script, mode, steps, Path(tmp) / "run", cuda, dry_run, threads)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -83,6 +86,10 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="measure the --dry-run configurations")
     p.add_argument("--jobs", type=int, default=6, help="parallel processes that compile before the measurements")
     p.add_argument("--timeout", type=int, default=300, help="seconds per measurement")
+    p.add_argument("--threads", type=int, nargs="+", default=[None],
+                   help="CPU thread counts to compare, e.g. 1 2 (default: each script's default, all cores)")
+    p.add_argument("--reps", type=int, default=1,
+                   help="repetitions, alternating the thread counts; the median is shown (default: %(default)s)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.scripts) - set(PAPER))
     if unknown:
@@ -98,16 +105,27 @@ def main(argv=None):
             list(pool.map(lambda sm: run(*sm, 3, args.cuda, args.dry_run, args.timeout * 2), warm))
         print(f"compiled {len(warm)} configurations in {time.perf_counter() - start:.0f} s", flush=True)
     device = "cuda" if args.cuda else "cpu"
-    print(f"{'script':<13} {'mode':<8} {'it/s':>9} {'images/s':>10}   ({device}, {steps} steps"
-          f"{', dry-run sizes' if args.dry_run else ', paper batch and size'})", flush=True)
+    print(f"{'script':<13} {'mode':<8} {'threads':>7} {'it/s':>9} {'images/s':>10}   ({device}, {steps} steps"
+          f"{', dry-run sizes' if args.dry_run else ', paper batch and size'}, median of {args.reps})", flush=True)
     for script, mode in todo:
-        rate, err = run(script, mode, steps, args.cuda, args.dry_run, args.timeout)
+        rates, err = {t: [] for t in args.threads}, None
+        for _ in range(args.reps):   # alternate the thread counts, so that a slow spell hits each alike
+            for t in args.threads:
+                rate, err = run(script, mode, steps, args.cuda, args.dry_run, args.timeout, t)
+                if err:
+                    break
+                rates[t].append(rate)
+            if err:
+                break
         images = PAPER[script][0]
-        if err:
-            print(f"{script:<13} {mode:<8} {'failed':>9} {'':>10}   {err}", flush=True)
-        else:
+        for t in args.threads:
+            shown_t = f"{t or 'default':>7}"
+            if err:
+                print(f"{script:<13} {mode:<8} {shown_t} {'failed':>9} {'':>10}   {err}", flush=True)
+                break
+            rate = statistics.median(rates[t])
             shown = f"{rate * images:>10.1f}" if images and not args.dry_run else f"{'-':>10}"
-            print(f"{script:<13} {mode:<8} {rate:>9.3g} {shown}", flush=True)
+            print(f"{script:<13} {mode:<8} {shown_t} {rate:>9.3g} {shown}", flush=True)
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
 
 

@@ -25,8 +25,15 @@ def test_every_script_has_a_paper_configuration_its_parser_accepts():
 def test_throughput_table_on_the_cpu(capsys):
     throughput.main(["gan", "gail", "--dry-run", "--modes", "fp32", "amp", "--steps", "3"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("gan ", "gail "))]
-    assert [r[:2] for r in rows] == [["gan", "fp32"], ["gan", "amp"], ["gail", "fp32"]]   # gail: no amp
-    assert all(re.fullmatch(r"[0-9.e+-]+", r[2]) and float(r[2]) > 0 for r in rows), rows
+    assert [r[:3] for r in rows] == [["gan", "fp32", "default"], ["gan", "amp", "default"], ["gail", "fp32", "default"]]
+    assert all(re.fullmatch(r"[0-9.e+-]+", r[3]) and float(r[3]) > 0 for r in rows), rows   # gail: no amp
+
+
+def test_throughput_compares_thread_counts(capsys):
+    throughput.main(["gan", "--dry-run", "--steps", "3", "--threads", "1", "2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("gan ")]
+    assert [r[:3] for r in rows] == [["gan", "fp32", "1"], ["gan", "fp32", "2"]], rows
+    assert all(float(r[3]) > 0 for r in rows), rows
 
 
 def test_unknown_script_is_a_usage_error(capsys):
