@@ -343,29 +343,8 @@ def test_loop_optimizers_are_the_papers_adam(loop):
     """Adam(lr 1e-3 or the --lr-schedule value at the nets' resolution, β = (0, 0.99), ε = 1e-8) for G and for
     D, built afresh at each new level of detail (steps 1, 3, 4 and 6 here); each update is Adam's on the
     applied gradients (first and second steps by hand)."""
-    for b in loop.built:
-        assert (b.type, b.setting("betas"), b.setting("eps")) == ("Adam", (0.0, 0.99), 1e-8)
-        assert len(b.params) == len(list(loop.nets.G.parameters() if b.owns(loop.nets.G) else loop.nets.D.parameters()))
-    lr_at = {4: 1e-3, 8: 0.002, 16: 1e-3}
-    moments, first_used = {}, {}
-    for k, (s, (_, r, _)) in enumerate(zip(loop.steps, DRY_SCHEDULE), 1):
-        for step, name in ((s.d_step, "D"), (s.g_step, "G")):
-            net = getattr(loop.nets, name)
-            assert step.lr == lr_at[r] and step.betas == (0.0, 0.99)
-            t, m, v = moments.get(step.opt, (0, {}, {}))
-            t += 1
-            first_used.setdefault(step.opt, (k, name))
-            for n, g in applied(step, net).items():
-                if g is None:
-                    continue
-                m[n] = 0.0 * m.get(n, 0) + 1.0 * g                       # β1 = 0
-                v[n] = 0.99 * v.get(n, 0) + 0.01 * g * g                  # β2 = 0.99
-                update = -lr_at[r] * m[n] / ((v[n] / (1 - 0.99 ** t)).sqrt() + 1e-8)
-                before = step.before[name][n]
-                rounding = 1e-6 + 2.5e-7 * before.abs()                 # float32 steps on stored values up to ~100
-                assert ((step.after[name][n] - before - update).abs() <= rounding).all(), (k, n)
-            moments[step.opt] = (t, m, v)
-    assert sorted(first_used.values()) == [(k, n) for k in (1, 3, 4, 6) for n in "DG"]
+    wiring.assert_growing_adam(loop, DRY_SCHEDULE, applied, lr_at={4: 1e-3, 8: 0.002, 16: 1e-3},
+                               new_optimizers_at=(1, 3, 4, 6))
 
 
 def test_loop_ema_of_g_with_decay_0999(loop):

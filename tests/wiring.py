@@ -298,3 +298,32 @@ def assert_update(step, deltas, what):
 
 def assert_same(a, b, what):
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b), what
+
+
+def assert_growing_adam(loop, schedule, applied, lr_at, new_optimizers_at, betas=(0.0, 0.99), eps=1e-8):
+    """progan/stylegan: Adam(lr at the nets' resolution, betas, eps) for G and for D, built afresh at each new
+    level of detail (the steps in new_optimizers_at); each recorded update is Adam's on the applied gradients,
+    computed by hand. `applied(step, net)` gives {name: gradient} as the step applied it."""
+    b1, b2 = betas
+    for b in loop.built:
+        assert (b.type, b.setting("betas"), b.setting("eps")) == ("Adam", betas, eps)
+        assert len(b.params) == len(list(loop.nets.G.parameters() if b.owns(loop.nets.G) else loop.nets.D.parameters()))
+    moments, first_used = {}, {}
+    for k, (s, (_, r, _)) in enumerate(zip(loop.steps, schedule), 1):
+        for step, name in ((s.d_step, "D"), (s.g_step, "G")):
+            net = getattr(loop.nets, name)
+            assert step.lr == lr_at[r] and step.betas == betas
+            t, m, v = moments.get(step.opt, (0, {}, {}))
+            t += 1
+            first_used.setdefault(step.opt, (k, name))
+            for n, g in applied(step, net).items():
+                if g is None:
+                    continue
+                m[n] = b1 * m.get(n, 0) + (1 - b1) * g
+                v[n] = b2 * v.get(n, 0) + (1 - b2) * g * g
+                update = -lr_at[r] * (m[n] / (1 - b1 ** t)) / ((v[n] / (1 - b2 ** t)).sqrt() + eps)
+                before = step.before[name][n]
+                rounding = 1e-6 + 2.5e-7 * before.abs()                 # float32 steps on stored values up to ~100
+                assert ((step.after[name][n] - before - update).abs() <= rounding).all(), (k, n)
+            moments[step.opt] = (t, m, v)
+    assert sorted(first_used.values()) == [(k, n) for k in new_optimizers_at for n in "DG"]
