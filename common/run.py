@@ -415,12 +415,14 @@ def available_cores():
 
 
 def set_threads(args):
-    """--threads N: the intra-op threads of the run. torch.set_num_threads also turns MKL's dynamic thread
-    adjustment off (OpenMP's is off by default), so a reduction is split the same way on every call: two
-    runs with the same seed and the same N give bit-identical weights on the same machine and PyTorch
-    build, however loaded the machine is. N decides how oneDNN's convolution gradients and the BLAS/ATen
-    sums are split, so different N differ in the last bits; N = 1 gives the same weights on any machine
-    of the same build (tests/test_determinism.py)."""
+    """--threads N: the intra-op threads of the run (torch.set_num_threads, which also turns MKL's dynamic
+    thread adjustment off). N decides how oneDNN's convolution gradients and the BLAS/ATen sums are split,
+    so runs with different N differ in the last bits. With N = 1 the same seed gives bit-identical weights
+    on any machine of the same PyTorch build, however loaded and whatever thread settings the process
+    inherits (tests/test_determinism.py). With N > 1 two same-seed runs on one machine almost always
+    agree, but that is not promised: of 164 dcgan dry runs at N = 2, four at a time, two ended with
+    other weights (one with the shell's thread settings, one inheriting OMP_NUM_THREADS=1); the kernel
+    was not found (MKL does not promise run-to-run reproducibility of its threaded routines)."""
     torch.set_num_threads(args.threads)
 
 

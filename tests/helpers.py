@@ -41,8 +41,8 @@ def _interrupt_at(monkeypatch, n):
 
 
 def assert_resume_exact(script, tmp_path, monkeypatch, args, n=3, state_keys=("models",), ckpt_name="ckpt.pt"):
-    """2n steps in one go == n steps, Ctrl-C, --resume auto, n more steps (CPU, bit-exact)."""
-    args = ["--dry-run", "--steps", str(2 * n), "--ckpt-every", "1000", "--eval-every", "0", *args]
+    """2n steps in one go == n steps, Ctrl-C, --resume auto, n more steps (CPU, one thread: bit-exact)."""
+    args = ["--dry-run", "--steps", str(2 * n), "--ckpt-every", "1000", "--eval-every", "0", "--threads", "1", *args]
     full = script.main([*args, "--out", str(tmp_path / "full")])
     assert full["step"] == 2 * n and not full["interrupted"]
     with monkeypatch.context() as m:
