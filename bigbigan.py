@@ -536,7 +536,7 @@ def train(args):
     g_net, e_net, d_net = build(args, data.shape)
     G, E, D = (r.prepare(m, channels_last=True) for m in (g_net, e_net, d_net))
     g_raw, e_raw, d_raw = (runlib.unwrap(m) for m in (G, E, D))
-    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps)
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, foreach=True)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.g_lr, **adam)
     opt_e = torch.optim.Adam(E.parameters(), lr=args.e_lr, **adam)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.d_lr, **adam)

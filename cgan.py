@@ -367,11 +367,11 @@ def train(args):
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
     sgd = args.optimizer == "sgd"
     if sgd:
-        opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum)
-        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum)
+        opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
+        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
     else:
-        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999), foreach=True)
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999), foreach=True)
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device, value_range=value_range,

@@ -263,7 +263,7 @@ def train(args):
     G, D = build(args, data.shape)
     G, D = r.prepare(G, channels_last=True), r.prepare(D, channels_last=True)
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
-    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, foreach=True)
     opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})

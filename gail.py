@@ -713,7 +713,7 @@ def advantages(rewards, value, batch, gamma, lam):
 def train_rl(args, r, env, spec, data):
     """Algorithm 1 (--mode gail), or TRPO on the true reward (--mode expert)."""
     policy, value, D = (m.to(r.device) for m in build(spec, args))
-    d_opt = torch.optim.Adam(D.parameters(), lr=args.d_lr)
+    d_opt = torch.optim.Adam(D.parameters(), lr=args.d_lr, foreach=True)
     if data is not None:
         ex_obs, ex_act = (t.to(r.device) for t in expert_pairs(data, args.num_trajs, args.subsample))
         for norm in (policy.norm, value.norm):   # official --obsnorm_mode expertdata
@@ -786,7 +786,7 @@ def train_bc(args, r, env, spec, data):
     perm = torch.randperm(len(obs), generator=torch.Generator().manual_seed(args.seed))
     n_train = max(1, min(len(obs) - 1, int(0.7 * len(obs))))   # official --bclone_train_frac 0.7
     tr, va = perm[:n_train], perm[n_train:]
-    opt = torch.optim.Adam(policy.parameters(), lr=args.bc_lr)
+    opt = torch.optim.Adam(policy.parameters(), lr=args.bc_lr, foreach=True)
     start = r.resume({"policy": policy}, {"policy": opt})
     best = (r.resume_state["best"] if start
             else {"loss": float("inf"), "step": 0, "policy": copy.deepcopy(policy.state_dict())})

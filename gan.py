@@ -253,11 +253,11 @@ def train(args):
     G, D = r.prepare(G), r.prepare(D)
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
     if args.optimizer == "sgd":
-        opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum)
-        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum)
+        opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
+        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
     else:
-        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.8, 0.999))
-        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.8, 0.999))
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.8, 0.999), foreach=True)
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.8, 0.999), foreach=True)
     g_loss_fn = g_loss_nonsaturating if args.g_loss == "nonsaturating" else g_loss_minimax
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})

@@ -369,13 +369,13 @@ def train(args):
     G, ae = build(args, data.shape, data.kind)
     G = r.prepare(G)
     g_raw = runlib.unwrap(G)
-    opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum)
+    opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
     if ae is not None:
         ae = ae.to(device)
     ae_opt, ae_phase = None, 0    # a fresh optimiser for each autoencoder phase, as the official code
 
     def new_ae_opt(phase):
-        return torch.optim.SGD(ae.parameters(), lr=args.ae_lr, momentum=ae_momentum(1, phase, args))
+        return torch.optim.SGD(ae.parameters(), lr=args.ae_lr, momentum=ae_momentum(1, phase, args), foreach=True)
 
     start = r.resume({"G": g_raw}, {"G": opt_g})
     state = r.resume_state

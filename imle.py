@@ -263,7 +263,8 @@ def train(args):
     G = build(args, data.shape, data.kind)
     G = r.prepare(G, channels_last=data.kind == "image")
     g_raw = runlib.unwrap(G)
-    opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                           weight_decay=args.weight_decay, foreach=True)
 
     z_matched, perm, nn_dist = None, None, None
     start = r.resume({"G": g_raw}, {"G": opt})

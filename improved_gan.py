@@ -599,8 +599,8 @@ def train(args):
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
     g_params = [p for p in g_raw.parameters() if p.requires_grad]
     d_params = [p for p in d_raw.parameters() if p.requires_grad]
-    opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps)
-    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps)
+    opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps, foreach=True)
+    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps, foreach=True)
     d_avg = (AveragedModel(d_raw, multi_avg_fn=get_ema_multi_avg_fn(args.polyak)) if args.polyak > 0 else None)
     hist = {"G": HistoricalAverage(g_params), "D": HistoricalAverage(d_params)} if args.hist_avg > 0 else {}
 

@@ -401,8 +401,8 @@ def train(args):
     q_params = list(d_raw.q_head.parameters())
     shared = [p for n, p in d_raw.named_parameters() if not n.startswith("q_head.")]
     opt_d = torch.optim.Adam([{"params": shared, "lr": args.d_lr}, {"params": q_params, "lr": args.q_lr}],
-                             betas=(args.beta1, 0.999))
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.beta1, 0.999))
+                             betas=(args.beta1, 0.999), foreach=True)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.beta1, 0.999), foreach=True)
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device, value_range=value_range,

@@ -370,7 +370,7 @@ def train(args):
     G, D = build(args, c_in, c_out)
     g_raw, d_raw = G, D
     G = r.prepare(G, channels_last=True)
-    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), foreach=True)
     opt_g = torch.optim.Adam(G.parameters(), **adam)
     models, optimizers = {"G": g_raw}, {"G": opt_g}
     if D is not None:

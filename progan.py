@@ -471,7 +471,8 @@ def train(args):
     d_penalty = getattr(D, "_orig_mod", D)   # the penalty's double backward runs uncompiled
 
     def adam(model):  # created afresh at each new level of detail (train.py reset_opt_for_new_lod)
-        return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
+        return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                eps=args.adam_eps, foreach=True)
     opt_g, opt_d = adam(G), adam(D)
 
     stable_img, fade_img = round(args.stable_kimg * 1000), round(args.fade_kimg * 1000)

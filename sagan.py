@@ -426,8 +426,8 @@ def train(args):
     g_net, d_net = build(args, data.shape, K)
     G, D = r.prepare(g_net, channels_last=True), r.prepare(d_net, channels_last=True)
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.beta1, args.beta2))   # TTUR
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=(args.beta1, args.beta2))
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.beta1, args.beta2), foreach=True)   # TTUR
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=(args.beta1, args.beta2), foreach=True)
     ema = make_ema(g_raw, args.ema_decay) if args.ema_decay else None
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})

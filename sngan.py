@@ -362,8 +362,8 @@ def train(args):
     D = r.prepare(build_discriminator(args, data.shape), channels_last=True)
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
     betas = (args.beta1, args.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas, foreach=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas, foreach=True)
     d_loss_fn, g_loss_fn = LOSSES[args.loss]
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})

@@ -703,7 +703,7 @@ def train_stage1(args):
     vq_raw, d_raw = runlib.unwrap(vq), runlib.unwrap(D)
     if perceptual is not None:
         perceptual = r.prepare(perceptual, channels_last=True, ddp=False)
-    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), foreach=True)
     opt_vq, opt_d = torch.optim.Adam(vq.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     start = r.resume({"vqgan": vq_raw, "D": d_raw}, {"vqgan": opt_vq, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,
@@ -836,7 +836,7 @@ def train_stage2(args):
     no_decay = [p for n, p in gpt_raw.named_parameters() if not any(p is q for q in decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},   # cond_transformer.py:
                              {"params": no_decay, "weight_decay": 0.0}],             # linear weights only
-                            lr=args.lr, betas=(args.beta1, args.beta2))
+                            lr=args.lr, betas=(args.beta1, args.beta2), foreach=True)
     start = r.resume({"gpt": gpt_raw}, {"gpt": opt})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)

@@ -306,8 +306,8 @@ def train(args):
     G = r.prepare(build_generator(args, data.shape), channels_last=conv)
     D = r.prepare(build_critic(args, data.shape), channels_last=conv)
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
-    opt_g = torch.optim.RMSprop(G.parameters(), lr=args.lr)
-    opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr)
+    opt_g = torch.optim.RMSprop(G.parameters(), lr=args.lr, foreach=True)
+    opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr, foreach=True)
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,

@@ -352,8 +352,8 @@ def train(args):
     # (still wrapped in DistributedDataParallel under torchrun).
     d_penalty = getattr(D, "_orig_mod", D)
     betas = (args.beta1, args.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas, foreach=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas, foreach=True)
 
     start = r.resume({"G": g_raw, "D": d_raw}, {"G": opt_g, "D": opt_d})
     b = args.batch_size // r.world_size

@@ -26,11 +26,11 @@ def run(args, steps, keep=None):
         G.init_output_bias(data.images.float().mean(0) / 255)
     sgd = args.optimizer == "sgd"
     if sgd:
-        opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum)
-        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum)
+        opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
+        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
     else:
-        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999), foreach=True)
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999), foreach=True)
     b = args.batch_size
     batches = datasets.iterate(data, b, "cpu", value_range=(0, 1) if mlp else (-1, 1))
 

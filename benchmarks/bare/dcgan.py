@@ -19,7 +19,7 @@ def run(args, steps, keep=None):
     data = datasets.load(args)
     torch.manual_seed(args.seed)
     G, D = dcgan.build(args, data.shape)
-    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, foreach=True)
     opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     b = args.batch_size
     batches = datasets.iterate(data, b, "cpu")

@@ -15,8 +15,8 @@ def run(args, steps):
     data = datasets.load(args)
     G, D = gan.build(args, data.shape)
     G.init_output_bias(data.images.float().mean(0) / 255)
-    opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum)
-    opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum)
+    opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
+    opt_d = torch.optim.SGD(D.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
     batches = datasets.iterate(data, args.batch_size, "cpu", value_range=(0, 1))
     times = []
     for step in range(steps):

@@ -24,7 +24,7 @@ def run(args, steps, keep=None):
     torch.manual_seed(args.seed)
     bandwidths = gmmn.kernel_bandwidths(args, data)
     G, ae = gmmn.build(args, data.shape, data.kind)
-    opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum)
+    opt_g = torch.optim.SGD(G.parameters(), lr=args.lr, momentum=args.momentum, foreach=True)
     b = args.batch_size
     batches = datasets.iterate(data, b, "cpu", value_range=(0, 1))
     if ae is not None:
@@ -37,7 +37,8 @@ def run(args, steps, keep=None):
         if step <= ae_total:   # the autoencoder: layer pair enc1/dec2, then enc2/dec1, then fine-tuning
             phase, i = (step - 1) // args.ae_steps + 1, (step - 1) % args.ae_steps + 1
             if i == 1:
-                ae_opt = torch.optim.SGD(ae.parameters(), lr=args.ae_lr, momentum=gmmn.ae_momentum(1, phase, args))
+                ae_opt = torch.optim.SGD(ae.parameters(), lr=args.ae_lr,
+                                         momentum=gmmn.ae_momentum(1, phase, args), foreach=True)
             for group in ae_opt.param_groups:
                 group["momentum"] = gmmn.ae_momentum(i, phase, args)
             x, _ = next(ae_batches)

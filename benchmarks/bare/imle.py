@@ -31,7 +31,8 @@ def run(args, steps, keep=None):
     epoch_steps = n // b
     m = args.factor * epoch_steps * b
     G = imle.build(args, data.shape, data.kind)
-    opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                           weight_decay=args.weight_decay, foreach=True)
 
     times = []
     for step in range(1, steps + 1):

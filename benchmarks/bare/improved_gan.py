@@ -39,8 +39,8 @@ def run(args, steps, keep=None):
     ig.data_dependent_init(D, datasets.to_range(data.images[init_idx], value_range, True))
     g_params = [p for p in G.parameters() if p.requires_grad]
     d_params = [p for p in D.parameters() if p.requires_grad]
-    opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps)
-    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps)
+    opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps, foreach=True)
+    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps, foreach=True)
     d_avg = AveragedModel(D, multi_avg_fn=get_ema_multi_avg_fn(args.polyak)) if args.polyak > 0 else None
     batches = datasets.iterate(data, b, "cpu", value_range=value_range)
     if labelled is not None:

@@ -21,8 +21,8 @@ def run(args, steps, keep=None):
     G, D = infogan.build(args, data.shape)
     shared = [p for n, p in D.named_parameters() if not n.startswith("q_head.")]
     opt_d = torch.optim.Adam([{"params": shared, "lr": args.d_lr}, {"params": D.q_head.parameters(), "lr": args.q_lr}],
-                             betas=(args.beta1, 0.999))
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.beta1, 0.999))
+                             betas=(args.beta1, 0.999), foreach=True)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.beta1, 0.999), foreach=True)
     batches = datasets.iterate(data, args.batch_size, "cpu", value_range=value_range)
     b = args.batch_size
 

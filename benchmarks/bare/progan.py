@@ -41,7 +41,7 @@ def run(args, steps, keep=None):
             if math.floor(lod) != math.floor(prev_lod) or math.ceil(lod) != math.ceil(prev_lod):
                 lr = args.lr_dict.get(res, args.lr)   # the resolution changes only here
                 opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=lr, betas=(args.beta1, args.beta2),
-                                                 eps=args.adam_eps) for m in (G, D))
+                                                 eps=args.adam_eps, foreach=True) for m in (G, D))
                 b = args.batch_dict.get(res, args.batch_size)
                 if b not in batches:
                     batches[b] = datasets.iterate(data, b, "cpu")

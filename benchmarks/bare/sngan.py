@@ -24,8 +24,8 @@ def run(args, steps, keep=None):
     torch.manual_seed(args.seed)
     G, D = sngan.build_generator(args, data.shape), sngan.build_discriminator(args, data.shape)
     betas = (args.beta1, args.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas, foreach=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas, foreach=True)
     d_loss_fn, g_loss_fn = sngan.LOSSES[args.loss]
     b = args.batch_size
     batches = datasets.iterate(data, b, "cpu")

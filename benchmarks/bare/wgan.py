@@ -24,8 +24,8 @@ def run(args, steps, keep=None):
     wgan.check_shape(args.arch, data.shape)
     torch.manual_seed(args.seed)
     G, D = wgan.build_generator(args, data.shape), wgan.build_critic(args, data.shape)
-    opt_g = torch.optim.RMSprop(G.parameters(), lr=args.lr)
-    opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr)
+    opt_g = torch.optim.RMSprop(G.parameters(), lr=args.lr, foreach=True)
+    opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr, foreach=True)
     b = args.batch_size
     batches = datasets.iterate(data, b, "cpu")
 

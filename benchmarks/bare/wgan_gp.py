@@ -21,8 +21,8 @@ def run(args, steps, keep=None):
     torch.manual_seed(args.seed)
     G, D = wgan_gp.build(args, data.shape)
     betas = (args.beta1, args.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas, foreach=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas, foreach=True)
     b = args.batch_size
     batches = datasets.iterate(data, b, "cpu")
 
