@@ -89,20 +89,9 @@ Differences from the paper (and its official code):
   --amp/--compile (TRPO's conjugate gradient needs float32).
 - The habit measurement below takes 5 D steps per iteration and 150 iterations (the paper: 1 and 300).
 
-Measured here (CPU, one thread; the trained policy acting deterministically for 50 evaluation episodes, true
-reward): `python benchmarks/gail_pipeline.py --expert-hold-x 1 --num-trajs 4 --seeds 0 1 2 3 --steps 150
---d-steps 5` (about 4 minutes per seed). The habit expert (100 iterations) keeps the cart at x = 0.92 in its
-trajectories (return 500; a random policy 22). From 4 of them, mean [min, max] over seeds 0-2: GAIL return
-500 [500, 500], cart x = 0.93 [0.93, 0.93]; BC 500 [500, 500], x = 0.88 [0.84, 0.92]; TRPO on CartPole's
-true reward 500 [500, 500], x = 0.03 [−0.00, 0.08]. Seed 3, on which nothing was chosen: GAIL 500, x = 0.93;
-BC 500, x = 0.90; TRPO 500, x = −0.01. So GAIL copies where the expert keeps the cart, not only that it
-survives (BC with 4 trajectories does too). With the paper's single D step (the same command with `--d-steps
-1`, seeds 0-2) the cart's position swings through the expert's and the run ends wherever the swing is: x =
-1.46, 0.78, −0.02 (returns 500, 500, 465); D lags the policy. The settings were chosen on seed 2 (`gail.py
---expert <the expert.npz above> --steps 150 --seed 2 --threads 1` with --num-trajs 1 or 4, --d-steps 1 or
-5): with 1 trajectory (50 pairs) and 5 D steps, D memorised the expert's pairs (its loss fell below 0.01
-after about 110 iterations), the reward vanished and the policy drifted past x = 1.4. The paper's Table 3
-row (CartPole, 1 trajectory, no habit) is not re-measured here.
+Measured (docs/results.md, gail): from 4 trajectories of the habit expert (cart at x = 0.92), GAIL keeps
+the cart at x = 0.93 over seeds 0-3 where TRPO on the true reward keeps it near 0, with 5 D steps per
+iteration; with the paper's single step the cart's position swings through the expert's.
 """
 import argparse
 import copy

@@ -53,11 +53,8 @@ Usage:
         --eval-every 1000 --eval-samples 5000
     python sagan.py --sample runs/sagan/cifar10-.../ckpt.pt [--eval]   # class grid + attention maps (IS / FID)
 
-Measured here (the 10k MNIST test digits, the digit run above with --threads 1, seeds 0-2, at step 3000;
---attn-res 0 for the run without attention): classifier FID of 5000 samples 114.3 (113.8-115.2) with
-attention, 142.5 (131.7-152.3) without: attention is better on every seed. Samples classified as the
-class drawn for: 27.6% (26.0-29.6%) with, 36.1% (26.6-43.8%) without (chance 10%): at this budget the
-conditioning is learned no better with attention. γ leaves 0 in both nets (G 0.07-0.10, D -0.13 to -0.17).
+Measured (docs/results.md, sagan): on the digit run above, classifier FID 114 with attention against 142
+without (seeds 0-2, better on every seed).
 
 `--sample` writes a class grid (one row per class; 10 rows spread over the classes when there are more)
 and attention maps as in the paper's Fig. 1 / 5: for four query points (coloured squares) of each image,

@@ -540,8 +540,7 @@ def train(args):
         metrics.load_fid_inception(args.inception_weights)
     clf = digits.prepare(args.digit_metrics, data, args.data_root)
     r = runlib.setup(args, SCRIPT, data=data)
-    device = r.device
-    clf = clf.to(device) if clf is not None else None
+    device, clf = r.device, clf.to(r.device) if clf is not None else None
     real_stats = (metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
                   if args.metrics and "fid" in args.metrics else None)
 
@@ -552,8 +551,8 @@ def train(args):
     d_penalty = getattr(D, "_orig_mod", D)   # the penalty's double backward runs uncompiled
 
     def adam(model):  # created afresh at each new level of detail (reset_opt_for_new_lod)
-        return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                eps=args.adam_eps, foreach=True)
+        return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
+                                foreach=True)
     opt_g, opt_d = adam(G), adam(D)
 
     stable_img, fade_img = round(args.stable_kimg * 1000), round(args.fade_kimg * 1000)

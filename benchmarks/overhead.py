@@ -5,10 +5,11 @@ a size a CPU user trains at, on the same threads, alternating script and bare lo
     python benchmarks/overhead.py                         # every script with a bare loop
     python benchmarks/overhead.py gan dcgan --reps 7 --threads 2
 
-For each script it prints the mean time of a plain step (no log line) of each (the median over the
-repetitions), their ratio, and the
-ratio at the script's default --log-every, where the extra time of a log step (reading the losses, the
-console line, TensorBoard) is spread over the steps between log lines. The target is 1.03 or less.
+For each script it prints the mean time of a plain step (no log line) of each, over the same step numbers
+on both sides (so that periodic work, e.g. imle's nearest-neighbour search, weighs the same), the median
+over the repetitions, their ratio, and the ratio at the script's default --log-every, where the extra
+time of a log step over the bare loop's same step (reading the losses, the console line, TensorBoard) is
+spread over the steps between log lines. The target is 1.03 or less.
 
 A bare loop is `run(args, steps) -> [seconds per step]`, given the script's own parsed arguments (the
 configuration in its CONFIG), building what train() builds from the script's classes and functions.
@@ -29,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from common import run as runlib  # noqa: E402
 
 LOG_EVERY = 5      # log steps while timing, to measure their cost; spread over the default interval after
+WARMUP = 2         # steps left out of every mean
 
 
 def bare_loops():
@@ -38,7 +40,8 @@ def bare_loops():
 
 
 def time_script(script, flags, steps, threads):
-    """Seconds per step of script.main (the steps of its own loop, timed at each end_step), and which were log steps."""
+    """{step: (seconds, whether it was a log step)} for the steps of script.main's own loop, each timed from
+    the end_step of the step before to its own (the first and the last step have no such time)."""
     stamps, original = [], runlib.Run.end_step
 
     def end_step(self, step, *a, **k):
@@ -54,8 +57,7 @@ def time_script(script, flags, steps, threads):
     finally:
         runlib.Run.end_step = original
     # the last step also writes the final samples, checkpoint and evaluation: not a step of the loop
-    times = [(t1 - t0, log) for (_, t0, _), (_, t1, log) in zip(stamps[:-1], stamps[1:-1])]
-    return [t for t, log in times if not log], [t for t, log in times if log]
+    return {step: (t1 - t0, log) for (_, t0, _), (step, t1, log) in zip(stamps[:-1], stamps[1:-1])}
 
 
 def main(argv=None):
@@ -78,12 +80,17 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         plain, logged, base = [], [], []
         for _ in range(args.reps):   # alternate, so that a slow spell of the machine hits both
-            a, b = time_script(script, bare.CONFIG, steps, args.threads)
-            plain.append(statistics.mean(a[2:]))   # the first steps warm up; the mean keeps periodic work (imle's search)
-            logged.append(statistics.mean(b) if b else plain[-1])
+            timed = time_script(script, bare.CONFIG, steps, args.threads)
             torch.set_num_threads(args.threads)
-            base.append(statistics.mean(bare.run(script.parse_args([*bare.CONFIG, "--threads", str(args.threads)]),
-                                                 steps)[2:]))
+            bare_times = bare.run(script.parse_args([*bare.CONFIG, "--threads", str(args.threads)]), steps)
+            # both means over the same steps (after 2 of warm-up), so that periodic work (imle's search, a
+            # new level of detail) weighs the same in each; log steps are timed apart
+            same = [k for k, (_, log) in timed.items() if k > WARMUP and not log]
+            plain.append(statistics.mean(timed[k][0] for k in same))
+            base.append(statistics.mean(bare_times[k - 1] for k in same))
+            logs = [k for k, (_, log) in timed.items() if k > WARMUP and log]
+            logged.append(statistics.mean(timed[k][0] - bare_times[k - 1] for k in logs) + base[-1] if logs
+                          else plain[-1])
         s, b, log = statistics.median(plain), statistics.median(base), statistics.median(logged)
         default_every = script.parse_args([]).log_every
         amortised = s + max(log - s, 0.0) / max(default_every, 1)
