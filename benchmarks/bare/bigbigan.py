@@ -17,7 +17,7 @@ from common import data as datasets
 
 CONFIG = ["--dataset", "fake:1", "--image-size", "32", "--g-width", "8", "--d-width", "8", "--e-width", "16",
           "--mlp-width", "128", "--batch-size", "32", "--metrics", "none"]
-STEPS = 30
+STEPS = 20
 
 
 def run(args, steps, keep=None):
