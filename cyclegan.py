@@ -217,8 +217,8 @@ class ImagePool:
         self.size, self.images = size, []
 
     def query(self, images):
-        if self.size == 0:
-            return images
+        if self.size == 0:   # no pool: D trains on the new images, detached from G's graph as the pool's are
+            return images.detach()
         out = []
         for image in images.detach().split(1):
             if len(self.images) < self.size:

@@ -162,6 +162,12 @@ def test_image_pool_mixes_history_and_new_images(monkeypatch):
     assert torch.equal(empty.query(first), first) and empty.images == []
 
 
+def test_a_run_without_a_pool_trains(tmp_path):
+    """--pool-size 0: D's step takes the newest generated images (detached from the G/F step's graph)."""
+    out = cyclegan.main(["--dry-run", "--steps", "2", "--pool-size", "0", "--threads", "1", "--out", str(tmp_path / "r")])
+    assert out["step"] == 2 and not out["interrupted"]
+
+
 def test_image_pool_returns_old_images_half_the_time():
     random.seed(1)
     pool = cyclegan.ImagePool(50)
