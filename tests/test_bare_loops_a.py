@@ -21,7 +21,6 @@ import sngan
 import wgan
 import wgan_gp
 from common import checkpoint as ckpt_io
-from common import run as runlib
 from tests import helpers, wiring
 from tests.conftest import ROOT
 
@@ -48,19 +47,10 @@ def watch(m, script, builders):
     """Record, while `m` (a monkeypatch context) lasts, every optimizer built and each forward pass of the nets
     the script's builders return, outside Run.end_step (its samples and evaluation): (optimizers,
     {"G": net, "D": net}, list of "G"/"D" in call order)."""
-    built, nets, passes, in_end_step = wiring.record_optimizers(m), {}, [], []
-    end_step = runlib.Run.end_step
-
-    def paused_end_step(self, *args, **kwargs):
-        in_end_step.append(True)
-        try:
-            return end_step(self, *args, **kwargs)
-        finally:
-            in_end_step.pop()
-    m.setattr(runlib.Run, "end_step", paused_end_step)
+    built, nets, passes, looping = wiring.record_optimizers(m), {}, [], wiring.in_loop(m)
 
     def on_forward(name, *_):
-        if not in_end_step:
+        if looping():
             passes.append(name)
     for builder, names in builders.items():
         original = getattr(script, builder)

@@ -21,7 +21,6 @@ import torch
 import cyclegan
 import pix2pix
 from common import checkpoint as ckpt_io
-from common import run as runlib
 from tests import helpers, wiring
 from tests.conftest import ROOT
 
@@ -46,19 +45,10 @@ def watch(m, script):
     """Record, while `m` (a monkeypatch context) lasts, every optimizer built and each forward pass of the
     nets script.build returns, outside Run.end_step (its samples and evaluation): (optimizers, {name: net},
     list in call order of (net name, whether its weights took gradients: a D frozen for G's step does not))."""
-    built, nets, passes, in_end_step = wiring.record_optimizers(m), {}, [], []
-    end_step = runlib.Run.end_step
-
-    def paused_end_step(self, *args, **kwargs):
-        in_end_step.append(True)
-        try:
-            return end_step(self, *args, **kwargs)
-        finally:
-            in_end_step.pop()
-    m.setattr(runlib.Run, "end_step", paused_end_step)
+    built, nets, passes, looping = wiring.record_optimizers(m), {}, [], wiring.in_loop(m)
 
     def on_forward(name, module, *_):
-        if not in_end_step:
+        if looping():
             passes.append((name, next(module.parameters()).requires_grad))
     original = script.build
 

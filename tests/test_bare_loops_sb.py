@@ -18,7 +18,6 @@ import torch
 import bigbigan
 import sagan
 from common import checkpoint as ckpt_io
-from common import run as runlib
 from tests import helpers, wiring
 from tests.conftest import ROOT
 
@@ -37,19 +36,10 @@ def watch(m, script, names):
     """Record, while `m` (a monkeypatch context) lasts, every optimizer built, the nets script.build returns
     ({name: net}) and each of their forward passes outside Run.end_step (its samples and evaluation), as a
     list of names in call order; a copy of a net (G's moving average) is not counted."""
-    built, nets, passes, in_end_step = wiring.record_optimizers(m), {}, [], []
-    end_step = runlib.Run.end_step
-
-    def paused_end_step(self, *args, **kwargs):
-        in_end_step.append(True)
-        try:
-            return end_step(self, *args, **kwargs)
-        finally:
-            in_end_step.pop()
-    m.setattr(runlib.Run, "end_step", paused_end_step)
+    built, nets, passes, looping = wiring.record_optimizers(m), {}, [], wiring.in_loop(m)
 
     def on_forward(name, module, *_):
-        if module is nets[name] and not in_end_step:
+        if module is nets[name] and looping():
             passes.append(name)
     original = script.build
 

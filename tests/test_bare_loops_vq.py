@@ -18,7 +18,6 @@ import torch.nn as nn
 import vqgan
 from common import checkpoint as ckpt_io
 from common import lpips as lpips_lib
-from common import run as runlib
 from tests import helpers, wiring
 from tests.conftest import ROOT
 
@@ -53,20 +52,11 @@ def watch(m):
     and by stage 2's encode), D, the perceptual net ("P") and the transformer ("gpt") and each gradient of D's
     weights ("grad D": none in the autoencoder's step, where D is frozen) in call order, and the codes each
     restart moves: (optimizers, {name: net}, passes, restarted code indices)."""
-    built, nets, passes, restarts, in_end_step = wiring.record_optimizers(m), {}, [], [], []
-    end_step = runlib.Run.end_step
-
-    def paused_end_step(self, *args, **kwargs):
-        in_end_step.append(True)
-        try:
-            return end_step(self, *args, **kwargs)
-        finally:
-            in_end_step.pop()
-    m.setattr(runlib.Run, "end_step", paused_end_step)
+    built, nets, passes, restarts, looping = wiring.record_optimizers(m), {}, [], [], wiring.in_loop(m)
 
     def hook(name, net):
         nets[name] = net
-        net.register_forward_hook(lambda *_: None if in_end_step else passes.append(name))
+        net.register_forward_hook(lambda *_: None if not looping() else passes.append(name))
         return net
 
     build_vqgan, build_d, build_gpt = vqgan.build_vqgan, vqgan.PatchDiscriminator, vqgan.build_gpt
@@ -79,7 +69,7 @@ def watch(m):
 
     def discriminator(*args):
         net = hook("D", build_d(*args))
-        net[0].weight.register_hook(lambda _: None if in_end_step else passes.append("grad D"))
+        net[0].weight.register_hook(lambda _: None if not looping() else passes.append("grad D"))
         return net
 
     def recorded_restart(self, dead, z):

@@ -21,6 +21,7 @@ import torch
 
 from common import checkpoint as ckpt_io
 from common import data as datasets
+from common import run as runlib
 
 OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop)
 
@@ -327,3 +328,18 @@ def assert_growing_adam(loop, schedule, applied, lr_at, new_optimizers_at, betas
                 assert ((step.after[name][n] - before - update).abs() <= rounding).all(), (k, n)
             moments[step.opt] = (t, m, v)
     assert sorted(first_used.values()) == [(k, n) for k in new_optimizers_at for n in "DG"]
+
+
+def in_loop(m):
+    """While `m` (a monkeypatch context) lasts: a function that is True unless Run.end_step (a script's
+    samples, evaluation and checkpoints) is running, so that hooks record only the training loop's calls."""
+    inside, end_step = [], runlib.Run.end_step
+
+    def paused_end_step(self, *args, **kwargs):
+        inside.append(True)
+        try:
+            return end_step(self, *args, **kwargs)
+        finally:
+            inside.pop()
+    m.setattr(runlib.Run, "end_step", paused_end_step)
+    return lambda: not inside
