@@ -260,7 +260,9 @@ def train(args):
     if args.metrics:  # Inception statistics of the training images (computed once, cached under --data-root)
         real_stats = metrics.reference_stats(data, args.data_root, device, weights=args.inception_weights)
 
-    G, D = build(args, data.shape)
+    # channels-last on the CPU as well (on CUDA prepare does it): oneDNN's NHWC kernels take 2-12% less time
+    # per step for these nets, measured at 32 and 64 px
+    G, D = (m.to(memory_format=torch.channels_last) for m in build(args, data.shape))
     G, D = r.prepare(G, channels_last=True), r.prepare(D, channels_last=True)
     g_raw, d_raw = runlib.unwrap(G), runlib.unwrap(D)
     adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, foreach=True)

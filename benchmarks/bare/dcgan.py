@@ -18,7 +18,7 @@ def run(args, steps, keep=None):
     receives the trained G and D and their optimizers."""
     data = datasets.load(args)
     torch.manual_seed(args.seed)
-    G, D = dcgan.build(args, data.shape)
+    G, D = (m.to(memory_format=torch.channels_last) for m in dcgan.build(args, data.shape))
     adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, foreach=True)
     opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     b = args.batch_size
