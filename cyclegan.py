@@ -133,14 +133,18 @@ def parse_args(argv=None):
 # Models
 # ------------------------------------------------------------------------------------------------
 
+def patch_output_size(size, n_layers):
+    """Side of the PatchGAN's logit map for an input side `size` (convs 4x4, padding 1)."""
+    for n in range(n_layers + 2):
+        size = (size + 2 - 4) // (2 if n < n_layers else 1) + 1
+    return size
+
+
 def check_size(image_size, d_layers):
     """G halves the image twice; the PatchGAN needs at least one output. ValueError otherwise."""
     if image_size < 8 or image_size % 4:
         raise ValueError(f"G downsamples twice by 2: --image-size must be a multiple of 4, at least 8; got {image_size}")
-    size = image_size
-    for n in range(d_layers + 2):
-        size = (size + 2 - 4) // (2 if n < d_layers else 1) + 1
-    if size < 1:
+    if patch_output_size(image_size, d_layers) < 1:
         raise ValueError(f"a {d_layers}-layer PatchGAN needs images larger than {image_size}x{image_size}: "
                          "lower --d-layers or raise --image-size")
 

@@ -411,7 +411,7 @@ class VQGAN(nn.Module):
         return self.decoder[-1].weight
 
 
-def patch_output_side(image_size, n_layers):
+def patch_output_size(image_size, n_layers):
     """Side of the PatchGAN's logit map: n stride-2 4x4 convs (pad 1), then two stride-1 4x4 convs (pad 1)."""
     s = image_size
     for _ in range(n_layers):
@@ -681,7 +681,7 @@ def train_stage1(args):
         raise runlib.UsageError(f"--restart-dead-codes must be >= 0 (0: never), got {args.restart_dead_codes}")
     with runlib.as_usage_error():
         check_autoencoder(args.image_size, args.ch_mult, args.g_width, args.norm_groups, args.attn_resolutions or ())
-        if args.disc_layers < 1 or patch_output_side(args.image_size, args.disc_layers) < 1:
+        if args.disc_layers < 1 or patch_output_size(args.image_size, args.disc_layers) < 1:
             raise ValueError(f"the {args.disc_layers}-layer PatchGAN needs images of at least "
                              f"{3 * 2 ** args.disc_layers} px; got --image-size {args.image_size} (try fewer --disc-layers)")
     data = datasets.load(args)

@@ -162,6 +162,15 @@ def test_image_pool_mixes_history_and_new_images(monkeypatch):
     assert torch.equal(empty.query(first), first) and empty.images == []
 
 
+def test_patchgan_output_size_matches_the_net():
+    """The 70x70 PatchGAN gives a 30x30 logit map on 256x256 images (official); the size check uses the same
+    arithmetic as the net."""
+    assert cyclegan.patch_output_size(256, 3) == 30
+    for size, layers in ((32, 2), (36, 2), (64, 3)):
+        D = cyclegan.PatchGAN(1, 4, layers)
+        assert D(torch.zeros(1, 1, size, size)).shape[-1] == cyclegan.patch_output_size(size, layers)
+
+
 def test_a_run_without_a_pool_trains(tmp_path):
     """--pool-size 0: D's step takes the newest generated images (detached from the G/F step's graph)."""
     out = cyclegan.main(["--dry-run", "--steps", "2", "--pool-size", "0", "--threads", "1", "--out", str(tmp_path / "r")])

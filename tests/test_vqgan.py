@@ -574,7 +574,7 @@ def test_patch_discriminator_matches_pix2pix():
     assert [m.out_channels for m in convs] == [8, 16, 32, 64, 1]
     assert [m.stride[0] for m in convs] == [2, 2, 2, 1, 1]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in D) == 3
-    assert D(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6) and vqgan.patch_output_side(64, 3) == 6
+    assert D(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6) and vqgan.patch_output_size(64, 3) == 6
 
 
 def test_gpt_is_causal():
