@@ -20,20 +20,9 @@ from common import checkpoint as ckpt_io
 from common import lpips as lpips_lib
 from tests import helpers, wiring
 from tests.conftest import ROOT
+from tests.test_vqgan import TwoLayers
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-class TwoLayers(nn.Module):
-    """A stand-in for LPIPS's VGG16: two feature maps of 4 channels."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, 2, 1)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        return [h, torch.relu(self.b(h))]
 
 
 def stand_in_lpips(m):
