@@ -105,6 +105,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, Normal, kl_divergence
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils.rnn import pad_sequence
 
 from common import run as runlib
 
@@ -163,17 +164,23 @@ def env_defaults(args):
     """Per environment (official pipelines): subsampling, the reward form and, for MuJoCo, 50000 pairs x 500
     iterations, 50 expert trajectories, 20001 BC updates. A dry run keeps every pair (short episodes)."""
     if args.env not in ENVS:
-        return {}
+        return {}   # check_args says so
     d = {"subsample": 1 if args.dry_run else SUBSAMPLE[args.env], "reward": REWARD.get(args.env, "-log(D)")}
     if args.env in MUJOCO and not args.dry_run:
         d.update(steps=500, batch_size=50_000, expert_trajs=50, bc_steps=20_001)
     return d
 
 
-# Flags that cannot act in a mode; with --expert, neither can the expert's own.
-IDLE = {"expert": ("expert", "num_trajs", "subsample", "reward", "d_lr", "d_steps", "d_entropy", "d_width",
-                   "bc_steps", "bc_lr", "bc_batch_size"),
-        "gail": ("bc_steps", "bc_lr", "bc_batch_size"), "bc": ("reward", "d_lr", "d_steps", "d_entropy", "d_width")}
+# Start-up errors, one line each: the numeric flags' ranges, and the flags that cannot act in a mode (with
+# --expert, neither can the expert's own flags, nor TRPO's in --mode bc).
+RANGES = [(("num_trajs", "expert_trajs", "subsample", "g_width", "d_width", "d_steps", "bc_steps", "bc_batch_size",
+            "eval_episodes"), ">= 1", lambda v: v >= 1),
+          (("entropy_lambda", "d_entropy"), ">= 0", lambda v: v >= 0),
+          (("max_kl", "cg_damping", "vf_max_kl"), "> 0", lambda v: v > 0),
+          (("gamma",), "in (0, 1]", lambda v: 0 < v <= 1),
+          (("gae_lambda",), "in [0, 1]", lambda v: 0 <= v <= 1)]
+D_FLAGS, BC_FLAGS = ("reward", "d_lr", "d_steps", "d_entropy", "d_width"), ("bc_steps", "bc_lr", "bc_batch_size")
+IDLE = {"expert": ("expert", "num_trajs", "subsample", *D_FLAGS, *BC_FLAGS), "gail": BC_FLAGS, "bc": D_FLAGS}
 RL_FLAGS = ("steps", "batch_size", "max_kl", "cg_damping", "vf_max_kl", "gamma", "gae_lambda", "entropy_lambda")
 
 
@@ -181,16 +188,10 @@ def check_args(args):
     """What can be checked from the command line alone (nothing is written before this)."""
     if args.env not in ENVS:
         raise runlib.UsageError(f"unknown environment {args.env!r}; choose one of {', '.join(ENVS)}")
-    least = {n: 1 for n in ("num_trajs", "expert_trajs", "subsample", "g_width", "d_width", "d_steps", "bc_steps",
-                            "bc_batch_size", "eval_episodes")} | {"entropy_lambda": 0, "d_entropy": 0}
-    for n, low in least.items():
-        if getattr(args, n) < low:
-            raise runlib.UsageError(f"--{n.replace('_', '-')} must be >= {low}, got {getattr(args, n)}")
-    for n in ("max_kl", "cg_damping", "vf_max_kl", "gamma"):
-        if not getattr(args, n) > 0:
-            raise runlib.UsageError(f"--{n.replace('_', '-')} must be > 0, got {getattr(args, n)}")
-    if args.gamma > 1 or not 0 <= args.gae_lambda <= 1:
-        raise runlib.UsageError("--gamma must be in (0, 1] and --gae-lambda in [0, 1]")
+    for names, rule, ok in RANGES:
+        for n in names:
+            if not ok(getattr(args, n)):
+                raise runlib.UsageError(f"--{n.replace('_', '-')} must be {rule}, got {getattr(args, n)}")
     if args.expert_hold_x is not None and args.env != "CartPole-v1":
         raise runlib.UsageError("--expert-hold-x trains a CartPole expert; give --env CartPole-v1")
     idle = IDLE[args.mode] + (("expert_trajs", "expert_hold_x") + RL_FLAGS * (args.mode == "bc") if args.expert else ())
@@ -478,8 +479,6 @@ def bc_loss(policy, obs, actions):
 
 def make_env(env_id):
     import gymnasium as gym
-    if env_id not in ENVS:
-        raise runlib.UsageError(f"unknown environment {env_id!r}; choose one of {', '.join(ENVS)}")
     if env_id in MUJOCO:
         try:
             import mujoco  # noqa: F401
@@ -526,39 +525,42 @@ def rollout(env, act, min_steps=0, episodes=0, seeds=None, device="cpu"):
             "returns": torch.tensor(returns)}
 
 
-def evaluate(env, act, episodes, seed, device="cpu"):
-    """Mean return over `episodes` episodes from fixed seeds (the same for every policy), and the mean
-    observation (e.g. CartPole's cart position is dimension 0)."""
+def evaluate(env, act, episodes, seed, device="cpu", expert=None):
+    """The mean return of `act` over `episodes` episodes from fixed seeds (the same for every policy) and the
+    mean observation; given the expert's statistics (`expert_stats`), also the return scaled as Fig. 1
+    (random policy 0, expert 1); on CartPole the mean cart position x."""
     b = rollout(env, act, episodes=episodes, seeds=[EVAL_SEED + seed + i for i in range(episodes)], device=device)
-    return {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
-            "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist()}
+    out = {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
+           "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist(), **(expert or {})}
+    if expert:
+        span = expert["expert_return"] - expert["random_return"]
+        out["scaled_return"] = (out["return"] - expert["random_return"]) / span if span else float("nan")
+    if env.spec.id == "CartPole-v1":
+        out["cart_x"] = out["obs_mean"][0]
+    return out
 
 
-def random_policy(env):
-    gen = torch.Generator().manual_seed(0)
-    if hasattr(env.action_space, "n"):
-        return lambda o: torch.randint(int(env.action_space.n), (), generator=gen)
-    low, high = torch.as_tensor(env.action_space.low), torch.as_tensor(env.action_space.high)
-    return lambda o: low + (high - low) * torch.rand(low.shape, generator=gen)
+def random_policy_return(env, episodes, seed):
+    """A uniformly random policy's mean return (the 0 of Fig. 1's scale)."""
+    gen, space = torch.Generator().manual_seed(0), env.action_space
+    if hasattr(space, "n"):
+        return evaluate(env, lambda o: torch.randint(int(space.n), (), generator=gen), episodes, seed)["return"]
+    low, high = torch.as_tensor(space.low), torch.as_tensor(space.high)
+    return evaluate(env, lambda o: low + (high - low) * torch.rand(low.shape, generator=gen), episodes, seed)["return"]
 
 
 def save_expert(path, env_id, batch, random_return):
-    n, T = len(batch["lengths"]), max(batch["lengths"])
-    obs = torch.zeros(n, T, batch["obs"].shape[1])
-    acts = torch.zeros(n, T, *batch["actions"].shape[1:], dtype=batch["actions"].dtype)
-    rews = torch.zeros(n, T)
-    start = 0
-    for i, l in enumerate(batch["lengths"]):
-        obs[i, :l], acts[i, :l], rews[i, :l] = (batch[k][start:start + l] for k in ("obs", "actions", "rewards"))
-        start += l
-    np.savez(path, env=np.array(env_id), obs=obs.numpy(), actions=acts.numpy(), rewards=rews.numpy(),
+    """The expert file (see the docstring) of a `rollout` batch."""
+    def padded(key):   # (N, T, ...): each trajectory right-padded with zeros to the longest
+        return pad_sequence(batch[key].cpu().split(batch["lengths"]), batch_first=True).numpy()
+    np.savez(path, env=np.array(env_id), obs=padded("obs"), actions=padded("actions"), rewards=padded("rewards"),
              lengths=np.array(batch["lengths"], dtype=np.int64), returns=batch["returns"].numpy(),
              random_return=np.float32(random_return))
 
 
 def load_expert(path, env_id, env):
     """Read and check an expert file (see the docstring): a UsageError says what is wrong."""
-    path, what = Path(path), "--expert takes the expert.npz that --mode expert writes (see gail.py's docstring)"
+    what = "--expert takes the expert.npz that --mode expert writes (see gail.py's docstring)"
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
@@ -572,14 +574,14 @@ def load_expert(path, env_id, env):
     if str(data["env"]) != env_id:
         raise runlib.UsageError(f"{path} holds trajectories of {data['env']}, not {env_id} (--env)")
     obs_dim, act_dim, discrete = env_spec(env)
-    n, T = len(data["lengths"]), data["obs"].shape[1] if data["obs"].ndim == 3 else -1
+    n, T, lengths = len(data["lengths"]), data["obs"].shape[1] if data["obs"].ndim == 3 else -1, data["lengths"]
     want = {"obs": (n, T, obs_dim), "actions": (n, T) if discrete else (n, T, act_dim), "returns": (n,)}
-    if any(data[k].shape != v for k, v in want.items()) or (discrete and data["actions"].dtype.kind not in "iu"):
-        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), {'integer ' * discrete}actions "
-                                f"{'(N, T)' if discrete else f'(N, T, {act_dim})'} and returns (N,) for {env_id}, got "
-                                + ", ".join(f"{k} {data[k].shape} {data[k].dtype}" for k in want))
-    if data["lengths"].ndim != 1 or (data["lengths"] < 1).any() or (data["lengths"] > T).any():
-        raise runlib.UsageError(f"{path}: lengths must be in [1, {T}]")
+    if (any(data[k].shape != v for k, v in want.items()) or (discrete and data["actions"].dtype.kind not in "iu")
+            or lengths.ndim != 1 or (lengths < 1).any() or (lengths > T).any()):
+        acts = "integer (N, T)" if discrete else f"(N, T, {act_dim})"
+        got = ", ".join(f"{k} {data[k].shape} {data[k].dtype}" for k in ("obs", "actions", "returns", "lengths"))
+        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), actions {acts}, returns (N,) and lengths "
+                                f"(N,) in [1, T] for {env_id}, got {got}")
     return data
 
 
@@ -587,19 +589,26 @@ def expert_pairs(data, num_trajs, every):
     """The first `num_trajs` trajectories, each subsampled to every `every`-th pair from a random offset
     (official load_dataset: offsets from a fixed seed 0). Returns (obs, actions) tensors."""
     offsets = torch.randint(every, (num_trajs,), generator=torch.Generator().manual_seed(0))
-    obs, acts = [], []
-    for i in range(num_trajs):
-        keep = slice(int(offsets[i]), int(data["lengths"][i]), every)
-        obs.append(torch.as_tensor(data["obs"][i][keep], dtype=torch.float32))
-        acts.append(torch.as_tensor(data["actions"][i][keep]))
-    acts = torch.cat(acts)
-    return torch.cat(obs), acts.long() if acts.dtype in (torch.int32, torch.int64) else acts.float()
+    keep = [slice(int(o), int(n), every) for o, n in zip(offsets, data["lengths"])]
+    obs = torch.cat([torch.as_tensor(o[k], dtype=torch.float32) for o, k in zip(data["obs"], keep)])
+    acts = torch.cat([torch.as_tensor(a[k]) for a, k in zip(data["actions"], keep)])
+    return obs, acts.long() if acts.dtype in (torch.int32, torch.int64) else acts.float()
+
+
+def expert_stats(data, env_id):
+    """The expert's mean return over its trajectories, a random policy's, and on CartPole the mean cart x."""
+    if data is None:
+        return {}
+    stats = {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
+    if env_id == "CartPole-v1":
+        stats["expert_cart_x"] = float(np.concatenate([o[:n, 0] for o, n in zip(data["obs"], data["lengths"])]).mean())
+    return stats
 
 
 def expert_data(args, env):
     """The expert's trajectories: --expert, or an expert trained first by this run, inside its directory
     (<out>/expert/, a --mode expert run: its progress is printed and its curves are in the run's TensorBoard)."""
-    path = Path(args.expert) if args.expert else Path(args.out) / "expert" / "expert.npz"
+    path = Path(args.expert or Path(args.out) / "expert" / "expert.npz")
     if not args.expert and not path.is_file():
         runlib.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
         habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
@@ -613,7 +622,7 @@ def expert_data(args, env):
     if args.num_trajs > len(data["lengths"]):
         raise runlib.UsageError(f"--num-trajs {args.num_trajs} but {path} holds {len(data['lengths'])} trajectories")
     if "random_return" not in data:
-        data["random_return"] = np.float32(evaluate(env, random_policy(env), args.eval_episodes, args.seed)["return"])
+        data["random_return"] = np.float32(random_policy_return(env, args.eval_episodes, args.seed))
     return data
 
 
@@ -640,32 +649,10 @@ def train(args):
     return (train_bc if args.mode == "bc" else train_rl)(args, r, env, env_spec(env), data)
 
 
-def expert_stats(data, env_id):
-    """The expert's mean return over its trajectories, a random policy's, and on CartPole the mean cart x."""
-    if data is None:
-        return {}
-    stats = {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
-    if env_id == "CartPole-v1":
-        stats["expert_cart_x"] = float(np.concatenate([o[:n, 0] for o, n in zip(data["obs"], data["lengths"])]).mean())
-    return stats
-
-
-def evaluation(env, policy, episodes, seed, device, stats):
-    """Deterministic episodes: the mean true return, scaled as Fig. 1 (random policy 0, expert 1) when the
-    expert is known, and on CartPole the mean cart position x."""
-    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), episodes, seed, device)
-    out = {**ev, **stats}
-    if stats:
-        span = stats["expert_return"] - stats["random_return"]
-        out["scaled_return"] = (ev["return"] - stats["random_return"]) / span if span else float("nan")
-    if env.spec.id == "CartPole-v1":
-        out["cart_x"] = ev["obs_mean"][0]
-    return out
-
-
 def final_evaluation(env, policy, args, data, device):
-    """The metrics logged at the end of a run (metric/return, metric/scaled_return, metric/cart_x, ...)."""
-    ev = evaluation(env, policy, args.eval_episodes, args.seed, device, expert_stats(data, args.env))
+    """The metrics logged at the end of a run: the policy acting deterministically (see `evaluate`)."""
+    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device,
+                  expert_stats(data, args.env))
     return {f"metric/{k}": v for k, v in ev.items() if k not in ("return_std", "obs_mean")}
 
 
@@ -757,8 +744,8 @@ def train_rl(args, r, env, spec, data):
     if args.mode == "expert" and not r.stop_requested:
         # the expert's trajectories: stochastic policy (official deterministic_expert: false)
         with r.side_rng():
-            trajs = rollout(env, policy.act, episodes=args.expert_trajs)
-            rand = evaluate(env, random_policy(env), args.eval_episodes, args.seed)["return"]
+            trajs = rollout(env, policy.act, episodes=args.expert_trajs, device=r.device)
+            rand = random_policy_return(env, args.eval_episodes, args.seed)
         save_expert(r.out / "expert.npz", args.env, trajs, rand)
         print(f"wrote {r.out / 'expert.npz'}: {args.expert_trajs} trajectories, mean return "
               f"{float(trajs['returns'].mean()):.1f} (random policy {rand:.1f})", flush=True)
@@ -825,7 +812,8 @@ def sample(args):
     policy.load_state_dict(state["models"]["best" if "best" in state["models"] else "policy"])
     policy.to(device).eval()
     result = {"env": state["env"], "step": state["step"], "episodes": args.eval_episodes,
-              **evaluation(env, policy, args.eval_episodes, args.seed, device, state.get("expert_stats") or {})}
+              **evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device,
+                         state.get("expert_stats"))}
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{state['env']}: mean return {result['return']:.1f} ± {result['return_std']:.1f} over "
           f"{args.eval_episodes} episodes" + "".join(f", {k} {result[k]:.2f}" for k in ("scaled_return", "cart_x")
