@@ -22,14 +22,12 @@ KL ≤ 0.01 and a gain ≥ 0.1 × the linear prediction. Â: GAE(γ 0.995, λ 0.
 net is refitted each iteration on the discounted returns with a trust region of its own (mean squared
 change of its normalised output ≤ 0.01; official rl.ValueFunc).
 
-Networks (official scripts/imitate_mj.py): policy, value and D are 2 × 100 tanh MLPs, Glorot-uniform
-hidden layers, zero output layers; a softmax policy for discrete actions, a Gaussian with a state-
-independent log σ (initially 0) for continuous ones. D scores every discrete action of a state and picks
-a's score, or reads (s, a) concatenated. Observations are standardised by running statistics that start
-from the expert data (official --obsnorm_mode expertdata). D: Adam lr 0.01, 1 step per iteration on the
-iteration's policy pairs and as many expert pairs drawn with replacement, each class averaged, minus
-0.001 × the mean Bernoulli entropy of D's outputs (official TransitionClassifier). Per iteration 5000
-pairs (whole episodes), 300 iterations (classic control; MuJoCo 50000 × 500).
+Networks (official scripts/imitate_mj.py): policy, value and D are 2 × 100 tanh MLPs (see `mlp`, `Policy`,
+`Discriminator`) on observations standardised by running statistics that start from the expert data
+(official --obsnorm_mode expertdata). D: Adam lr 0.01, 1 step per iteration on the iteration's policy
+pairs and as many expert pairs drawn with replacement, each class averaged, minus 0.001 × the mean
+Bernoulli entropy of D's outputs (official TransitionClassifier). Per iteration 5000 pairs (whole
+episodes), 300 iterations (classic control; MuJoCo 50000 × 500).
 
 Experts and data (official pipelines/im_classic_pipeline.yaml, im_pipeline.yaml): experts are TRPO
 policies on the true reward (`--mode expert`) that save 10 stochastic trajectories; a run uses the first
@@ -45,11 +43,13 @@ with zeros to the longest, T: env (str, gymnasium id); obs (N, T, obs_dim) float
 or (N, T, act_dim) float32; rewards (N, T) float32 true rewards; lengths (N,) int64; returns (N,) float32;
 random_return () float32, optional (a random policy's mean return, computed when absent).
 
-An expert with a habit (`--mode expert --expert-hold-x X`, CartPole; not in the paper): TRPO on the true
-reward plus exp(−((x − X)/0.5)²) per step for keeping the cart near x = X. On CartPole any positive reward
-keeps the pole up (an untrained D already pays −log ½ per step), so a return near the expert's shows
-little; where the cart stays shows whether GAIL copies what is specific to the expert. Its file carries
-the true rewards. benchmarks/gail_pipeline.py measures it against BC and TRPO on the true reward.
+An expert with a habit (`--mode expert --expert-hold-x X`, CartPole; not in the paper) is paid also
+exp(−((x − X)/0.5)²) per step for keeping the cart near x = X. Any positive reward keeps CartPole's pole up
+(an untrained D already pays −log ½ per step), so where the cart stays, not the return, shows whether GAIL
+copies what is specific to the expert. Measured (docs/results.md, gail; benchmarks/gail_pipeline.py): from
+4 trajectories of such an expert (cart at x = 0.92), GAIL keeps the cart at x = 0.93 over seeds 0-3 where
+TRPO on the true reward keeps it near 0; with the paper's one D step per iteration instead of 5 (below),
+the cart's position swings through the expert's.
 
 Usage:
     python gail.py                            # CartPole-v1, 1 expert trajectory (Table 3); trains the expert
@@ -58,16 +58,12 @@ Usage:
     python gail.py --expert runs/habit/expert.npz --num-trajs 4       # GAIL from its trajectories
     python gail.py --mode bc --expert runs/habit/expert.npz           # behavioural cloning
     python gail.py --env Hopper-v5 --num-trajs 4    # MuJoCo, 50000 pairs x 500 iterations (gymnasium[mujoco])
-    python gail.py --sample runs/gail/CartPole-v1-.../ckpt.pt          # evaluate a checkpoint's policy
+    python gail.py --sample runs/gail/CartPole-v1-.../ckpt.pt          # its policy's evaluation.json
 
-`--steps` counts TRPO iterations, `--batch-size` the pairs per iteration; BC has `--bc-steps`,
-`--bc-batch-size`, `--bc-lr`; a flag that cannot act in the chosen mode is a start-up error. Without
-`--expert` a run first trains its own expert with its --steps and --batch-size inside its run directory
-(progress on the console, curves in the run's TensorBoard) and says how to reuse it. TensorBoard shows
-the true return, D's accuracies and on CartPole the mean cart position (episode/cart_x; the final
-evaluation's metric/cart_x sits next to metric/expert_cart_x). `--sample CKPT` evaluates a checkpoint's
-policy into evaluation.json. Resume is exact: every iteration collects whole episodes from seeds drawn
-from torch's RNG, so no environment state lives across iterations.
+`--steps` counts TRPO iterations (BC: `--bc-steps`), `--batch-size` pairs per iteration. TensorBoard shows
+the true return, D's accuracies and on CartPole the mean cart position (episode/cart_x; at the end
+metric/cart_x beside metric/expert_cart_x); an expert trained first adds its own curves. Resume is exact:
+every iteration collects whole episodes from seeds drawn from torch's RNG.
 
 Differences from the paper (and its official code):
 - gymnasium's CartPole-v1 (500 steps), Acrobot-v1, MountainCar-v0, Pendulum-v1 instead of gym's
@@ -87,11 +83,7 @@ Differences from the paper (and its official code):
 - Pendulum-v1 is not in the paper: its subsampling (10) and reward form (−log D) are our choice.
 - Not offered: Reacher (λ > 0 in the paper), the linear-reward baselines (FEM, GTAL), torchrun,
   --amp/--compile (TRPO's conjugate gradient needs float32).
-- The habit measurement below takes 5 D steps per iteration and 150 iterations (the paper: 1 and 300).
-
-Measured (docs/results.md, gail): from 4 trajectories of the habit expert (cart at x = 0.92), GAIL keeps
-the cart at x = 0.93 over seeds 0-3 where TRPO on the true reward keeps it near 0, with 5 D steps per
-iteration; with the paper's single step the cart's position swings through the expert's.
+- The habit measurement takes 5 D steps per iteration and 150 iterations (the paper: 1 and 300).
 """
 import argparse
 import copy
@@ -110,9 +102,8 @@ from torch.nn.utils.rnn import pad_sequence
 from common import run as runlib
 
 SCRIPT = "gail"
-CLASSIC = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1")
 MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
-ENVS = CLASSIC + MUJOCO
+ENVS = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1") + MUJOCO
 # Every k-th expert pair is kept (official im_classic_pipeline.yaml, im_pipeline.yaml; Pendulum: ours).
 SUBSAMPLE = {"CartPole-v1": 10, "Acrobot-v1": 5, "MountainCar-v0": 5, "Pendulum-v1": 10, **{e: 20 for e in MUJOCO}}
 # Environments cut off on success get r = log(1 − D) (official cuts_off_on_success → favor_zero_expert_reward).
@@ -397,11 +388,9 @@ def fisher_vector_product(kl, params, damping):
 
 def trust_region_step(params, surrogate, kl, max_kl, damping, kl_for_fvp=None, cg_iters=10,
                       accept_ratio=0.1, backtracks=10):
-    """One TRPO step on `params` (Appendix B): maximise surrogate() subject to kl() ≤ max_kl. The natural
-    gradient x ≈ (F + damping I)⁻¹ g by conjugate gradient, the full step x·sqrt(2 max_kl / xᵀ(F + dI)x)
-    (the quadratic model's KL at max_kl), then backtracking (halving) until the KL bound holds and the
-    surrogate gains ≥ accept_ratio × its linear prediction; if no step does, params stay where they were.
-    `kl_for_fvp` (default `kl`) may use a subsample of the batch for the Fisher-vector products."""
+    """One TRPO step (Appendix B): maximise surrogate() subject to kl() ≤ max_kl. The full step x·sqrt(2 max_kl /
+    xᵀ(F + dI)x), x ≈ (F + dI)⁻¹ g, is halved until the bound holds and the gain is ≥ accept_ratio × the linear
+    prediction, or undone. `kl_for_fvp` (default `kl`) may use a subsample for the Fisher-vector products."""
     params = list(params)
     theta0 = parameters_to_vector(params).detach().clone()
     info = {"kl": 0.0, "improvement": 0.0, "backtracks": 0, "accepted": False}
@@ -465,11 +454,6 @@ def value_step(value, obs, returns, max_kl, damping, fvp_fraction=0.1):
     return info, -float(surrogate().detach())
 
 
-def hold_bonus(x, target, width=0.5):
-    """The habit expert's extra reward for keeping CartPole's cart near x = target (not the paper's)."""
-    return torch.exp(-((x - target) / width) ** 2)
-
-
 def bc_loss(policy, obs, actions):
     """Behavioural cloning: the negative log-likelihood of the expert's actions."""
     return -policy.log_prob(obs, actions).mean()
@@ -504,22 +488,18 @@ def rollout(env, act, min_steps=0, episodes=0, seeds=None, device="cpu"):
     while sum(lengths) < min_steps or len(lengths) < episodes:
         seed = seeds[len(lengths)] if seeds is not None else int(torch.randint(2 ** 31 - 1, ()))
         o, _ = env.reset(seed=seed)
-        n, total = 0, 0.0
-        while True:
+        start, term, trunc = len(rew_l), False, False
+        while not (term or trunc):
             o = torch.as_tensor(o, dtype=torch.float32, device=device)
             a = act(o)
-            env_a = int(a) if low is None else torch.maximum(torch.minimum(a.cpu(), high), low).numpy()
-            o_next, r, term, trunc, _ = env.step(env_a)
             obs_l.append(o)
             act_l.append(a)
+            o, r, term, trunc, _ = env.step(int(a) if low is None else torch.clamp(a.cpu(), low, high).numpy())
             rew_l.append(float(r))
-            n, total, o = n + 1, total + float(r), o_next
-            if term or trunc:
-                break
-        lengths.append(n)
+        lengths.append(len(rew_l) - start)
         terminated.append(bool(term))
         final_obs.append(torch.as_tensor(o, dtype=torch.float32, device=device))
-        returns.append(total)
+        returns.append(sum(rew_l[start:]))
     return {"obs": torch.stack(obs_l), "actions": torch.stack(act_l), "rewards": torch.tensor(rew_l, device=device),
             "lengths": lengths, "terminated": terminated, "final_obs": torch.stack(final_obs),
             "returns": torch.tensor(returns)}
@@ -564,10 +544,9 @@ def load_expert(path, env_id, env):
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise runlib.UsageError(f"expert file {path} does not exist; {what}") from None
-    except Exception:   # a .npy, a truncated archive, a checkpoint, text, a folder, no permission...
-        raise runlib.UsageError(f"{path} is not a readable .npz of expert trajectories; {what}") from None
+    except Exception as e:   # missing, a .npy, a truncated archive, a checkpoint, text, a folder, no permission...
+        said = "does not exist" if isinstance(e, FileNotFoundError) else "is not a readable .npz of expert trajectories"
+        raise runlib.UsageError(f"{path} {said}; {what}") from None
     missing = {"env", "obs", "actions", "lengths", "returns"} - set(data)
     if missing:
         raise runlib.UsageError(f"{path} lacks {', '.join(sorted(missing))}; {what}")
@@ -606,8 +585,8 @@ def expert_stats(data, env_id):
 
 
 def expert_data(args, env):
-    """The expert's trajectories: --expert, or an expert trained first by this run, inside its directory
-    (<out>/expert/, a --mode expert run: its progress is printed and its curves are in the run's TensorBoard)."""
+    """The expert's trajectories: --expert, or else an expert this run trains first, a --mode expert run in
+    <out>/expert/ (its progress on the console, its curves in the run's TensorBoard)."""
     path = Path(args.expert or Path(args.out) / "expert" / "expert.npz")
     if not args.expert and not path.is_file():
         runlib.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
@@ -638,11 +617,9 @@ def train(args):
         raise runlib.UsageError("gail.py runs in one process (no torchrun)")
     env = make_env(args.env)
     args.out = str(runlib.resolve_out(args, SCRIPT))   # fixed now: an expert trained first lives inside it
-    data = None
-    if args.mode != "expert":
-        data = expert_data(args, env)
-        if data is None:
-            return {"interrupted": True}
+    data = expert_data(args, env) if args.mode != "expert" else None
+    if args.mode != "expert" and data is None:   # interrupted while training its expert
+        return {"interrupted": True}
     if args.mode == "bc":   # BC counts its own updates (the expert above trained for --steps iterations)
         args = argparse.Namespace(**{**vars(args), "steps": args.bc_steps})
     r = runlib.setup(args, SCRIPT)
@@ -698,8 +675,8 @@ def train_rl(args, r, env, spec, data):
     start = r.resume({"policy": policy, "value": value, "D": D}, {"D": d_opt})
     if start == 0 and data is None:   # expert: an extra batch of the untrained policy starts the normalisers
         b0 = rollout(env, policy.act, min_steps=args.batch_size, device=r.device)
-        policy.norm.update(b0["obs"])
-        value.norm.update(b0["obs"])
+        for norm in (policy.norm, value.norm):
+            norm.update(b0["obs"])
     r.restore_rng()
     step = start
 
@@ -721,10 +698,10 @@ def train_rl(args, r, env, spec, data):
                 rewards = policy_reward(D(obs, actions), args.reward)                # r = −log D (Alg. 1)
             scalars.update({"loss/D": loss_d, "D/accuracy_policy": acc_p, "D/accuracy_expert": acc_e,
                             "return/imitation": rewards.sum() / len(batch["lengths"])})
-        else:                  # the expert: the true reward (plus the habit's bonus)
+        else:                  # the expert: the true reward, plus exp(−((x − X)/0.5)²) for a habit (not the paper's)
             rewards = batch["rewards"]
             if args.expert_hold_x is not None:
-                rewards = rewards + hold_bonus(obs[:, 0], args.expert_hold_x)
+                rewards = rewards + torch.exp(-((obs[:, 0] - args.expert_hold_x) / 0.5) ** 2)
         if args.entropy_lambda > 0:   # causal entropy H(π) = E[−log π(a|s)] (Eq. 16; official policy_ent_reg)
             with torch.no_grad():
                 rewards = rewards - args.entropy_lambda * policy.log_prob(obs, actions)
@@ -804,20 +781,19 @@ def train_bc(args, r, env, spec, data):
 # ---- Evaluating a checkpoint -------------------------------------------------------------------
 
 def sample(args):
-    """--sample CKPT: evaluate the checkpoint's policy (see `evaluation`) into evaluation.json."""
+    """--sample CKPT: the checkpoint's policy acting deterministically (see `evaluate`), into evaluation.json."""
     state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
     env = make_env(state["env"])
-    spec = tuple(state["spec"])
-    policy = Policy(*spec, targs.g_width)
+    policy = Policy(*state["spec"], targs.g_width)
     policy.load_state_dict(state["models"]["best" if "best" in state["models"] else "policy"])
     policy.to(device).eval()
     result = {"env": state["env"], "step": state["step"], "episodes": args.eval_episodes,
               **evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device,
                          state.get("expert_stats"))}
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    scores = "".join(f", {k} {result[k]:.2f}" for k in ("scaled_return", "cart_x") if k in result)
     print(f"{state['env']}: mean return {result['return']:.1f} ± {result['return_std']:.1f} over "
-          f"{args.eval_episodes} episodes" + "".join(f", {k} {result[k]:.2f}" for k in ("scaled_return", "cart_x")
-                                                      if k in result) + f"; wrote {out / 'evaluation.json'}")
+          f"{args.eval_episodes} episodes{scores}; wrote {out / 'evaluation.json'}")
     return result
 
 
