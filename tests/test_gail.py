@@ -316,6 +316,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, expert_file)
                                "lacks actions, env, lengths, obs, returns")
     helpers.expect_usage_error(gail, [*base, "--d-steps", "0"], capsys, "--d-steps must be >= 1")
     helpers.expect_usage_error(gail, [*base, "--max-kl", "0"], capsys, "--max-kl")
+    helpers.expect_usage_error(gail, [*base, "--gamma", "1.5"], capsys, "--gamma must be in (0, 1], got 1.5")
+    helpers.expect_usage_error(gail, [*base, "--gae-lambda", "-0.1"], capsys, "--gae-lambda must be in [0, 1]")
+    helpers.expect_usage_error(gail, [*base, "--expert", str(tmp_path / "none.npz")], capsys, "does not exist")
+    long = tmp_path / "long.npz"   # a length beyond the padded T
+    with np.load(expert_file) as f:
+        np.savez(long, **{**{k: f[k] for k in f.files}, "lengths": f["lengths"] + f["obs"].shape[1]})
+    helpers.expect_usage_error(gail, [*base, "--expert", str(long)], capsys, "lengths (N,) in [1, T]")
     helpers.expect_usage_error(gail, [*base, "--bc-lr", "0.1"], capsys, "--bc-lr cannot act with --mode gail")
     helpers.expect_usage_error(gail, [*base, "--mode", "bc", "--expert", str(expert_file), "--steps", "9"], capsys,
                                "--steps cannot act")
