@@ -589,7 +589,7 @@ def expert_data(args, env):
     <out>/expert/ (its progress on the console, its curves in the run's TensorBoard)."""
     path = Path(args.expert or Path(args.out) / "expert" / "expert.npz")
     if not args.expert and not path.is_file():
-        runlib.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
+        runlib.ckpt_io.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
         habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
         print(f"no --expert given: training one first, TRPO on the true reward{habit} ({args.steps} iterations "
               f"x {args.batch_size} pairs, minutes on a CPU) in {path.parent}", flush=True)
