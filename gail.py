@@ -459,152 +459,6 @@ def bc_loss(policy, obs, actions):
     return -policy.log_prob(obs, actions).mean()
 
 
-# ---- Environments, rollouts, expert data -------------------------------------------------------
-
-def make_env(env_id):
-    import gymnasium as gym
-    if env_id in MUJOCO:
-        try:
-            import mujoco  # noqa: F401
-        except ImportError:
-            raise runlib.UsageError(f'{env_id} needs MuJoCo: pip install "gymnasium[mujoco]"') from None
-    return gym.make(env_id)
-
-
-def env_spec(env):
-    """(obs_dim, act_dim, discrete); act_dim is the number of actions when discrete."""
-    discrete = hasattr(env.action_space, "n")
-    act_dim = int(env.action_space.n) if discrete else int(env.action_space.shape[0])
-    return int(env.observation_space.shape[0]), act_dim, discrete
-
-
-def rollout(env, act, min_steps=0, episodes=0, seeds=None, device="cpu"):
-    """Whole episodes until there are ≥ `min_steps` pairs and ≥ `episodes` episodes. Each episode starts
-    from `seeds[i]`, or from a seed drawn from torch's RNG, so a run's randomness is torch's alone.
-    Returns a dict of stacked tensors (on `device`) and one list entry per episode."""
-    obs_l, act_l, rew_l, lengths, terminated, final_obs, returns = [], [], [], [], [], [], []
-    low = torch.as_tensor(env.action_space.low) if not hasattr(env.action_space, "n") else None
-    high = torch.as_tensor(env.action_space.high) if low is not None else None
-    while sum(lengths) < min_steps or len(lengths) < episodes:
-        seed = seeds[len(lengths)] if seeds is not None else int(torch.randint(2 ** 31 - 1, ()))
-        o, _ = env.reset(seed=seed)
-        start, term, trunc = len(rew_l), False, False
-        while not (term or trunc):
-            o = torch.as_tensor(o, dtype=torch.float32, device=device)
-            a = act(o)
-            obs_l.append(o)
-            act_l.append(a)
-            o, r, term, trunc, _ = env.step(int(a) if low is None else torch.clamp(a.cpu(), low, high).numpy())
-            rew_l.append(float(r))
-        lengths.append(len(rew_l) - start)
-        terminated.append(bool(term))
-        final_obs.append(torch.as_tensor(o, dtype=torch.float32, device=device))
-        returns.append(sum(rew_l[start:]))
-    return {"obs": torch.stack(obs_l), "actions": torch.stack(act_l), "rewards": torch.tensor(rew_l, device=device),
-            "lengths": lengths, "terminated": terminated, "final_obs": torch.stack(final_obs),
-            "returns": torch.tensor(returns)}
-
-
-def evaluate(env, act, episodes, seed, device="cpu", expert=None):
-    """The mean return of `act` over `episodes` episodes from fixed seeds (the same for every policy) and the
-    mean observation; given the expert's statistics (`expert_stats`), also the return scaled as Fig. 1
-    (random policy 0, expert 1); on CartPole the mean cart position x."""
-    b = rollout(env, act, episodes=episodes, seeds=[EVAL_SEED + seed + i for i in range(episodes)], device=device)
-    out = {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
-           "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist(), **(expert or {})}
-    if expert:
-        span = expert["expert_return"] - expert["random_return"]
-        out["scaled_return"] = (out["return"] - expert["random_return"]) / span if span else float("nan")
-    if env.spec.id == "CartPole-v1":
-        out["cart_x"] = out["obs_mean"][0]
-    return out
-
-
-def random_policy_return(env, episodes, seed):
-    """A uniformly random policy's mean return (the 0 of Fig. 1's scale)."""
-    gen, space = torch.Generator().manual_seed(0), env.action_space
-    if hasattr(space, "n"):
-        return evaluate(env, lambda o: torch.randint(int(space.n), (), generator=gen), episodes, seed)["return"]
-    low, high = torch.as_tensor(space.low), torch.as_tensor(space.high)
-    return evaluate(env, lambda o: low + (high - low) * torch.rand(low.shape, generator=gen), episodes, seed)["return"]
-
-
-def save_expert(path, env_id, batch, random_return):
-    """The expert file (see the docstring) of a `rollout` batch."""
-    def padded(key):   # (N, T, ...): each trajectory right-padded with zeros to the longest
-        return pad_sequence(batch[key].cpu().split(batch["lengths"]), batch_first=True).numpy()
-    np.savez(path, env=np.array(env_id), obs=padded("obs"), actions=padded("actions"), rewards=padded("rewards"),
-             lengths=np.array(batch["lengths"], dtype=np.int64), returns=batch["returns"].numpy(),
-             random_return=np.float32(random_return))
-
-
-def load_expert(path, env_id, env):
-    """Read and check an expert file (see the docstring): a UsageError says what is wrong."""
-    what = "--expert takes the expert.npz that --mode expert writes (see gail.py's docstring)"
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as e:   # missing, a .npy, a truncated archive, a checkpoint, text, a folder, no permission...
-        said = "does not exist" if isinstance(e, FileNotFoundError) else "is not a readable .npz of expert trajectories"
-        raise runlib.UsageError(f"{path} {said}; {what}") from None
-    missing = {"env", "obs", "actions", "lengths", "returns"} - set(data)
-    if missing:
-        raise runlib.UsageError(f"{path} lacks {', '.join(sorted(missing))}; {what}")
-    if str(data["env"]) != env_id:
-        raise runlib.UsageError(f"{path} holds trajectories of {data['env']}, not {env_id} (--env)")
-    obs_dim, act_dim, discrete = env_spec(env)
-    n, T, lengths = len(data["lengths"]), data["obs"].shape[1] if data["obs"].ndim == 3 else -1, data["lengths"]
-    want = {"obs": (n, T, obs_dim), "actions": (n, T) if discrete else (n, T, act_dim), "returns": (n,)}
-    if (any(data[k].shape != v for k, v in want.items()) or (discrete and data["actions"].dtype.kind not in "iu")
-            or lengths.ndim != 1 or (lengths < 1).any() or (lengths > T).any()):
-        acts = "integer (N, T)" if discrete else f"(N, T, {act_dim})"
-        got = ", ".join(f"{k} {data[k].shape} {data[k].dtype}" for k in ("obs", "actions", "returns", "lengths"))
-        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), actions {acts}, returns (N,) and lengths "
-                                f"(N,) in [1, T] for {env_id}, got {got}")
-    return data
-
-
-def expert_pairs(data, num_trajs, every):
-    """The first `num_trajs` trajectories, each subsampled to every `every`-th pair from a random offset
-    (official load_dataset: offsets from a fixed seed 0). Returns (obs, actions) tensors."""
-    offsets = torch.randint(every, (num_trajs,), generator=torch.Generator().manual_seed(0))
-    keep = [slice(int(o), int(n), every) for o, n in zip(offsets, data["lengths"])]
-    obs = torch.cat([torch.as_tensor(o[k], dtype=torch.float32) for o, k in zip(data["obs"], keep)])
-    acts = torch.cat([torch.as_tensor(a[k]) for a, k in zip(data["actions"], keep)])
-    return obs, acts.long() if acts.dtype in (torch.int32, torch.int64) else acts.float()
-
-
-def expert_stats(data, env_id):
-    """The expert's mean return over its trajectories, a random policy's, and on CartPole the mean cart x."""
-    if data is None:
-        return {}
-    stats = {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
-    if env_id == "CartPole-v1":
-        stats["expert_cart_x"] = float(np.concatenate([o[:n, 0] for o, n in zip(data["obs"], data["lengths"])]).mean())
-    return stats
-
-
-def expert_data(args, env):
-    """The expert's trajectories: --expert, or else an expert this run trains first, a --mode expert run in
-    <out>/expert/ (its progress on the console, its curves in the run's TensorBoard)."""
-    path = Path(args.expert or Path(args.out) / "expert" / "expert.npz")
-    if not args.expert and not path.is_file():
-        runlib.ckpt_io.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
-        habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
-        print(f"no --expert given: training one first, TRPO on the true reward{habit} ({args.steps} iterations "
-              f"x {args.batch_size} pairs, minutes on a CPU) in {path.parent}", flush=True)
-        sub = argparse.Namespace(**{**vars(args), "mode": "expert", "out": str(path.parent), "resume": "auto"})
-        if train(sub).get("interrupted"):
-            return None
-        print(f"expert ready; later runs can reuse it with --expert {path}", flush=True)
-    data = load_expert(path, args.env, env)
-    if args.num_trajs > len(data["lengths"]):
-        raise runlib.UsageError(f"--num-trajs {args.num_trajs} but {path} holds {len(data['lengths'])} trajectories")
-    if "random_return" not in data:
-        data["random_return"] = np.float32(random_policy_return(env, args.eval_episodes, args.seed))
-    return data
-
-
 # ---- Training ----------------------------------------------------------------------------------
 
 def build(spec, args):
@@ -624,13 +478,6 @@ def train(args):
         args = argparse.Namespace(**{**vars(args), "steps": args.bc_steps})
     r = runlib.setup(args, SCRIPT)
     return (train_bc if args.mode == "bc" else train_rl)(args, r, env, env_spec(env), data)
-
-
-def final_evaluation(env, policy, args, data, device):
-    """The metrics logged at the end of a run: the policy acting deterministically (see `evaluate`)."""
-    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device,
-                  expert_stats(data, args.env))
-    return {f"metric/{k}": v for k, v in ev.items() if k not in ("return_std", "obs_mean")}
 
 
 def discriminator_step(D, opt, obs, actions, ex_obs, ex_act, steps, entropy_weight):
@@ -776,6 +623,159 @@ def train_bc(args, r, env, spec, data):
         if r.end_step(step, scalars, evaluate=evaluate_best if step == args.steps else None, state=checkpoint):
             break
     return r.finish(step, mode="bc", env=args.env, best_step=best["step"])
+
+
+# ---- Environments, rollouts, evaluation, expert data -------------------------------------------
+
+def make_env(env_id):
+    import gymnasium as gym
+    if env_id in MUJOCO:
+        try:
+            import mujoco  # noqa: F401
+        except ImportError:
+            raise runlib.UsageError(f'{env_id} needs MuJoCo: pip install "gymnasium[mujoco]"') from None
+    return gym.make(env_id)
+
+
+def env_spec(env):
+    """(obs_dim, act_dim, discrete); act_dim is the number of actions when discrete."""
+    discrete = hasattr(env.action_space, "n")
+    act_dim = int(env.action_space.n) if discrete else int(env.action_space.shape[0])
+    return int(env.observation_space.shape[0]), act_dim, discrete
+
+
+def rollout(env, act, min_steps=0, episodes=0, seeds=None, device="cpu"):
+    """Whole episodes until there are ≥ `min_steps` pairs and ≥ `episodes` episodes. Each episode starts
+    from `seeds[i]`, or from a seed drawn from torch's RNG, so a run's randomness is torch's alone.
+    Returns a dict of stacked tensors (on `device`) and one list entry per episode."""
+    obs_l, act_l, rew_l, lengths, terminated, final_obs, returns = [], [], [], [], [], [], []
+    low = torch.as_tensor(env.action_space.low) if not hasattr(env.action_space, "n") else None
+    high = torch.as_tensor(env.action_space.high) if low is not None else None
+    while sum(lengths) < min_steps or len(lengths) < episodes:
+        seed = seeds[len(lengths)] if seeds is not None else int(torch.randint(2 ** 31 - 1, ()))
+        o, _ = env.reset(seed=seed)
+        start, term, trunc = len(rew_l), False, False
+        while not (term or trunc):
+            o = torch.as_tensor(o, dtype=torch.float32, device=device)
+            a = act(o)
+            obs_l.append(o)
+            act_l.append(a)
+            o, r, term, trunc, _ = env.step(int(a) if low is None else torch.clamp(a.cpu(), low, high).numpy())
+            rew_l.append(float(r))
+        lengths.append(len(rew_l) - start)
+        terminated.append(bool(term))
+        final_obs.append(torch.as_tensor(o, dtype=torch.float32, device=device))
+        returns.append(sum(rew_l[start:]))
+    return {"obs": torch.stack(obs_l), "actions": torch.stack(act_l), "rewards": torch.tensor(rew_l, device=device),
+            "lengths": lengths, "terminated": terminated, "final_obs": torch.stack(final_obs),
+            "returns": torch.tensor(returns)}
+
+
+def evaluate(env, act, episodes, seed, device="cpu", expert=None):
+    """The mean return of `act` over `episodes` episodes from fixed seeds (the same for every policy) and the
+    mean observation; given the expert's statistics (`expert_stats`), also the return scaled as Fig. 1
+    (random policy 0, expert 1); on CartPole the mean cart position x."""
+    b = rollout(env, act, episodes=episodes, seeds=[EVAL_SEED + seed + i for i in range(episodes)], device=device)
+    out = {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
+           "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist(), **(expert or {})}
+    if expert:
+        span = expert["expert_return"] - expert["random_return"]
+        out["scaled_return"] = (out["return"] - expert["random_return"]) / span if span else float("nan")
+    if env.spec.id == "CartPole-v1":
+        out["cart_x"] = out["obs_mean"][0]
+    return out
+
+
+def final_evaluation(env, policy, args, data, device):
+    """The metrics logged at the end of a run: the policy acting deterministically (see `evaluate`)."""
+    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device,
+                  expert_stats(data, args.env))
+    return {f"metric/{k}": v for k, v in ev.items() if k not in ("return_std", "obs_mean")}
+
+
+def random_policy_return(env, episodes, seed):
+    """A uniformly random policy's mean return (the 0 of Fig. 1's scale)."""
+    gen, space = torch.Generator().manual_seed(0), env.action_space
+    if hasattr(space, "n"):
+        return evaluate(env, lambda o: torch.randint(int(space.n), (), generator=gen), episodes, seed)["return"]
+    low, high = torch.as_tensor(space.low), torch.as_tensor(space.high)
+    return evaluate(env, lambda o: low + (high - low) * torch.rand(low.shape, generator=gen), episodes, seed)["return"]
+
+
+def save_expert(path, env_id, batch, random_return):
+    """The expert file (see the docstring) of a `rollout` batch."""
+    def padded(key):   # (N, T, ...): each trajectory right-padded with zeros to the longest
+        return pad_sequence(batch[key].cpu().split(batch["lengths"]), batch_first=True).numpy()
+    np.savez(path, env=np.array(env_id), obs=padded("obs"), actions=padded("actions"), rewards=padded("rewards"),
+             lengths=np.array(batch["lengths"], dtype=np.int64), returns=batch["returns"].numpy(),
+             random_return=np.float32(random_return))
+
+
+def load_expert(path, env_id, env):
+    """Read and check an expert file (see the docstring): a UsageError says what is wrong."""
+    what = "--expert takes the expert.npz that --mode expert writes (see gail.py's docstring)"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:   # missing, a .npy, a truncated archive, a checkpoint, text, a folder, no permission...
+        said = "does not exist" if isinstance(e, FileNotFoundError) else "is not a readable .npz of expert trajectories"
+        raise runlib.UsageError(f"{path} {said}; {what}") from None
+    missing = {"env", "obs", "actions", "lengths", "returns"} - set(data)
+    if missing:
+        raise runlib.UsageError(f"{path} lacks {', '.join(sorted(missing))}; {what}")
+    if str(data["env"]) != env_id:
+        raise runlib.UsageError(f"{path} holds trajectories of {data['env']}, not {env_id} (--env)")
+    obs_dim, act_dim, discrete = env_spec(env)
+    n, T, lengths = len(data["lengths"]), data["obs"].shape[1] if data["obs"].ndim == 3 else -1, data["lengths"]
+    want = {"obs": (n, T, obs_dim), "actions": (n, T) if discrete else (n, T, act_dim), "returns": (n,)}
+    if (any(data[k].shape != v for k, v in want.items()) or (discrete and data["actions"].dtype.kind not in "iu")
+            or lengths.ndim != 1 or (lengths < 1).any() or (lengths > T).any()):
+        acts = "integer (N, T)" if discrete else f"(N, T, {act_dim})"
+        got = ", ".join(f"{k} {data[k].shape} {data[k].dtype}" for k in ("obs", "actions", "returns", "lengths"))
+        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), actions {acts}, returns (N,) and lengths "
+                                f"(N,) in [1, T] for {env_id}, got {got}")
+    return data
+
+
+def expert_pairs(data, num_trajs, every):
+    """The first `num_trajs` trajectories, each subsampled to every `every`-th pair from a random offset
+    (official load_dataset: offsets from a fixed seed 0). Returns (obs, actions) tensors."""
+    offsets = torch.randint(every, (num_trajs,), generator=torch.Generator().manual_seed(0))
+    keep = [slice(int(o), int(n), every) for o, n in zip(offsets, data["lengths"])]
+    obs = torch.cat([torch.as_tensor(o[k], dtype=torch.float32) for o, k in zip(data["obs"], keep)])
+    acts = torch.cat([torch.as_tensor(a[k]) for a, k in zip(data["actions"], keep)])
+    return obs, acts.long() if acts.dtype in (torch.int32, torch.int64) else acts.float()
+
+
+def expert_stats(data, env_id):
+    """The expert's mean return over its trajectories, a random policy's, and on CartPole the mean cart x."""
+    if data is None:
+        return {}
+    stats = {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
+    if env_id == "CartPole-v1":
+        stats["expert_cart_x"] = float(np.concatenate([o[:n, 0] for o, n in zip(data["obs"], data["lengths"])]).mean())
+    return stats
+
+
+def expert_data(args, env):
+    """The expert's trajectories: --expert, or else an expert this run trains first, a --mode expert run in
+    <out>/expert/ (its progress on the console, its curves in the run's TensorBoard)."""
+    path = Path(args.expert or Path(args.out) / "expert" / "expert.npz")
+    if not args.expert and not path.is_file():
+        runlib.ckpt_io.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
+        habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
+        print(f"no --expert given: training one first, TRPO on the true reward{habit} ({args.steps} iterations "
+              f"x {args.batch_size} pairs, minutes on a CPU) in {path.parent}", flush=True)
+        sub = argparse.Namespace(**{**vars(args), "mode": "expert", "out": str(path.parent), "resume": "auto"})
+        if train(sub).get("interrupted"):
+            return None
+        print(f"expert ready; later runs can reuse it with --expert {path}", flush=True)
+    data = load_expert(path, args.env, env)
+    if args.num_trajs > len(data["lengths"]):
+        raise runlib.UsageError(f"--num-trajs {args.num_trajs} but {path} holds {len(data['lengths'])} trajectories")
+    if "random_return" not in data:
+        data["random_return"] = np.float32(random_policy_return(env, args.eval_episodes, args.seed))
+    return data
 
 
 # ---- Evaluating a checkpoint -------------------------------------------------------------------
