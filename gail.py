@@ -678,9 +678,9 @@ def evaluate(env, act, episodes, seed, device="cpu", expert=None):
     b = rollout(env, act, episodes=episodes, seeds=[EVAL_SEED + seed + i for i in range(episodes)], device=device)
     out = {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
            "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist(), **(expert or {})}
-    if expert:
+    if expert and expert["expert_return"] != expert["random_return"]:   # else the scale has no unit
         span = expert["expert_return"] - expert["random_return"]
-        out["scaled_return"] = (out["return"] - expert["random_return"]) / span if span else float("nan")
+        out["scaled_return"] = (out["return"] - expert["random_return"]) / span
     if env.spec.id == "CartPole-v1":
         out["cart_x"] = out["obs_mean"][0]
     return out

@@ -202,6 +202,18 @@ def test_expert_npz_round_trip_and_subsampling(tmp_path):
     assert len(obs) in (3, 4, 5) and all(any(torch.equal(o, b) for b in batch["obs"][:8]) for o in obs)
 
 
+def test_scaled_return_only_where_the_expert_beats_a_random_policy():
+    """Fig. 1's scale (random policy 0, expert 1), and none when both returns are equal (a short Acrobot
+    expert that never reaches the goal): a NaN there would stop the run at its final evaluation."""
+    import gymnasium
+    env = gymnasium.make("CartPole-v1")
+    act = lambda o: torch.tensor(0)   # noqa: E731
+    ev = gail.evaluate(env, act, 2, 0, expert={"expert_return": 30.0, "random_return": 10.0})
+    assert ev["scaled_return"] == (ev["return"] - 10) / 20 and ev["return"] > 0
+    same = gail.evaluate(env, act, 2, 0, expert={"expert_return": 20.0, "random_return": 20.0})
+    assert "scaled_return" not in same and same["return"] == ev["return"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
