@@ -22,12 +22,9 @@ KL ≤ 0.01 and a gain ≥ 0.1 × the linear prediction. Â: GAE(γ 0.995, λ 0.
 net is refitted each iteration on the discounted returns with a trust region of its own (mean squared
 change of its normalised output ≤ 0.01; official rl.ValueFunc).
 
-Networks (official scripts/imitate_mj.py): policy, value and D are 2 × 100 tanh MLPs (see `mlp`, `Policy`,
-`Discriminator`) on observations standardised by running statistics that start from the expert data
-(official --obsnorm_mode expertdata). D: Adam lr 0.01, 1 step per iteration on the iteration's policy
-pairs and as many expert pairs drawn with replacement, each class averaged, minus 0.001 × the mean
-Bernoulli entropy of D's outputs (official TransitionClassifier). Per iteration 5000 pairs (whole
-episodes), 300 iterations (classic control; MuJoCo 50000 × 500).
+Networks (official scripts/imitate_mj.py): policy, value and D are 2 × 100 tanh MLPs on observations
+standardised by running statistics that start from the expert data. D: Adam lr 0.01, 1 step per iteration
+(`discriminator_step`). Per iteration 5000 pairs (whole episodes), 300 iterations (MuJoCo 50000 × 500).
 
 Experts and data (official pipelines/im_classic_pipeline.yaml, im_pipeline.yaml): experts are TRPO
 policies on the true reward (`--mode expert`) that save 10 stochastic trajectories; a run uses the first
@@ -44,12 +41,10 @@ or (N, T, act_dim) float32; rewards (N, T) float32 true rewards; lengths (N,) in
 random_return () float32, optional (a random policy's mean return, computed when absent).
 
 An expert with a habit (`--mode expert --expert-hold-x X`, CartPole; not in the paper) is paid also
-exp(−((x − X)/0.5)²) per step for keeping the cart near x = X. Any positive reward keeps CartPole's pole up
-(an untrained D already pays −log ½ per step), so where the cart stays, not the return, shows whether GAIL
-copies what is specific to the expert. Measured (docs/results.md, gail; benchmarks/gail_pipeline.py): from
-4 trajectories of such an expert (cart at x = 0.92), GAIL keeps the cart at x = 0.93 over seeds 0-3 where
-TRPO on the true reward keeps it near 0; with the paper's one D step per iteration instead of 5 (below),
-the cart's position swings through the expert's.
+exp(−((x − X)/0.5)²) per step for keeping the cart near x = X: any positive reward keeps the pole up, so where
+the cart stays shows whether GAIL copies what is specific to the expert. From 4 trajectories of such an expert
+(x = 0.92) GAIL keeps the cart at x = 0.93 over seeds 0-3, TRPO on the true reward near 0 (docs/results.md).
+
 
 Usage:
     python gail.py                            # CartPole-v1, 1 expert trajectory (Table 3); trains the expert
