@@ -100,7 +100,6 @@ Differences from the paper:
 """
 import argparse
 import dataclasses
-import functools
 
 import torch
 import torch.nn as nn
@@ -116,11 +115,11 @@ from common import run as runlib
 SCRIPT = "vqgan"
 CKPT_NAMES = {1: "ckpt.pt", 2: "transformer.pt"}   # one checkpoint file per stage in the run directory
 BASE_LR = 4.5e-6   # base_learning_rate of every config; lr = base × batch (main.py)
-STAGE_FLAGS = {   # the flags that act in one stage only: given in the other, a start-up error
-    1: {"g_width", "ch_mult", "num_res_blocks", "attn_resolutions", "norm_groups", "n_embed", "embed_dim", "beta",
-        "beta_on", "d_width", "disc_layers", "disc_start", "disc_weight", "disc_factor", "codebook_weight",
-        "perceptual_weight", "lpips_weights", "restart_dead_codes"},
-    2: {"vqgan", "conditional", "n_layer", "n_head", "n_embd", "weight_decay", "top_k", "temperature"}}
+STAGE_FLAGS = {   # the flags that act in one stage only (given in the other: a start-up error) and each size's least value
+    1: dict(g_width=1, ch_mult=None, num_res_blocks=1, attn_resolutions=None, norm_groups=None, n_embed=1, embed_dim=1,
+            beta=None, beta_on=None, d_width=1, disc_layers=None, disc_start=None, disc_weight=None, disc_factor=None,
+            codebook_weight=None, perceptual_weight=None, lpips_weights=None, restart_dead_codes=0),
+    2: dict(vqgan=None, conditional=None, n_layer=1, n_head=1, n_embd=1, weight_decay=None, top_k=0, temperature=None)}
 FACES_GPT = {"n_layer": 24, "n_head": 16, "n_embd": 1024}   # configs/faceshq_transformer.yaml
 
 
@@ -186,28 +185,32 @@ def parse_args(argv=None):
 
 
 def stage_defaults(a):
-    """lr = 4.5e-6 × batch (main.py: base_learning_rate × batch × GPUs × accumulation); stage 2: the data and image
-    size of the VQGAN, AdamW's β and batch of the transformer configs."""
+    """lr = 4.5e-6 × batch (main.py: base_learning_rate × batch × GPUs × accumulation); stage 2: AdamW's β and the
+    batch of the transformer configs (and the VQGAN's data and image size: read_vqgan)."""
     out = {"lr": BASE_LR * a.batch_size}
-    if a.stage == 1 or a.sample or not a.vqgan:
-        return out
-    vq_args = read_vqgan(a.vqgan)["args"]
-    out.update(beta1=0.9, beta2=0.95, dataset=vq_args["dataset"], image_size=vq_args["image_size"],
-               data_root=vq_args["data_root"])
-    if not a.dry_run:
-        out["batch_size"] = 2
-        if vq_args["image_size"] >= 128:
-            out.update(FACES_GPT)
+    if a.stage == 2:
+        out.update(beta1=0.9, beta2=0.95, **({} if a.dry_run else {"batch_size": 2}))
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def read_vqgan(path):
-    """A stage-1 checkpoint of this script (read once); a clear error for anything else."""
-    state = ckpt_io.load(path, SCRIPT)
+def read_vqgan(args):
+    """The stage-1 checkpoint --vqgan (a clear error for anything else). Stage 2 models the VQGAN's data at its image
+    size: --dataset, --data-root and --image-size default to the VQGAN's, and at 128 px or more the transformer's size
+    to the faces config's (explicit flags win)."""
+    if not args.vqgan:
+        raise runlib.UsageError("stage 2 needs the VQGAN's checkpoint: --vqgan CKPT")
+    state = ckpt_io.load(args.vqgan, SCRIPT)
     if state.get("stage") != 1:
-        raise runlib.UsageError(f"--vqgan {path} is a stage-{state.get('stage')} checkpoint; stage 2 needs the "
+        raise runlib.UsageError(f"--vqgan {args.vqgan} is a stage-{state.get('stage')} checkpoint; stage 2 needs the "
                                 "VQGAN's (stage-1) checkpoint")
+    vq_args = state["args"]
+    defaults = {name: vq_args[name] for name in ("dataset", "data_root", "image_size")}
+    if vq_args["image_size"] >= 128 and not args.dry_run:
+        defaults.update(FACES_GPT)
+    vars(args).update({name: value for name, value in defaults.items() if name not in args.explicit})
+    if args.image_size != vq_args["image_size"]:
+        raise runlib.UsageError(f"the VQGAN was trained at {vq_args['image_size']} px; stage 2 trains at that size, "
+                                f"not --image-size {args.image_size}")
     return state
 
 
@@ -554,9 +557,18 @@ def sample_codes(gpt, first, n_codes, top_k=100, temperature=1.0):
 # Building from args, evaluation
 # ------------------------------------------------------------------------------------------------
 
+
 def build_vqgan(a, shape):
     return VQGAN(shape[0], shape[-1], a.g_width, tuple(a.ch_mult), a.num_res_blocks, a.attn_resolutions,
                  a.n_embed, a.embed_dim, a.norm_groups, a.beta, a.beta_on)
+
+
+def load_vqgan(state, device):
+    """The frozen VQGAN of a stage-1 checkpoint (in eval mode, no gradients) and its training args."""
+    vq_args = argparse.Namespace(**state["args"])
+    vq = build_vqgan(vq_args, state["data_shape"])
+    vq.load_state_dict(state["models"]["vqgan"])
+    return vq.to(device).eval().requires_grad_(False), vq_args
 
 
 def build_gpt(a, n_embed, side, num_classes):
@@ -571,55 +583,54 @@ def first_tokens(n_embed, labels=None, n=None, device="cpu"):
     return labels.long() + n_embed
 
 
+@torch.no_grad()
+def generate(vq, gpt, n, device, num_classes=0, top_k=100, temperature=1.0, labels=None):
+    """n images from the transformer's codes; class-conditional models take `labels` (default: uniform)."""
+    if num_classes and labels is None:
+        labels = torch.randint(num_classes, (n,), device=device)
+    codes = sample_codes(gpt, first_tokens(vq.n_embed, labels, n, device), vq.side * vq.side, top_k, temperature)
+    return vq.decode_indices(codes.view(n, vq.side, vq.side)).float().clamp(-1, 1)
+
+
 def split_held_out(args, data, n):
     """(training data, up to n held-out uint8 images, their labels): a named dataset's test split; any other set
     (an image folder, a folder of MNIST idx files, fake) holds out its first tenth, at most 10,000 images (the
     official FFHQ validation list is 10,000 of 70,000), and trains on the rest; with class subfolders the first
     tenth is the first classes. Apart from the last 2,000 images of a folder of idx files, which the digit
     classifier holds out (common/digits.py)."""
-    named = datasets.IN_MEMORY + datasets.STREAMED + ("stacked-mnist",)   # these come with a test split
-    if args.dataset in named or args.dataset.startswith("lsun:"):
+    if args.dataset in datasets.IN_MEMORY + datasets.STREAMED + ("stacked-mnist",) or args.dataset.startswith("lsun:"):
         train, held = data, datasets.load(args, split="test")
+    elif len(data) < 2:
+        raise runlib.UsageError(f"{args.dataset} holds a single image; one is held out, so at least 2 are needed")
     else:
-        if len(data) < 2:
-            raise runlib.UsageError(f"{args.dataset} holds a single image; one is held out, so at least 2 are needed")
         k = max(1, min(len(data) // 10, 10_000))
         held, n = data, min(n, k)
-        if data.images is not None:
-            labels = data.labels[k:] if data.labels is not None else None
-            train = dataclasses.replace(data, images=data.images[k:], labels=labels)
-        else:
-            train = dataclasses.replace(data, dataset=torch.utils.data.Subset(data.dataset, range(k, len(data))))
+        train = (dataclasses.replace(data, images=data.images[k:], labels=data.labels[k:]) if data.images is not None
+                 else dataclasses.replace(data, dataset=torch.utils.data.Subset(data.dataset, range(k, len(data)))))
     if held.images is not None:
-        labels = held.labels[:n] if held.labels is not None else torch.full((min(n, len(held)),), -1)
-        return train, held.images[:n], labels
-    items = [held.dataset[i] for i in range(min(n, len(held.dataset)))]
+        return train, held.images[:n], held.labels[:n]
+    items = [held.dataset[i] for i in range(min(n, len(held)))]
     return train, torch.stack([metrics.to_uint8(x, (0, 1)) for x, _ in items]), torch.tensor([y for _, y in items])
-
-
-def to_unit(images):
-    return images.float() / 127.5 - 1
 
 
 @torch.no_grad()
 def reconstruct(vq, images, device, batch=100):
-    """Reconstructions (clamped to [−1, 1], CPU) and code indices of uint8 images."""
-    rec, idx = [], []
-    for i in range(0, len(images), batch):
-        r, _, k = vq(to_unit(images[i:i + batch]).to(device))
-        rec.append(r.float().clamp(-1, 1).cpu())
-        idx.append(k.cpu())
-    return torch.cat(rec), torch.cat(idx)
+    """uint8 images → (them in [−1, 1], their reconstructions clamped to [−1, 1], code indices), on the CPU."""
+    x, rec, idx = images.float() / 127.5 - 1, [], []
+    with runlib.eval_mode(vq):
+        for part in x.split(batch):
+            r, _, k = vq(part.to(device))
+            rec.append(r.float().clamp(-1, 1).cpu())
+            idx.append(k.cpu())
+    return x, torch.cat(rec), torch.cat(idx)
 
 
 @torch.no_grad()
 def evaluate_stage1(vq, held, args, device, real_stats=None, labels=None, data=None, clf=None):
     """L1, PSNR (dB, on [0, 1] images, per-image mean), codebook usage on the held-out images, with --metrics
-    their rFID (and any other Inception metric) against the held-out images, and on digits (common/digits.py)
-    cfid of the reconstructions and agree: reconstructions classified as the original's label."""
-    with runlib.eval_mode(vq):
-        rec, idx = reconstruct(vq, held, device)
-    x = to_unit(held)
+    their rFID (and any other Inception metric) against the held-out images (real_stats), and on digits
+    (common/digits.py) cfid of the reconstructions and agree: reconstructions classified as the original's label."""
+    x, rec, idx = reconstruct(vq, held, device)
     mse = ((rec - x) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
     used, ppl = codebook_usage(torch.bincount(idx.flatten(), minlength=vq.n_embed))
     out = {"metric/l1": (rec - x).abs().mean(), "metric/psnr": (10 * torch.log10(1 / mse)).mean(),
@@ -635,19 +646,8 @@ def evaluate_stage1(vq, held, args, device, real_stats=None, labels=None, data=N
 
 
 def held_out_stats(held, args, device):
-    pool3, _ = metrics.inception_features((held[i:i + 100] for i in range(0, len(held), 100)), device,
-                                          weights=args.inception_weights)
+    pool3, _ = metrics.inception_features(held.split(100), device, weights=args.inception_weights)
     return metrics.features_to_stats(pool3)
-
-
-@torch.no_grad()
-def generate(vq, gpt, n, n_embed, device, num_classes=0, top_k=100, temperature=1.0, labels=None):
-    """n images from the transformer's codes; class-conditional models take `labels` (default: uniform)."""
-    if num_classes and labels is None:
-        labels = torch.randint(num_classes, (n,), device=device)
-    first = first_tokens(n_embed, labels, n, device)
-    codes = sample_codes(gpt, first, vq.side * vq.side, top_k, temperature)
-    return vq.decode_indices(codes.view(n, vq.side, vq.side)).float().clamp(-1, 1)
 
 
 def interleave(x, rec, nrow=10):
@@ -662,23 +662,20 @@ def interleave(x, rec, nrow=10):
 # ------------------------------------------------------------------------------------------------
 
 def train(args):
-    """Stage 1 or 2. A flag of the other stage is refused (resuming the other stage's checkpoint is refused by the
-    set-up's check of the resumed flags: --stage differs)."""
-    wrong = sorted(set(args.explicit) & STAGE_FLAGS[3 - args.stage])
-    if wrong:
-        raise runlib.UsageError(f"--{wrong[0].replace('_', '-')} does not act in stage {args.stage}")
-    sizes = ("g_width", "num_res_blocks", "n_embed", "embed_dim", "d_width", "n_layer", "n_head", "n_embd")
-    small = [n for n in sizes if n in STAGE_FLAGS[args.stage] and getattr(args, n) < 1]
-    if small:
-        raise runlib.UsageError(f"--{small[0].replace('_', '-')} must be >= 1, got {getattr(args, small[0])}")
+    """Stage 1 or 2. A flag of the other stage, or a size below its least value, is refused (resuming the other
+    stage's checkpoint is refused by the set-up's check of the resumed flags: --stage differs)."""
+    other = sorted(set(args.explicit) & set(STAGE_FLAGS[3 - args.stage]))
+    if other:
+        raise runlib.UsageError(f"--{other[0].replace('_', '-')} does not act in stage {args.stage}")
+    for name, least in STAGE_FLAGS[args.stage].items():
+        if least is not None and getattr(args, name) < least:
+            raise runlib.UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     return train_stage1(args) if args.stage == 1 else train_stage2(args)
 
 
 def train_stage1(args):
     if args.lpips_weights and args.perceptual_weight == 0:
         raise runlib.UsageError("--lpips-weights does nothing with --perceptual-weight 0")
-    if args.restart_dead_codes < 0:
-        raise runlib.UsageError(f"--restart-dead-codes must be >= 0 (0: never), got {args.restart_dead_codes}")
     with runlib.as_usage_error():
         check_autoencoder(args.image_size, args.ch_mult, args.g_width, args.norm_groups, args.attn_resolutions or ())
         if args.disc_layers < 1 or patch_output_size(args.image_size, args.disc_layers) < 1:
@@ -708,24 +705,21 @@ def train_stage1(args):
     start = r.resume({"vqgan": vq_raw, "D": d_raw}, {"vqgan": opt_vq, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
-    shown = to_unit(held[:50]).to(device)
+    shown, held, held_labels = held[:50], held[:args.eval_samples], held_labels[:args.eval_samples]
     with r.side_rng():   # the held-out images' Inception statistics (building the network draws random numbers)
-        real_stats = (held_out_stats(held[:args.eval_samples], args, device)
-                      if args.metrics and args.eval_samples else None)
+        real_stats = held_out_stats(held, args, device) if args.metrics and args.eval_samples else None
     counts = torch.zeros(args.n_embed, device=device)   # code use within the current --log-every window
-    unused = torch.zeros(args.n_embed, device=device)   # code use since the last --restart-dead-codes
-    restarted = torch.zeros((), device=device)
-    if r.resume_state is not None and "restart_counts" in r.resume_state:
+    unused = torch.zeros(args.n_embed, device=device)   # code use since the last restart (kept in the checkpoint)
+    if r.resume_state is not None:
         unused.copy_(r.resume_state["restart_counts"])
+    restarted = torch.zeros((), device=device)
     r.restore_rng()
 
     def samples():
-        with runlib.eval_mode(vq_raw):
-            return {"reconstructions": interleave(shown, vq_raw(shown)[0].float().clamp(-1, 1))}
+        return {"reconstructions": interleave(*reconstruct(vq_raw, shown, device)[:2])}
 
     def evaluation():
-        return evaluate_stage1(vq_raw, held[:args.eval_samples], args, device, real_stats,
-                               held_labels[:args.eval_samples], data, clf)
+        return evaluate_stage1(vq_raw, held, args, device, real_stats, held_labels, data, clf)
 
     def state():
         return {"stage": 1, "data_shape": list(data.shape), "restart_counts": unused,
@@ -784,8 +778,7 @@ def train_stage1(args):
 @torch.no_grad()
 def restart_dead_codes(vq, x, uses, r):
     """--restart-dead-codes: the codes no encoder output picked since the last restart (`uses` == 0, summed over
-    the ranks) move onto random encoder outputs of this batch (rank 0's, then broadcast to every rank); returns
-    how many moved."""
+    the ranks) move onto random encoder outputs of rank 0's batch (then sent to every rank); returns how many."""
     if r.distributed:
         torch.distributed.all_reduce(uses)
     dead = (uses == 0).nonzero().squeeze(1)
@@ -797,23 +790,10 @@ def restart_dead_codes(vq, x, uses, r):
     return (uses == 0).sum()
 
 
-def load_vqgan(state, device):
-    """The frozen VQGAN of a stage-1 checkpoint (in eval mode, no gradients) and its training args."""
-    vq_args = argparse.Namespace(**state["args"])
-    vq = build_vqgan(vq_args, state["data_shape"])
-    vq.load_state_dict(state["models"]["vqgan"])
-    return vq.to(device).eval().requires_grad_(False), vq_args
-
-
 def train_stage2(args):
-    if args.top_k < 0 or not args.temperature > 0:
-        raise runlib.UsageError(f"--top-k must be >= 0 and --temperature > 0, got {args.top_k}, {args.temperature}")
-    if not args.vqgan:
-        raise runlib.UsageError("stage 2 needs the VQGAN's checkpoint: --vqgan CKPT")
-    vq_state = read_vqgan(args.vqgan)
-    if args.image_size != vq_state["args"]["image_size"]:
-        raise runlib.UsageError(f"the VQGAN was trained at {vq_state['args']['image_size']} px; stage 2 trains at "
-                                f"that size, not --image-size {args.image_size}")
+    if not args.temperature > 0:
+        raise runlib.UsageError(f"--temperature must be > 0, got {args.temperature}")
+    vq_state = read_vqgan(args)
     data = datasets.load(args)
     if data.kind != "image" or data.shape[0] != vq_state["data_shape"][0]:
         raise runlib.UsageError(f"{args.dataset} is not an image set with the VQGAN's "
@@ -846,7 +826,7 @@ def train_stage2(args):
     r.restore_rng()
 
     def make(n, labels=None):
-        return generate(vq, gpt_raw, n, vq.n_embed, device, num_classes, args.top_k, args.temperature, labels)
+        return generate(vq, gpt_raw, n, device, num_classes, args.top_k, args.temperature, labels)
 
     def samples():
         torch.manual_seed(args.seed)   # the same draws at every sample step
@@ -901,29 +881,28 @@ def sample(args):
     if args.num_samples and stage == 1:
         raise runlib.UsageError(f"{args.sample} is a stage-1 checkpoint, which reconstructs: --num-samples draws "
                                 "from a stage-2 checkpoint (the transformer's prior)")
+    if args.eval and stage == 2 and not args.metrics:
+        raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
     vq, _ = load_vqgan(state if stage == 1 else state["vqgan"], device)
-    data = datasets.load(targs)
-    _, held, _ = split_held_out(targs, data, 50)
-    grids = {"reconstructions": interleave(to_unit(held), reconstruct(vq, held, device)[0])}
+    scoring = args.eval and stage == 1
+    _, held, _ = split_held_out(targs, datasets.load(targs), max(args.eval_samples, 50) if scoring else 50)
+    grids = {"reconstructions": interleave(*reconstruct(vq, held[:50], device)[:2])}
     if stage == 2:
         k = state["num_classes"]
         gpt = build_gpt(targs, vq.n_embed, vq.side, k).to(device).eval()
         gpt.load_state_dict(state["models"]["gpt"])
 
         def make(n, labels=None):
-            return generate(vq, gpt, n, vq.n_embed, device, k, args.top_k, args.temperature, labels)
+            return generate(vq, gpt, n, device, k, args.top_k, args.temperature, labels)
         torch.manual_seed(args.seed)
         grids["samples"] = make(100, torch.arange(100, device=device) // 10 % k if k else None)
     result = dict(runlib.write_samples(out, state["step"], grids))
-    if args.eval and stage == 1:
-        _, held, _ = split_held_out(targs, data, args.eval_samples)
+    if scoring:
+        held = held[:args.eval_samples]
         scores = evaluate_stage1(vq, held, args, device, held_out_stats(held, args, device) if args.metrics else None)
-        scores = {name: float(v) for name, v in scores.items()}
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
+        result.update({name: float(v) for name, v in scores.items()})
+        print(" ".join(f"{name} {float(v):.4g}" for name, v in scores.items()))
     elif stage == 2:
-        if args.eval and not args.metrics:
-            raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
         result.update(metrics.score(args, targs, make, device, out=out, step=state["step"]))
     return result
 

@@ -88,7 +88,7 @@ def stage1(args, steps, keep):
 
 
 def stage2(args, steps, keep):
-    vq_state = vqgan.read_vqgan(args.vqgan)
+    vq_state = vqgan.read_vqgan(args)   # sets the VQGAN's data and image size as the script does
     data = datasets.load(args)
     num_classes = data.num_classes if args.conditional else 0
     torch.manual_seed(args.seed)
