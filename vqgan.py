@@ -21,45 +21,40 @@ Stage 2 objective (Sec. 3.2): p(s) = Π_i p(s_i | s_<i) (Eq. 8), L_Transformer =
 cross-entropy of each code index given the ones before it, with a class token first for class-conditional
 models (p(s | c), Eq. 10).
 
-Architecture and defaults (CompVis/taming-transformers; the paper gives few numbers):
+Architecture and defaults (CompVis/taming-transformers; the paper gives few numbers; the blocks at their classes):
     Encoder / decoder (taming/modules/diffusionmodules/model.py; configs/faceshq_vqgan.yaml): ch (--g-width) 128,
-      ch_mult 1,1,2,2,4 (f = 2^(len − 1) = 16), 2 ResNet blocks per resolution (GroupNorm 32 groups, ε 1e-6,
-      swish, 3x3 convs), self-attention after each block at attn_resolutions [16] (the lowest resolution at
-      256 px; here the lowest resolution unless --attn-resolutions says otherwise) and in the middle block;
-      stride-2 3x3 conv down (padded right/bottom), nearest ×2 + 3x3 conv up; no output activation.
+      ch_mult 1,1,2,2,4 (f = 2^(len − 1) = 16), 2 ResNet blocks per resolution, GroupNorm 32 groups, ε 1e-6,
+      self-attention at attn_resolutions [16] (the lowest resolution at 256 px; here the lowest unless
+      --attn-resolutions says otherwise) and in the middle block; no output activation.
     Codebook: n_embed 1024, embed_dim 256 (= z_channels), entries ~ U(±1/n_embed) (quantize.py), 1x1 convs
       quant_conv / post_quant_conv around it (taming/models/vqgan.py).
     β: VectorQuantizer2 is built with β = 0.25 and legacy=True, which puts β on the codebook term:
       ‖sg[z_q] − E(x)‖² + 0.25 ‖z_q − sg[E(x)]‖² (the README's "training with β = 1.0"); the released models were
       trained so, and so is the default here (--beta-on codebook). --beta-on commitment is the paper's Eq. 4.
-    D (taming/modules/discriminator/model.py): the pix2pix PatchGAN, 3 layers, ndf 64 (--d-width), 4x4 convs,
-      BatchNorm, LeakyReLU 0.2, weights ~ N(0, 0.02), BN scales ~ N(1, 0.02); one logit per patch.
+    D (taming/modules/discriminator/model.py): the pix2pix PatchGAN, 3 layers, ndf 64 (--d-width), weights
+      ~ N(0, 0.02), BN scales ~ N(1, 0.02).
     Loss (taming/modules/losses/vqperceptual.py, faceshq_vqgan.yaml): codebook_weight 1, perceptual_weight 1,
       disc_weight 0.8, disc_factor 1, disc_start 30001 (faces; custom_vqgan.yaml 10000, imagenet 250001).
     Optimisers: Adam β (0.5, 0.9) for both nets, lr = 4.5e-6 × batch (base_learning_rate × batch × GPUs, main.py);
       batch 3 (faceshq_vqgan.yaml, per GPU).
-    Transformer (taming/modules/transformer/mingpt.py, configs/faceshq_transformer.yaml): GPT-2 style blocks
-      (pre-LayerNorm, causal multi-head self-attention, 4x MLP with GELU), learned position embeddings, no
-      dropout; 24 layers, 16 heads, 1024 dims for 256 px images, the GPT class's defaults 12 layers, 8 heads,
-      256 dims for smaller ones (fewer codes); weights ~ N(0, 0.02). AdamW β (0.9, 0.95), weight decay 0.01 on
-      linear weights only, lr = 4.5e-6 × batch (cond_transformer.py), batch 2 (faceshq_transformer.yaml).
-      Sampling: top-k 100, temperature 1 (cond_transformer.py's log_images).
+    Transformer (taming/modules/transformer/mingpt.py, configs/faceshq_transformer.yaml): GPT-2 blocks, learned
+      position embeddings, no dropout; 24 layers, 16 heads, 1024 dims for 256 px images, the GPT class's defaults
+      12 layers, 8 heads, 256 dims for smaller ones (fewer codes); weights ~ N(0, 0.02). AdamW β (0.9, 0.95),
+      weight decay 0.01 on linear weights only, lr = 4.5e-6 × batch (cond_transformer.py), batch 2
+      (faceshq_transformer.yaml). Sampling: top-k 100, temperature 1 (cond_transformer.py's log_images).
 
-Metrics: stage 1 logs reconstruction L1 and PSNR on held-out images (the test split; a set without one, such as an
-image folder or a folder of MNIST idx files, holds out its first tenth, at most 10,000 images, and trains on the
-rest), codebook usage (the share of the n_embed codes used and the perplexity exp H(p) of their frequencies,
-over each --log-every window in training and on the held-out images; dead codes are the known failure of VQ
-models) and rFID (FID of the reconstructions against the held-out images, as Table 5; --metrics, needs the
-FID Inception weights). Stage 2 logs the cross-entropy (nats per code) and FID of samples (Table 3).
-Perceptual loss: common/lpips.py (the VGG16 LPIPS of the lpips package); its weights download on first use
-(--lpips-weights / $LPIPS_WEIGHTS for the linear heads, the torch hub cache for torchvision's VGG16);
---perceptual-weight 0 trains with L1 alone when they cannot be had.
+Metrics: stage 1 logs reconstruction L1 and PSNR on held-out images (the test split, or the first tenth of a set
+without one, at most 10,000 images, which training never sees), codebook usage (the share of the n_embed codes
+used and the perplexity exp H(p) of their frequencies, over each --log-every window in training and on the
+held-out images; dead codes are the known failure of VQ models) and rFID (FID of the reconstructions against the
+held-out images, as Table 5; --metrics, needs the FID Inception weights). Stage 2 logs the cross-entropy (nats
+per code) and FID of samples (Table 3). Perceptual loss: common/lpips.py (the VGG16 LPIPS of the lpips package);
+its weights download on first use (--lpips-weights / $LPIPS_WEIGHTS for the linear heads, the torch hub cache for
+torchvision's VGG16); --perceptual-weight 0 trains with L1 alone when they cannot be had.
 
 Usage:
     python vqgan.py --cuda                                        # stage 1: VQGAN, faces (CelebA) at 256 px
     python vqgan.py --stage 2 --vqgan runs/vqgan/celeba-.../ckpt.pt --cuda          # stage 2: the transformer
-    # (stage 1 writes <out>/ckpt.pt, stage 2 <out>/transformer.pt, so the two may share --out; --resume auto
-    # continues the stage asked for)
     python vqgan.py --dataset /path/to/ffhq --cuda                # the paper's FFHQ (an image folder)
     # a quick CPU run on digits at 32 px, f = 4 (8x8 codes), without the LPIPS and Inception weights, scored
     # with the digit classifier (about 1.4 steps/s on one core; --disc-start 500 gives the GAN term the second
@@ -74,8 +69,8 @@ Usage:
 
 Differences from the paper:
 - Two commands, one per stage, each with its own step counter and files (ckpt.pt, args.json, summary.json;
-  transformer.pt, args-transformer.json, summary-transformer.json: both can share one --out); a stage-2
-  checkpoint holds the frozen VQGAN it was trained on.
+  transformer.pt, args-transformer.json, summary-transformer.json: both can share one --out, and --resume auto
+  continues the stage asked for); a stage-2 checkpoint holds the frozen VQGAN it was trained on.
 - β sits on the codebook term by default, as the official code trained it (see above); --beta-on commitment
   gives the paper's Eq. 4. The adaptive weight uses the code's δ = 1e-4 and clamp [0, 1e4] (paper: δ = 1e-6).
 - D's update reuses the reconstruction of the autoencoder's step (before that step's update); the official
@@ -115,9 +110,9 @@ from common import run as runlib
 SCRIPT = "vqgan"
 CKPT_NAMES = {1: "ckpt.pt", 2: "transformer.pt"}   # one checkpoint file per stage in the run directory
 BASE_LR = 4.5e-6   # base_learning_rate of every config; lr = base × batch (main.py)
-STAGE_FLAGS = {   # the flags that act in one stage only (given in the other: a start-up error) and each size's least value
-    1: dict(g_width=1, ch_mult=None, num_res_blocks=1, attn_resolutions=None, norm_groups=None, n_embed=1, embed_dim=1,
-            beta=None, beta_on=None, d_width=1, disc_layers=None, disc_start=None, disc_weight=None, disc_factor=None,
+STAGE_FLAGS = {   # the flags that act in one stage only (refused in the other) with each size's least value
+    1: dict(g_width=1, ch_mult=None, num_res_blocks=1, attn_resolutions=None, norm_groups=1, n_embed=1, embed_dim=1,
+            beta=None, beta_on=None, d_width=1, disc_layers=1, disc_start=None, disc_weight=None, disc_factor=None,
             codebook_weight=None, perceptual_weight=None, lpips_weights=None, restart_dead_codes=0),
     2: dict(vqgan=None, conditional=None, n_layer=1, n_head=1, n_embd=1, weight_decay=None, top_k=0, temperature=None)}
 FACES_GPT = {"n_layer": 24, "n_head": 16, "n_embd": 1024}   # configs/faceshq_transformer.yaml
@@ -150,8 +145,8 @@ def parse_args(argv=None):
     g.add_argument("--beta-on", choices=["codebook", "commitment"], default="codebook",
                    help="the term β weighs: codebook (the official code, legacy=True) or commitment (Eq. 4)")
     g.add_argument("--restart-dead-codes", type=int, default=0, metavar="STEPS",
-                   help="not in the paper: every STEPS steps, codes no encoder output picked in those steps move onto "
-                        "random encoder outputs of the batch (0: never, as the official code)")
+                   help="not in the paper: every STEPS steps the codes unused in them move onto encoder outputs "
+                        "(0: never)")
     g.add_argument("--d-width", type=int, default=64, help="ndf: channels of D's first layer")
     g.add_argument("--disc-layers", type=int, default=3, help="stride-2 layers of the PatchGAN D")
     g.add_argument("--disc-start", type=int, default=30001, help="steps before L_GAN and D's training start")
@@ -160,8 +155,7 @@ def parse_args(argv=None):
     g.add_argument("--codebook-weight", type=float, default=1.0, help="weight of the codebook/commitment terms")
     g.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight in L_rec (0: L1 alone)")
     g.add_argument("--lpips-weights", default=None, metavar="PATH",
-                   help="the LPIPS linear heads (the lpips package's v0.1 vgg.pth); $LPIPS_WEIGHTS or the torch "
-                        "hub cache when not given")
+                   help="LPIPS linear heads (lpips' v0.1 vgg.pth; default: $LPIPS_WEIGHTS or the torch hub cache)")
     g = p.add_argument_group("stage 2: the transformer")
     g.add_argument("--vqgan", default=None, metavar="CKPT", help="the stage-1 checkpoint whose codes are modelled")
     g.add_argument("--conditional", action="store_true", help="class-conditional: a class token comes first")
@@ -215,7 +209,8 @@ def read_vqgan(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Stage 1: encoder, decoder, quantiser (taming/modules/diffusionmodules/model.py, vqvae/quantize.py)
+# Stage 1: encoder, decoder, quantiser, D, losses (taming/modules/diffusionmodules/model.py, vqvae/quantize.py,
+# discriminator/model.py, losses/vqperceptual.py)
 # ------------------------------------------------------------------------------------------------
 
 def check_autoencoder(image_size, ch_mult, width, groups, attn_resolutions=()):
@@ -427,8 +422,6 @@ class PatchDiscriminator(nn.Sequential):
     doubling the width (at most 8 ndf) + BN + LeakyReLU; conv4x4/1 + BN + LeakyReLU; conv4x4/1 → 1 logit per patch."""
 
     def __init__(self, channels, ndf=64, n_layers=3):
-        if n_layers < 1:
-            raise ValueError(f"--disc-layers must be >= 1, got {n_layers}")
         layers, c = [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2)], ndf
         for n in range(1, n_layers + 1):
             c_out = ndf * min(2 ** n, 8)
@@ -444,10 +437,6 @@ class PatchDiscriminator(nn.Sequential):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
-
-# ------------------------------------------------------------------------------------------------
-# Stage 1 losses
-# ------------------------------------------------------------------------------------------------
 
 def hinge_d_loss(real_logits, fake_logits):
     """½ (E relu(1 − D(x)) + E relu(1 + D(x̂))) (vqperceptual.py's hinge_d_loss)."""
@@ -554,9 +543,8 @@ def sample_codes(gpt, first, n_codes, top_k=100, temperature=1.0):
 
 
 # ------------------------------------------------------------------------------------------------
-# Building from args, evaluation
+# Training, evaluation, sampling
 # ------------------------------------------------------------------------------------------------
-
 
 def build_vqgan(a, shape):
     return VQGAN(shape[0], shape[-1], a.g_width, tuple(a.ch_mult), a.num_res_blocks, a.attn_resolutions,
@@ -593,11 +581,9 @@ def generate(vq, gpt, n, device, num_classes=0, top_k=100, temperature=1.0, labe
 
 
 def split_held_out(args, data, n):
-    """(training data, up to n held-out uint8 images, their labels): a named dataset's test split; any other set
-    (an image folder, a folder of MNIST idx files, fake) holds out its first tenth, at most 10,000 images (the
-    official FFHQ validation list is 10,000 of 70,000), and trains on the rest; with class subfolders the first
-    tenth is the first classes. Apart from the last 2,000 images of a folder of idx files, which the digit
-    classifier holds out (common/digits.py)."""
+    """(training data, up to n held-out uint8 images, their labels): a named dataset's test split, else the first
+    tenth, at most 10,000 images (the official FFHQ validation list: 10,000 of 70,000; with class subfolders, the
+    first classes). The digit classifier holds out the last 2,000 of a folder of idx files (common/digits.py)."""
     if args.dataset in datasets.IN_MEMORY + datasets.STREAMED + ("stacked-mnist",) or args.dataset.startswith("lsun:"):
         train, held = data, datasets.load(args, split="test")
     elif len(data) < 2:
@@ -627,9 +613,8 @@ def reconstruct(vq, images, device, batch=100):
 
 @torch.no_grad()
 def evaluate_stage1(vq, held, args, device, real_stats=None, labels=None, data=None, clf=None):
-    """L1, PSNR (dB, on [0, 1] images, per-image mean), codebook usage on the held-out images, with --metrics
-    their rFID (and any other Inception metric) against the held-out images (real_stats), and on digits
-    (common/digits.py) cfid of the reconstructions and agree: reconstructions classified as the original's label."""
+    """L1, PSNR (dB, on [0, 1] images, per-image mean), codebook usage of the held-out images' reconstructions;
+    rFID against real_stats (--metrics); on digits cfid and agree (classified as the original's label)."""
     x, rec, idx = reconstruct(vq, held, device)
     mse = ((rec - x) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
     used, ppl = codebook_usage(torch.bincount(idx.flatten(), minlength=vq.n_embed))
@@ -657,10 +642,6 @@ def interleave(x, rec, nrow=10):
     return torch.stack([x.view(-1, nrow, *x.shape[1:]), rec.view(-1, nrow, *x.shape[1:])], 1).flatten(0, 2)
 
 
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
-
 def train(args):
     """Stage 1 or 2. A flag of the other stage, or a size below its least value, is refused (resuming the other
     stage's checkpoint is refused by the set-up's check of the resumed flags: --stage differs)."""
@@ -678,9 +659,10 @@ def train_stage1(args):
         raise runlib.UsageError("--lpips-weights does nothing with --perceptual-weight 0")
     with runlib.as_usage_error():
         check_autoencoder(args.image_size, args.ch_mult, args.g_width, args.norm_groups, args.attn_resolutions or ())
-        if args.disc_layers < 1 or patch_output_size(args.image_size, args.disc_layers) < 1:
-            raise ValueError(f"the {args.disc_layers}-layer PatchGAN needs images of at least "
-                             f"{3 * 2 ** args.disc_layers} px; got --image-size {args.image_size} (try fewer --disc-layers)")
+        if patch_output_size(args.image_size, args.disc_layers) < 1:
+            least = 3 * 2 ** args.disc_layers
+            raise ValueError(f"the {args.disc_layers}-layer PatchGAN needs images of at least {least} px; "
+                             f"--image-size is {args.image_size} (try fewer --disc-layers)")
     data = datasets.load(args)
     if data.kind != "image":
         raise runlib.UsageError(f"vqgan.py models images; {args.dataset} is 2D toy data")
@@ -834,8 +816,7 @@ def train_stage2(args):
             return {"samples": make(100, shown_labels)}
 
     def evaluation():
-        """FID (and any Inception metric) of samples with --metrics; on digits cfid, and agree for class-conditional
-        samples (classified as the class they were drawn for)."""
+        """FID of samples (--metrics); on digits cfid, and agree: classified as the class they were drawn for."""
         def labelled(n):
             y = torch.randint(num_classes, (n,), device=device) if num_classes else None
             return (make(n, y), y) if num_classes else make(n)
@@ -867,10 +848,6 @@ def train_stage2(args):
             break
     return r.finish(step)
 
-
-# ------------------------------------------------------------------------------------------------
-# Sampling from a checkpoint
-# ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample(args):
