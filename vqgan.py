@@ -87,10 +87,9 @@ Differences from the paper:
 - --restart-dead-codes STEPS (off by default, as the code): every STEPS steps the codes that no encoder output
   picked in those steps move onto random encoder outputs of the batch (the restarts of Jukebox, Dhariwal et
   al. 2020). With the code's U(±1/K) initialisation the encoder's outputs start far from almost every code, so
-  a few codes take everything: in the quick run above on the 10,000 MNIST test digits as an idx folder (K 1024,
-  f 4; seeds 0–2; step 500, before the GAN term) 11–12 of 1024 codes were in use without restarts and 93–94%
-  with them (on the folder's held-out first 1,000: PSNR 20.8 vs 23.8 dB, classifier FID of the
-  reconstructions 38 vs 26).
+  a few codes take everything: in the quick run above on the 10,000 MNIST test digits as an idx folder (seeds
+  0–2, step 500, before the GAN term) 11–12 of 1024 codes were in use without restarts and 93–94% with them (on
+  the held-out first 1,000: PSNR 20.8 vs 23.8 dB, classifier FID of the reconstructions 38 vs 26).
 - Sampling recomputes the whole prefix for every token (the code's sample(); no key/value cache).
 """
 import argparse
@@ -552,11 +551,10 @@ def build_vqgan(a, shape):
 
 
 def load_vqgan(state, device):
-    """The frozen VQGAN of a stage-1 checkpoint (in eval mode, no gradients) and its training args."""
-    vq_args = argparse.Namespace(**state["args"])
-    vq = build_vqgan(vq_args, state["data_shape"])
+    """The frozen VQGAN of a stage-1 checkpoint: in eval mode, no gradients."""
+    vq = build_vqgan(argparse.Namespace(**state["args"]), state["data_shape"])
     vq.load_state_dict(state["models"]["vqgan"])
-    return vq.to(device).eval().requires_grad_(False), vq_args
+    return vq.to(device).eval().requires_grad_(False)
 
 
 def build_gpt(a, n_embed, side, num_classes):
@@ -791,7 +789,7 @@ def train_stage2(args):
     r = runlib.setup(args, SCRIPT, ckpt_name=CKPT_NAMES[2], data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
-    vq, _ = load_vqgan(vq_state, device)
+    vq = load_vqgan(vq_state, device)
     gpt = r.prepare(build_gpt(args, vq.n_embed, vq.side, num_classes))
     gpt_raw = runlib.unwrap(gpt)
     decay = [p for n, p in gpt_raw.named_parameters() if n.endswith("weight") and p.dim() == 2 and "emb" not in n]
@@ -860,7 +858,7 @@ def sample(args):
                                 "from a stage-2 checkpoint (the transformer's prior)")
     if args.eval and stage == 2 and not args.metrics:
         raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
-    vq, _ = load_vqgan(state if stage == 1 else state["vqgan"], device)
+    vq = load_vqgan(state if stage == 1 else state["vqgan"], device)
     scoring = args.eval and stage == 1
     _, held, _ = split_held_out(targs, datasets.load(targs), max(args.eval_samples, 50) if scoring else 50)
     grids = {"reconstructions": interleave(*reconstruct(vq, held[:50], device)[:2])}

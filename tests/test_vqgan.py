@@ -34,7 +34,7 @@ def test_stage1_dry_run(stage1):
     _, summary, state = stage1
     assert state["stage"] == 1 and state["data_shape"] == [3, 16, 16]
     assert {"loss/rec", "loss/codebook", "loss/G", "loss/lambda", "loss/D"} <= set(summary["losses"])
-    vq, _ = vqgan.load_vqgan(state, "cpu")
+    vq = vqgan.load_vqgan(state, "cpu")
     fake = datasets.load(argparse.Namespace(dataset="fake", image_size=16, seed=0, data_root="unused"))
     x = fake.images[:51].float() / 127.5 - 1
     with torch.no_grad():
@@ -410,7 +410,7 @@ def test_stage2_loop_is_next_code_prediction_on_the_frozen_vqgan(stage1, tmp_pat
         return steps.nets["gpt"]
     monkeypatch.setattr(vqgan, "build_gpt", gpt)
     wiring.train_steps(vqgan, tmp_path, 1, "--stage", "2", "--vqgan", str(ckpt))
-    (vq, _), gpt = vqs[0][2], steps.nets["gpt"]
+    vq, gpt = vqs[0][2], steps.nets["gpt"]
     (opt,) = built
     assert opt.type == "AdamW" and opt.owns(gpt) and len(opt.params) == len(list(gpt.parameters()))
     assert opt.setting("betas") == (0.9, 0.95) and opt.setting("lr") == pytest.approx(4.5e-6 * 8, rel=1e-12)
