@@ -117,6 +117,27 @@ def test_stage2_dry_runs_and_sample(stage1, tmp_path):
     assert state["models"]["gpt"]["tok_emb.weight"].shape[0] == 32 + 10   # codes, then one token per class
 
 
+def test_stage2_takes_the_vqgans_data_and_size(tmp_path):
+    """Stage 2 models the data the VQGAN was trained on, at its image size: --dataset, --data-root and --image-size
+    default to the stage-1 run's; at 128 px or more the transformer defaults to the faces config's size (24 layers,
+    16 heads, 1024 dims) with batch 2 and AdamW's β (0.9, 0.95); flags given explicitly win."""
+    root = str(tmp_path / "root")
+    wiring.train_steps(vqgan, tmp_path, 1, "--dataset", "fake:1", "--image-size", "32", "--data-root", root,
+                       "--eval-samples", "0", name="vq32")
+    wiring.train_steps(vqgan, tmp_path, 1, "--stage", "2", "--vqgan", str(tmp_path / "vq32" / "ckpt.pt"), name="gpt")
+    state = ckpt_io.load(tmp_path / "gpt" / "transformer.pt", vqgan.SCRIPT)
+    assert (state["args"]["dataset"], state["args"]["image_size"], state["args"]["data_root"]) == ("fake:1", 32, root)
+    assert state["data_shape"] == [1, 32, 32] and state["models"]["gpt"]["pos_emb"].shape[1] == (32 // 4) ** 2
+
+    state = ckpt_io.load(tmp_path / "vq32" / "ckpt.pt", vqgan.SCRIPT)
+    state["args"]["image_size"] = 128                                   # as if trained at 128 px
+    torch.save(state, tmp_path / "vq128.pt")
+    args = vqgan.parse_args(["--stage", "2", "--vqgan", str(tmp_path / "vq128.pt"), "--n-head", "8"])   # not a dry run
+    vqgan.read_vqgan(args)
+    assert (args.dataset, args.image_size, args.n_layer, args.n_head, args.n_embd) == ("fake:1", 128, 24, 8, 1024)
+    assert (args.batch_size, args.beta1, args.beta2) == (2, 0.9, 0.95) and args.lr == pytest.approx(4.5e-6 * 2)
+
+
 def test_stages_keep_their_own_checkpoints_in_one_run_directory(tmp_path, capsys):
     """Stage 2 into the VQGAN's run directory leaves the VQGAN's checkpoint alone; --resume auto continues each
     stage from its own file; resuming the other stage's checkpoint is one line and changes nothing."""
