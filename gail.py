@@ -22,14 +22,12 @@ KL ≤ 0.01 and a gain ≥ 0.1 × the linear prediction. Â: GAE(γ 0.995, λ 0.
 net is refitted each iteration on the discounted returns with a trust region of its own (mean squared
 change of its normalised output ≤ 0.01; official rl.ValueFunc).
 
-Networks (official scripts/imitate_mj.py): policy, value and D are 2 × 100 tanh MLPs, Glorot-uniform
-hidden layers, zero output layers; a softmax policy for discrete actions, a Gaussian with a state-
-independent log σ (initially 0) for continuous ones. D scores every discrete action of a state and picks
-a's score, or reads (s, a) concatenated. Observations are standardised by running statistics that start
-from the expert data (official --obsnorm_mode expertdata). D: Adam lr 0.01, 1 step per iteration on the
-iteration's policy pairs and as many expert pairs drawn with replacement, each class averaged, minus
-0.001 × the mean Bernoulli entropy of D's outputs (official TransitionClassifier). Per iteration 5000
-pairs (whole episodes), 300 iterations (classic control; MuJoCo 50000 × 500).
+Networks (official scripts/imitate_mj.py): policy, value and D are 2 × 100 tanh MLPs (see `mlp`, `Policy`,
+`Discriminator`) on observations standardised by running statistics that start from the expert data
+(official --obsnorm_mode expertdata). D: Adam lr 0.01, 1 step per iteration on the iteration's policy
+pairs and as many expert pairs drawn with replacement, each class averaged, minus 0.001 × the mean
+Bernoulli entropy of D's outputs (official TransitionClassifier). Per iteration 5000 pairs (whole
+episodes), 300 iterations (classic control; MuJoCo 50000 × 500).
 
 Experts and data (official pipelines/im_classic_pipeline.yaml, im_pipeline.yaml): experts are TRPO
 policies on the true reward (`--mode expert`) that save 10 stochastic trajectories; a run uses the first
@@ -45,11 +43,13 @@ with zeros to the longest, T: env (str, gymnasium id); obs (N, T, obs_dim) float
 or (N, T, act_dim) float32; rewards (N, T) float32 true rewards; lengths (N,) int64; returns (N,) float32;
 random_return () float32, optional (a random policy's mean return, computed when absent).
 
-An expert with a habit (`--mode expert --expert-hold-x X`, CartPole; not in the paper): TRPO on the true
-reward plus exp(−((x − X)/0.5)²) per step for keeping the cart near x = X. On CartPole any positive reward
-keeps the pole up (an untrained D already pays −log ½ per step), so a return near the expert's shows
-little; where the cart stays shows whether GAIL copies what is specific to the expert. Its file carries
-the true rewards. benchmarks/gail_pipeline.py measures it against BC and TRPO on the true reward.
+An expert with a habit (`--mode expert --expert-hold-x X`, CartPole; not in the paper) is paid also
+exp(−((x − X)/0.5)²) per step for keeping the cart near x = X. Any positive reward keeps CartPole's pole up
+(an untrained D already pays −log ½ per step), so where the cart stays, not the return, shows whether GAIL
+copies what is specific to the expert. Measured (docs/results.md, gail; benchmarks/gail_pipeline.py): from
+4 trajectories of such an expert (cart at x = 0.92), GAIL keeps the cart at x = 0.93 over seeds 0-3 where
+TRPO on the true reward keeps it near 0; with the paper's one D step per iteration instead of 5 (below),
+the cart's position swings through the expert's.
 
 Usage:
     python gail.py                            # CartPole-v1, 1 expert trajectory (Table 3); trains the expert
@@ -58,16 +58,12 @@ Usage:
     python gail.py --expert runs/habit/expert.npz --num-trajs 4       # GAIL from its trajectories
     python gail.py --mode bc --expert runs/habit/expert.npz           # behavioural cloning
     python gail.py --env Hopper-v5 --num-trajs 4    # MuJoCo, 50000 pairs x 500 iterations (gymnasium[mujoco])
-    python gail.py --sample runs/gail/CartPole-v1-.../ckpt.pt          # evaluate a checkpoint's policy
+    python gail.py --sample runs/gail/CartPole-v1-.../ckpt.pt          # its policy's evaluation.json
 
-`--steps` counts TRPO iterations, `--batch-size` the pairs per iteration; BC has `--bc-steps`,
-`--bc-batch-size`, `--bc-lr`; a flag that cannot act in the chosen mode is a start-up error. Without
-`--expert` a run first trains its own expert with its --steps and --batch-size inside its run directory
-(progress on the console, curves in the run's TensorBoard) and says how to reuse it. TensorBoard shows
-the true return, D's accuracies and on CartPole the mean cart position (episode/cart_x; the final
-evaluation's metric/cart_x sits next to metric/expert_cart_x). `--sample CKPT` evaluates a checkpoint's
-policy into evaluation.json. Resume is exact: every iteration collects whole episodes from seeds drawn
-from torch's RNG, so no environment state lives across iterations.
+`--steps` counts TRPO iterations (BC: `--bc-steps`), `--batch-size` pairs per iteration. TensorBoard shows
+the true return, D's accuracies and on CartPole the mean cart position (episode/cart_x; at the end
+metric/cart_x beside metric/expert_cart_x); an expert trained first adds its own curves. Resume is exact:
+every iteration collects whole episodes from seeds drawn from torch's RNG.
 
 Differences from the paper (and its official code):
 - gymnasium's CartPole-v1 (500 steps), Acrobot-v1, MountainCar-v0, Pendulum-v1 instead of gym's
@@ -87,11 +83,7 @@ Differences from the paper (and its official code):
 - Pendulum-v1 is not in the paper: its subsampling (10) and reward form (−log D) are our choice.
 - Not offered: Reacher (λ > 0 in the paper), the linear-reward baselines (FEM, GTAL), torchrun,
   --amp/--compile (TRPO's conjugate gradient needs float32).
-- The habit measurement below takes 5 D steps per iteration and 150 iterations (the paper: 1 and 300).
-
-Measured (docs/results.md, gail): from 4 trajectories of the habit expert (cart at x = 0.92), GAIL keeps
-the cart at x = 0.93 over seeds 0-3 where TRPO on the true reward keeps it near 0, with 5 D steps per
-iteration; with the paper's single step the cart's position swings through the expert's.
+- The habit measurement takes 5 D steps per iteration and 150 iterations (the paper: 1 and 300).
 """
 import argparse
 import copy
@@ -105,13 +97,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, Normal, kl_divergence
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils.rnn import pad_sequence
 
 from common import run as runlib
 
 SCRIPT = "gail"
-CLASSIC = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1")
 MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
-ENVS = CLASSIC + MUJOCO
+ENVS = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1") + MUJOCO
 # Every k-th expert pair is kept (official im_classic_pipeline.yaml, im_pipeline.yaml; Pendulum: ours).
 SUBSAMPLE = {"CartPole-v1": 10, "Acrobot-v1": 5, "MountainCar-v0": 5, "Pendulum-v1": 10, **{e: 20 for e in MUJOCO}}
 # Environments cut off on success get r = log(1 − D) (official cuts_off_on_success → favor_zero_expert_reward).
@@ -163,17 +155,23 @@ def env_defaults(args):
     """Per environment (official pipelines): subsampling, the reward form and, for MuJoCo, 50000 pairs x 500
     iterations, 50 expert trajectories, 20001 BC updates. A dry run keeps every pair (short episodes)."""
     if args.env not in ENVS:
-        return {}
+        return {}   # check_args says so
     d = {"subsample": 1 if args.dry_run else SUBSAMPLE[args.env], "reward": REWARD.get(args.env, "-log(D)")}
     if args.env in MUJOCO and not args.dry_run:
         d.update(steps=500, batch_size=50_000, expert_trajs=50, bc_steps=20_001)
     return d
 
 
-# Flags that cannot act in a mode; with --expert, neither can the expert's own.
-IDLE = {"expert": ("expert", "num_trajs", "subsample", "reward", "d_lr", "d_steps", "d_entropy", "d_width",
-                   "bc_steps", "bc_lr", "bc_batch_size"),
-        "gail": ("bc_steps", "bc_lr", "bc_batch_size"), "bc": ("reward", "d_lr", "d_steps", "d_entropy", "d_width")}
+# Start-up errors, one line each: the numeric flags' ranges, and the flags that cannot act in a mode (with
+# --expert, neither can the expert's own flags, nor TRPO's in --mode bc).
+RANGES = [(("num_trajs", "expert_trajs", "subsample", "g_width", "d_width", "d_steps", "bc_steps", "bc_batch_size",
+            "eval_episodes"), ">= 1", lambda v: v >= 1),
+          (("entropy_lambda", "d_entropy"), ">= 0", lambda v: v >= 0),
+          (("max_kl", "cg_damping", "vf_max_kl"), "> 0", lambda v: v > 0),
+          (("gamma",), "in (0, 1]", lambda v: 0 < v <= 1),
+          (("gae_lambda",), "in [0, 1]", lambda v: 0 <= v <= 1)]
+D_FLAGS, BC_FLAGS = ("reward", "d_lr", "d_steps", "d_entropy", "d_width"), ("bc_steps", "bc_lr", "bc_batch_size")
+IDLE = {"expert": ("expert", "num_trajs", "subsample", *D_FLAGS, *BC_FLAGS), "gail": BC_FLAGS, "bc": D_FLAGS}
 RL_FLAGS = ("steps", "batch_size", "max_kl", "cg_damping", "vf_max_kl", "gamma", "gae_lambda", "entropy_lambda")
 
 
@@ -181,16 +179,10 @@ def check_args(args):
     """What can be checked from the command line alone (nothing is written before this)."""
     if args.env not in ENVS:
         raise runlib.UsageError(f"unknown environment {args.env!r}; choose one of {', '.join(ENVS)}")
-    least = {n: 1 for n in ("num_trajs", "expert_trajs", "subsample", "g_width", "d_width", "d_steps", "bc_steps",
-                            "bc_batch_size", "eval_episodes")} | {"entropy_lambda": 0, "d_entropy": 0}
-    for n, low in least.items():
-        if getattr(args, n) < low:
-            raise runlib.UsageError(f"--{n.replace('_', '-')} must be >= {low}, got {getattr(args, n)}")
-    for n in ("max_kl", "cg_damping", "vf_max_kl", "gamma"):
-        if not getattr(args, n) > 0:
-            raise runlib.UsageError(f"--{n.replace('_', '-')} must be > 0, got {getattr(args, n)}")
-    if args.gamma > 1 or not 0 <= args.gae_lambda <= 1:
-        raise runlib.UsageError("--gamma must be in (0, 1] and --gae-lambda in [0, 1]")
+    for names, rule, ok in RANGES:
+        for n in names:
+            if not ok(getattr(args, n)):
+                raise runlib.UsageError(f"--{n.replace('_', '-')} must be {rule}, got {getattr(args, n)}")
     if args.expert_hold_x is not None and args.env != "CartPole-v1":
         raise runlib.UsageError("--expert-hold-x trains a CartPole expert; give --env CartPole-v1")
     idle = IDLE[args.mode] + (("expert_trajs", "expert_hold_x") + RL_FLAGS * (args.mode == "bc") if args.expert else ())
@@ -396,11 +388,9 @@ def fisher_vector_product(kl, params, damping):
 
 def trust_region_step(params, surrogate, kl, max_kl, damping, kl_for_fvp=None, cg_iters=10,
                       accept_ratio=0.1, backtracks=10):
-    """One TRPO step on `params` (Appendix B): maximise surrogate() subject to kl() ≤ max_kl. The natural
-    gradient x ≈ (F + damping I)⁻¹ g by conjugate gradient, the full step x·sqrt(2 max_kl / xᵀ(F + dI)x)
-    (the quadratic model's KL at max_kl), then backtracking (halving) until the KL bound holds and the
-    surrogate gains ≥ accept_ratio × its linear prediction; if no step does, params stay where they were.
-    `kl_for_fvp` (default `kl`) may use a subsample of the batch for the Fisher-vector products."""
+    """One TRPO step (Appendix B): maximise surrogate() subject to kl() ≤ max_kl. The full step x·sqrt(2 max_kl /
+    xᵀ(F + dI)x), x ≈ (F + dI)⁻¹ g, is halved until the bound holds and the gain is ≥ accept_ratio × the linear
+    prediction, or undone. `kl_for_fvp` (default `kl`) may use a subsample for the Fisher-vector products."""
     params = list(params)
     theta0 = parameters_to_vector(params).detach().clone()
     info = {"kl": 0.0, "improvement": 0.0, "backtracks": 0, "accepted": False}
@@ -464,157 +454,9 @@ def value_step(value, obs, returns, max_kl, damping, fvp_fraction=0.1):
     return info, -float(surrogate().detach())
 
 
-def hold_bonus(x, target, width=0.5):
-    """The habit expert's extra reward for keeping CartPole's cart near x = target (not the paper's)."""
-    return torch.exp(-((x - target) / width) ** 2)
-
-
 def bc_loss(policy, obs, actions):
     """Behavioural cloning: the negative log-likelihood of the expert's actions."""
     return -policy.log_prob(obs, actions).mean()
-
-
-# ---- Environments, rollouts, expert data -------------------------------------------------------
-
-def make_env(env_id):
-    import gymnasium as gym
-    if env_id not in ENVS:
-        raise runlib.UsageError(f"unknown environment {env_id!r}; choose one of {', '.join(ENVS)}")
-    if env_id in MUJOCO:
-        try:
-            import mujoco  # noqa: F401
-        except ImportError:
-            raise runlib.UsageError(f'{env_id} needs MuJoCo: pip install "gymnasium[mujoco]"') from None
-    return gym.make(env_id)
-
-
-def env_spec(env):
-    """(obs_dim, act_dim, discrete); act_dim is the number of actions when discrete."""
-    discrete = hasattr(env.action_space, "n")
-    act_dim = int(env.action_space.n) if discrete else int(env.action_space.shape[0])
-    return int(env.observation_space.shape[0]), act_dim, discrete
-
-
-def rollout(env, act, min_steps=0, episodes=0, seeds=None, device="cpu"):
-    """Whole episodes until there are ≥ `min_steps` pairs and ≥ `episodes` episodes. Each episode starts
-    from `seeds[i]`, or from a seed drawn from torch's RNG, so a run's randomness is torch's alone.
-    Returns a dict of stacked tensors (on `device`) and one list entry per episode."""
-    obs_l, act_l, rew_l, lengths, terminated, final_obs, returns = [], [], [], [], [], [], []
-    low = torch.as_tensor(env.action_space.low) if not hasattr(env.action_space, "n") else None
-    high = torch.as_tensor(env.action_space.high) if low is not None else None
-    while sum(lengths) < min_steps or len(lengths) < episodes:
-        seed = seeds[len(lengths)] if seeds is not None else int(torch.randint(2 ** 31 - 1, ()))
-        o, _ = env.reset(seed=seed)
-        n, total = 0, 0.0
-        while True:
-            o = torch.as_tensor(o, dtype=torch.float32, device=device)
-            a = act(o)
-            env_a = int(a) if low is None else torch.maximum(torch.minimum(a.cpu(), high), low).numpy()
-            o_next, r, term, trunc, _ = env.step(env_a)
-            obs_l.append(o)
-            act_l.append(a)
-            rew_l.append(float(r))
-            n, total, o = n + 1, total + float(r), o_next
-            if term or trunc:
-                break
-        lengths.append(n)
-        terminated.append(bool(term))
-        final_obs.append(torch.as_tensor(o, dtype=torch.float32, device=device))
-        returns.append(total)
-    return {"obs": torch.stack(obs_l), "actions": torch.stack(act_l), "rewards": torch.tensor(rew_l, device=device),
-            "lengths": lengths, "terminated": terminated, "final_obs": torch.stack(final_obs),
-            "returns": torch.tensor(returns)}
-
-
-def evaluate(env, act, episodes, seed, device="cpu"):
-    """Mean return over `episodes` episodes from fixed seeds (the same for every policy), and the mean
-    observation (e.g. CartPole's cart position is dimension 0)."""
-    b = rollout(env, act, episodes=episodes, seeds=[EVAL_SEED + seed + i for i in range(episodes)], device=device)
-    return {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
-            "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist()}
-
-
-def random_policy(env):
-    gen = torch.Generator().manual_seed(0)
-    if hasattr(env.action_space, "n"):
-        return lambda o: torch.randint(int(env.action_space.n), (), generator=gen)
-    low, high = torch.as_tensor(env.action_space.low), torch.as_tensor(env.action_space.high)
-    return lambda o: low + (high - low) * torch.rand(low.shape, generator=gen)
-
-
-def save_expert(path, env_id, batch, random_return):
-    n, T = len(batch["lengths"]), max(batch["lengths"])
-    obs = torch.zeros(n, T, batch["obs"].shape[1])
-    acts = torch.zeros(n, T, *batch["actions"].shape[1:], dtype=batch["actions"].dtype)
-    rews = torch.zeros(n, T)
-    start = 0
-    for i, l in enumerate(batch["lengths"]):
-        obs[i, :l], acts[i, :l], rews[i, :l] = (batch[k][start:start + l] for k in ("obs", "actions", "rewards"))
-        start += l
-    np.savez(path, env=np.array(env_id), obs=obs.numpy(), actions=acts.numpy(), rewards=rews.numpy(),
-             lengths=np.array(batch["lengths"], dtype=np.int64), returns=batch["returns"].numpy(),
-             random_return=np.float32(random_return))
-
-
-def load_expert(path, env_id, env):
-    """Read and check an expert file (see the docstring): a UsageError says what is wrong."""
-    path, what = Path(path), "--expert takes the expert.npz that --mode expert writes (see gail.py's docstring)"
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise runlib.UsageError(f"expert file {path} does not exist; {what}") from None
-    except Exception:   # a .npy, a truncated archive, a checkpoint, text, a folder, no permission...
-        raise runlib.UsageError(f"{path} is not a readable .npz of expert trajectories; {what}") from None
-    missing = {"env", "obs", "actions", "lengths", "returns"} - set(data)
-    if missing:
-        raise runlib.UsageError(f"{path} lacks {', '.join(sorted(missing))}; {what}")
-    if str(data["env"]) != env_id:
-        raise runlib.UsageError(f"{path} holds trajectories of {data['env']}, not {env_id} (--env)")
-    obs_dim, act_dim, discrete = env_spec(env)
-    n, T = len(data["lengths"]), data["obs"].shape[1] if data["obs"].ndim == 3 else -1
-    want = {"obs": (n, T, obs_dim), "actions": (n, T) if discrete else (n, T, act_dim), "returns": (n,)}
-    if any(data[k].shape != v for k, v in want.items()) or (discrete and data["actions"].dtype.kind not in "iu"):
-        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), {'integer ' * discrete}actions "
-                                f"{'(N, T)' if discrete else f'(N, T, {act_dim})'} and returns (N,) for {env_id}, got "
-                                + ", ".join(f"{k} {data[k].shape} {data[k].dtype}" for k in want))
-    if data["lengths"].ndim != 1 or (data["lengths"] < 1).any() or (data["lengths"] > T).any():
-        raise runlib.UsageError(f"{path}: lengths must be in [1, {T}]")
-    return data
-
-
-def expert_pairs(data, num_trajs, every):
-    """The first `num_trajs` trajectories, each subsampled to every `every`-th pair from a random offset
-    (official load_dataset: offsets from a fixed seed 0). Returns (obs, actions) tensors."""
-    offsets = torch.randint(every, (num_trajs,), generator=torch.Generator().manual_seed(0))
-    obs, acts = [], []
-    for i in range(num_trajs):
-        keep = slice(int(offsets[i]), int(data["lengths"][i]), every)
-        obs.append(torch.as_tensor(data["obs"][i][keep], dtype=torch.float32))
-        acts.append(torch.as_tensor(data["actions"][i][keep]))
-    acts = torch.cat(acts)
-    return torch.cat(obs), acts.long() if acts.dtype in (torch.int32, torch.int64) else acts.float()
-
-
-def expert_data(args, env):
-    """The expert's trajectories: --expert, or an expert trained first by this run, inside its directory
-    (<out>/expert/, a --mode expert run: its progress is printed and its curves are in the run's TensorBoard)."""
-    path = Path(args.expert) if args.expert else Path(args.out) / "expert" / "expert.npz"
-    if not args.expert and not path.is_file():
-        runlib.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
-        habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
-        print(f"no --expert given: training one first, TRPO on the true reward{habit} ({args.steps} iterations "
-              f"x {args.batch_size} pairs, minutes on a CPU) in {path.parent}", flush=True)
-        sub = argparse.Namespace(**{**vars(args), "mode": "expert", "out": str(path.parent), "resume": "auto"})
-        if train(sub).get("interrupted"):
-            return None
-        print(f"expert ready; later runs can reuse it with --expert {path}", flush=True)
-    data = load_expert(path, args.env, env)
-    if args.num_trajs > len(data["lengths"]):
-        raise runlib.UsageError(f"--num-trajs {args.num_trajs} but {path} holds {len(data['lengths'])} trajectories")
-    if "random_return" not in data:
-        data["random_return"] = np.float32(evaluate(env, random_policy(env), args.eval_episodes, args.seed)["return"])
-    return data
 
 
 # ---- Training ----------------------------------------------------------------------------------
@@ -629,44 +471,13 @@ def train(args):
         raise runlib.UsageError("gail.py runs in one process (no torchrun)")
     env = make_env(args.env)
     args.out = str(runlib.resolve_out(args, SCRIPT))   # fixed now: an expert trained first lives inside it
-    data = None
-    if args.mode != "expert":
-        data = expert_data(args, env)
-        if data is None:
-            return {"interrupted": True}
+    data = expert_data(args, env) if args.mode != "expert" else None
+    if args.mode != "expert" and data is None:   # interrupted while training its expert
+        return {"interrupted": True}
     if args.mode == "bc":   # BC counts its own updates (the expert above trained for --steps iterations)
         args = argparse.Namespace(**{**vars(args), "steps": args.bc_steps})
     r = runlib.setup(args, SCRIPT)
     return (train_bc if args.mode == "bc" else train_rl)(args, r, env, env_spec(env), data)
-
-
-def expert_stats(data, env_id):
-    """The expert's mean return over its trajectories, a random policy's, and on CartPole the mean cart x."""
-    if data is None:
-        return {}
-    stats = {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
-    if env_id == "CartPole-v1":
-        stats["expert_cart_x"] = float(np.concatenate([o[:n, 0] for o, n in zip(data["obs"], data["lengths"])]).mean())
-    return stats
-
-
-def evaluation(env, policy, episodes, seed, device, stats):
-    """Deterministic episodes: the mean true return, scaled as Fig. 1 (random policy 0, expert 1) when the
-    expert is known, and on CartPole the mean cart position x."""
-    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), episodes, seed, device)
-    out = {**ev, **stats}
-    if stats:
-        span = stats["expert_return"] - stats["random_return"]
-        out["scaled_return"] = (ev["return"] - stats["random_return"]) / span if span else float("nan")
-    if env.spec.id == "CartPole-v1":
-        out["cart_x"] = ev["obs_mean"][0]
-    return out
-
-
-def final_evaluation(env, policy, args, data, device):
-    """The metrics logged at the end of a run (metric/return, metric/scaled_return, metric/cart_x, ...)."""
-    ev = evaluation(env, policy, args.eval_episodes, args.seed, device, expert_stats(data, args.env))
-    return {f"metric/{k}": v for k, v in ev.items() if k not in ("return_std", "obs_mean")}
 
 
 def discriminator_step(D, opt, obs, actions, ex_obs, ex_act, steps, entropy_weight):
@@ -711,8 +522,8 @@ def train_rl(args, r, env, spec, data):
     start = r.resume({"policy": policy, "value": value, "D": D}, {"D": d_opt})
     if start == 0 and data is None:   # expert: an extra batch of the untrained policy starts the normalisers
         b0 = rollout(env, policy.act, min_steps=args.batch_size, device=r.device)
-        policy.norm.update(b0["obs"])
-        value.norm.update(b0["obs"])
+        for norm in (policy.norm, value.norm):
+            norm.update(b0["obs"])
     r.restore_rng()
     step = start
 
@@ -734,10 +545,10 @@ def train_rl(args, r, env, spec, data):
                 rewards = policy_reward(D(obs, actions), args.reward)                # r = −log D (Alg. 1)
             scalars.update({"loss/D": loss_d, "D/accuracy_policy": acc_p, "D/accuracy_expert": acc_e,
                             "return/imitation": rewards.sum() / len(batch["lengths"])})
-        else:                  # the expert: the true reward (plus the habit's bonus)
+        else:                  # the expert: the true reward, plus exp(−((x − X)/0.5)²) for a habit (not the paper's)
             rewards = batch["rewards"]
             if args.expert_hold_x is not None:
-                rewards = rewards + hold_bonus(obs[:, 0], args.expert_hold_x)
+                rewards = rewards + torch.exp(-((obs[:, 0] - args.expert_hold_x) / 0.5) ** 2)
         if args.entropy_lambda > 0:   # causal entropy H(π) = E[−log π(a|s)] (Eq. 16; official policy_ent_reg)
             with torch.no_grad():
                 rewards = rewards - args.entropy_lambda * policy.log_prob(obs, actions)
@@ -757,8 +568,8 @@ def train_rl(args, r, env, spec, data):
     if args.mode == "expert" and not r.stop_requested:
         # the expert's trajectories: stochastic policy (official deterministic_expert: false)
         with r.side_rng():
-            trajs = rollout(env, policy.act, episodes=args.expert_trajs)
-            rand = evaluate(env, random_policy(env), args.eval_episodes, args.seed)["return"]
+            trajs = rollout(env, policy.act, episodes=args.expert_trajs, device=r.device)
+            rand = random_policy_return(env, args.eval_episodes, args.seed)
         save_expert(r.out / "expert.npz", args.env, trajs, rand)
         print(f"wrote {r.out / 'expert.npz'}: {args.expert_trajs} trajectories, mean return "
               f"{float(trajs['returns'].mean()):.1f} (random policy {rand:.1f})", flush=True)
@@ -814,22 +625,175 @@ def train_bc(args, r, env, spec, data):
     return r.finish(step, mode="bc", env=args.env, best_step=best["step"])
 
 
+# ---- Environments, rollouts, evaluation, expert data -------------------------------------------
+
+def make_env(env_id):
+    import gymnasium as gym
+    if env_id in MUJOCO:
+        try:
+            import mujoco  # noqa: F401
+        except ImportError:
+            raise runlib.UsageError(f'{env_id} needs MuJoCo: pip install "gymnasium[mujoco]"') from None
+    return gym.make(env_id)
+
+
+def env_spec(env):
+    """(obs_dim, act_dim, discrete); act_dim is the number of actions when discrete."""
+    discrete = hasattr(env.action_space, "n")
+    act_dim = int(env.action_space.n) if discrete else int(env.action_space.shape[0])
+    return int(env.observation_space.shape[0]), act_dim, discrete
+
+
+def rollout(env, act, min_steps=0, episodes=0, seeds=None, device="cpu"):
+    """Whole episodes until there are ≥ `min_steps` pairs and ≥ `episodes` episodes. Each episode starts
+    from `seeds[i]`, or from a seed drawn from torch's RNG, so a run's randomness is torch's alone.
+    Returns a dict of stacked tensors (on `device`) and one list entry per episode."""
+    obs_l, act_l, rew_l, lengths, terminated, final_obs, returns = [], [], [], [], [], [], []
+    low = torch.as_tensor(env.action_space.low) if not hasattr(env.action_space, "n") else None
+    high = torch.as_tensor(env.action_space.high) if low is not None else None
+    while sum(lengths) < min_steps or len(lengths) < episodes:
+        seed = seeds[len(lengths)] if seeds is not None else int(torch.randint(2 ** 31 - 1, ()))
+        o, _ = env.reset(seed=seed)
+        start, term, trunc = len(rew_l), False, False
+        while not (term or trunc):
+            o = torch.as_tensor(o, dtype=torch.float32, device=device)
+            a = act(o)
+            obs_l.append(o)
+            act_l.append(a)
+            o, r, term, trunc, _ = env.step(int(a) if low is None else torch.clamp(a.cpu(), low, high).numpy())
+            rew_l.append(float(r))
+        lengths.append(len(rew_l) - start)
+        terminated.append(bool(term))
+        final_obs.append(torch.as_tensor(o, dtype=torch.float32, device=device))
+        returns.append(sum(rew_l[start:]))
+    return {"obs": torch.stack(obs_l), "actions": torch.stack(act_l), "rewards": torch.tensor(rew_l, device=device),
+            "lengths": lengths, "terminated": terminated, "final_obs": torch.stack(final_obs),
+            "returns": torch.tensor(returns)}
+
+
+def evaluate(env, act, episodes, seed, device="cpu", expert=None):
+    """The mean return of `act` over `episodes` episodes from fixed seeds (the same for every policy) and the
+    mean observation; given the expert's statistics (`expert_stats`), also the return scaled as Fig. 1
+    (random policy 0, expert 1); on CartPole the mean cart position x."""
+    b = rollout(env, act, episodes=episodes, seeds=[EVAL_SEED + seed + i for i in range(episodes)], device=device)
+    out = {"return": float(b["returns"].mean()), "return_std": float(b["returns"].std(unbiased=False)),
+           "length": float(np.mean(b["lengths"])), "obs_mean": b["obs"].mean(0).tolist(), **(expert or {})}
+    if expert and expert["expert_return"] != expert["random_return"]:   # else the scale has no unit
+        span = expert["expert_return"] - expert["random_return"]
+        out["scaled_return"] = (out["return"] - expert["random_return"]) / span
+    if env.spec.id == "CartPole-v1":
+        out["cart_x"] = out["obs_mean"][0]
+    return out
+
+
+def final_evaluation(env, policy, args, data, device):
+    """The metrics logged at the end of a run: the policy acting deterministically (see `evaluate`)."""
+    ev = evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device,
+                  expert_stats(data, args.env))
+    return {f"metric/{k}": v for k, v in ev.items() if k not in ("return_std", "obs_mean")}
+
+
+def random_policy_return(env, episodes, seed):
+    """A uniformly random policy's mean return (the 0 of Fig. 1's scale)."""
+    gen, space = torch.Generator().manual_seed(0), env.action_space
+    if hasattr(space, "n"):
+        return evaluate(env, lambda o: torch.randint(int(space.n), (), generator=gen), episodes, seed)["return"]
+    low, high = torch.as_tensor(space.low), torch.as_tensor(space.high)
+    return evaluate(env, lambda o: low + (high - low) * torch.rand(low.shape, generator=gen), episodes, seed)["return"]
+
+
+def save_expert(path, env_id, batch, random_return):
+    """The expert file (see the docstring) of a `rollout` batch."""
+    def padded(key):   # (N, T, ...): each trajectory right-padded with zeros to the longest
+        return pad_sequence(batch[key].cpu().split(batch["lengths"]), batch_first=True).numpy()
+    np.savez(path, env=np.array(env_id), obs=padded("obs"), actions=padded("actions"), rewards=padded("rewards"),
+             lengths=np.array(batch["lengths"], dtype=np.int64), returns=batch["returns"].numpy(),
+             random_return=np.float32(random_return))
+
+
+def load_expert(path, env_id, env):
+    """Read and check an expert file (see the docstring): a UsageError says what is wrong."""
+    what = "--expert takes the expert.npz that --mode expert writes (see gail.py's docstring)"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:   # missing, a .npy, a truncated archive, a checkpoint, text, a folder, no permission...
+        said = "does not exist" if isinstance(e, FileNotFoundError) else "is not a readable .npz of expert trajectories"
+        raise runlib.UsageError(f"{path} {said}; {what}") from None
+    missing = {"env", "obs", "actions", "lengths", "returns"} - set(data)
+    if missing:
+        raise runlib.UsageError(f"{path} lacks {', '.join(sorted(missing))}; {what}")
+    if str(data["env"]) != env_id:
+        raise runlib.UsageError(f"{path} holds trajectories of {data['env']}, not {env_id} (--env)")
+    obs_dim, act_dim, discrete = env_spec(env)
+    n, T, lengths = len(data["lengths"]), data["obs"].shape[1] if data["obs"].ndim == 3 else -1, data["lengths"]
+    want = {"obs": (n, T, obs_dim), "actions": (n, T) if discrete else (n, T, act_dim), "returns": (n,)}
+    if (any(data[k].shape != v for k, v in want.items()) or (discrete and data["actions"].dtype.kind not in "iu")
+            or lengths.ndim != 1 or (lengths < 1).any() or (lengths > T).any()):
+        acts = "integer (N, T)" if discrete else f"(N, T, {act_dim})"
+        got = ", ".join(f"{k} {data[k].shape} {data[k].dtype}" for k in ("obs", "actions", "returns", "lengths"))
+        raise runlib.UsageError(f"{path}: expected obs (N, T, {obs_dim}), actions {acts}, returns (N,) and lengths "
+                                f"(N,) in [1, T] for {env_id}, got {got}")
+    return data
+
+
+def expert_pairs(data, num_trajs, every):
+    """The first `num_trajs` trajectories, each subsampled to every `every`-th pair from a random offset
+    (official load_dataset: offsets from a fixed seed 0). Returns (obs, actions) tensors."""
+    offsets = torch.randint(every, (num_trajs,), generator=torch.Generator().manual_seed(0))
+    keep = [slice(int(o), int(n), every) for o, n in zip(offsets, data["lengths"])]
+    obs = torch.cat([torch.as_tensor(o[k], dtype=torch.float32) for o, k in zip(data["obs"], keep)])
+    acts = torch.cat([torch.as_tensor(a[k]) for a, k in zip(data["actions"], keep)])
+    return obs, acts.long() if acts.dtype in (torch.int32, torch.int64) else acts.float()
+
+
+def expert_stats(data, env_id):
+    """The expert's mean return over its trajectories, a random policy's, and on CartPole the mean cart x."""
+    if data is None:
+        return {}
+    stats = {"expert_return": float(np.mean(data["returns"])), "random_return": float(data["random_return"])}
+    if env_id == "CartPole-v1":
+        stats["expert_cart_x"] = float(np.concatenate([o[:n, 0] for o, n in zip(data["obs"], data["lengths"])]).mean())
+    return stats
+
+
+def expert_data(args, env):
+    """The expert's trajectories: --expert, or else an expert this run trains first, a --mode expert run in
+    <out>/expert/ (its progress on the console, its curves in the run's TensorBoard)."""
+    path = Path(args.expert or Path(args.out) / "expert" / "expert.npz")
+    if not args.expert and not path.is_file():
+        runlib.ckpt_io.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
+        habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
+        print(f"no --expert given: training one first, TRPO on the true reward{habit} ({args.steps} iterations "
+              f"x {args.batch_size} pairs, minutes on a CPU) in {path.parent}", flush=True)
+        sub = argparse.Namespace(**{**vars(args), "mode": "expert", "out": str(path.parent), "resume": "auto"})
+        if train(sub).get("interrupted"):
+            return None
+        print(f"expert ready; later runs can reuse it with --expert {path}", flush=True)
+    data = load_expert(path, args.env, env)
+    if args.num_trajs > len(data["lengths"]):
+        raise runlib.UsageError(f"--num-trajs {args.num_trajs} but {path} holds {len(data['lengths'])} trajectories")
+    if "random_return" not in data:
+        data["random_return"] = np.float32(random_policy_return(env, args.eval_episodes, args.seed))
+    return data
+
+
 # ---- Evaluating a checkpoint -------------------------------------------------------------------
 
 def sample(args):
-    """--sample CKPT: evaluate the checkpoint's policy (see `evaluation`) into evaluation.json."""
+    """--sample CKPT: the checkpoint's policy acting deterministically (see `evaluate`), into evaluation.json."""
     state, targs, device, out = runlib.load_for_sampling(args, SCRIPT)
     env = make_env(state["env"])
-    spec = tuple(state["spec"])
-    policy = Policy(*spec, targs.g_width)
+    policy = Policy(*state["spec"], targs.g_width)
     policy.load_state_dict(state["models"]["best" if "best" in state["models"] else "policy"])
     policy.to(device).eval()
     result = {"env": state["env"], "step": state["step"], "episodes": args.eval_episodes,
-              **evaluation(env, policy, args.eval_episodes, args.seed, device, state.get("expert_stats") or {})}
+              **evaluate(env, lambda o: policy.act(o, deterministic=True), args.eval_episodes, args.seed, device,
+                         state.get("expert_stats"))}
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    scores = "".join(f", {k} {result[k]:.2f}" for k in ("scaled_return", "cart_x") if k in result)
     print(f"{state['env']}: mean return {result['return']:.1f} ± {result['return_std']:.1f} over "
-          f"{args.eval_episodes} episodes" + "".join(f", {k} {result[k]:.2f}" for k in ("scaled_return", "cart_x")
-                                                      if k in result) + f"; wrote {out / 'evaluation.json'}")
+          f"{args.eval_episodes} episodes{scores}; wrote {out / 'evaluation.json'}")
     return result
 
 

@@ -1,5 +1,6 @@
-"""Checkpoints: atomic save, safe load (weights_only), a check that a file belongs to the script,
-and the RNG states that make resuming exact."""
+"""Checkpoints: atomic save, safe load (weights_only), the RNG states that make resuming exact, and the checks
+before a run writes anything (the checkpoint to resume belongs to the script and has the same settings; a new
+run never writes over a checkpoint)."""
 import os
 import pickle
 import random
@@ -10,7 +11,7 @@ import torch
 
 
 class CheckpointError(Exception):
-    """A checkpoint is missing, unreadable, or belongs to another script."""
+    """A checkpoint is missing, unreadable, of another script or other settings, or would be overwritten."""
 
 
 def save(state, path):
@@ -69,3 +70,52 @@ def set_rng_state(state, rank=0):
 
 def _as_tuple(x):  # random.setstate wants tuples all the way down
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# flags that may differ when a run is resumed: they change how it runs or reports, not what it trains
+RUN_ONLY = {"steps", "log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples", "metrics",
+            "digit_metrics", "inception_weights", "out", "resume", "data_root", "download", "workers", "cuda",
+            "amp", "compile", "threads", "deterministic", "sample", "eval", "num_samples", "format", "explicit"}
+
+
+def check_resume(args, state, path):
+    """Refuse a checkpoint trained with other settings, naming the flags; RUN_ONLY flags may change."""
+    saved = state.get("args", {})
+    now = vars(args)
+    differ = [k for k in sorted(now) if k in saved and k not in RUN_ONLY and saved[k] != now[k]]
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in differ[:6])
+        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+        raise CheckpointError(f"{path} was trained with other settings: {shown}{more}; resume with the "
+                              "checkpoint's flags (its args.json), or start a new run with another --out")
+    threads = saved.get("threads", 1)   # checkpoints from before --threads trained on one thread
+    if threads != getattr(args, "threads", threads) and not args.cuda and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: resuming with --threads {args.threads} a run trained with --threads {threads}: the "
+              "continuation is not bit-identical to an uninterrupted run", flush=True)
+
+
+def remove_stale_temp_files(out, ckpt_name):
+    """Remove the .<ckpt>.tmp-PID files (checkpoint.save) of processes killed while saving."""
+    for tmp in out.glob(f".{ckpt_name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)   # raises if no such process
+        except (ValueError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except PermissionError:    # alive, another user's
+            pass
+
+
+def check_start(args, script, out, ckpt_name="ckpt.pt"):
+    """Before anything is written into `out`: read and compare the checkpoint to resume; refuse a new run into
+    a directory that holds a checkpoint. Returns (the state to resume or None, its path or None)."""
+    ckpt, resume_state, resume_path = Path(out) / ckpt_name, None, None
+    if args.resume:
+        resume_path = ckpt if args.resume == "auto" else Path(args.resume)
+        if args.resume != "auto" or resume_path.exists():
+            resume_state = load(resume_path, script)
+            check_resume(args, resume_state, resume_path)
+    if ckpt.exists() and (resume_state is None or not ckpt.samefile(resume_path)):
+        raise CheckpointError(f"{out} already holds a checkpoint ({ckpt.name}): pass --resume auto to continue "
+                              "it, or give another --out")
+    return resume_state, resume_path

@@ -56,8 +56,7 @@ class Data:
 # 2D toys (PacGAN protocol)
 
 def toy_mixture(name):
-    """Means and standard deviation of ring8 (8 modes on the unit circle, sigma 0.01) or
-    grid25 (25 modes on {-4, -2, 0, 2, 4}^2, sigma 0.05)."""
+    """Means and sigma of ring8 (8 modes on the unit circle, 0.01) or grid25 ({-4, -2, 0, 2, 4}^2, 0.05)."""
     if name == "ring8":
         angle = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
         return torch.stack([angle.cos(), angle.sin()], 1).float(), 0.01
@@ -70,8 +69,7 @@ def toy_mixture(name):
 # Loading
 
 def load(args, split="train"):
-    """Read the dataset named by args.dataset at args.image_size (CPU tensors, or a Dataset for
-    streamed sets). Raises UsageError with advice when the name is unknown or the data is missing."""
+    """args.dataset at args.image_size (CPU tensors, or a Dataset when streamed); UsageError when missing."""
     name, root, size = args.dataset, Path(args.data_root), args.image_size
     download = getattr(args, "download", True)
     if name in ("ring8", "grid25"):
@@ -107,9 +105,8 @@ def _in_memory(name, images, labels, size):
 
 
 def _stacked(args, source, split, n=128000):
-    """Stacked MNIST (VEEGAN; PacGAN's protocol): n = 128,000 images (PacGAN's VEEGAN_experiment/config.py),
-    each channel a digit of `source` drawn uniformly and independently (seeded by args.seed); label = the
-    mode 100 d0 + 10 d1 + d2 of 1000."""
+    """Stacked MNIST (VEEGAN; PacGAN's 128,000 images): each channel a random digit of `source` (seeded by
+    args.seed); label = the mode 100 d0 + 10 d1 + d2 of 1000."""
     import argparse
     digits = load(argparse.Namespace(**{**vars(args), "dataset": source}), split)
     if digits.images is None or digits.shape[0] != 1 or digits.num_classes != 10:
@@ -199,11 +196,8 @@ BAD_IMAGE = (OSError, SyntaxError, ValueError, EOFError)   # what PIL raises for
 
 
 def open_image(path, channels=3):
-    """An image file as a PIL image in RGB (channels=3), L (1), or whichever of the two it is (None),
-    converted by its real range: 16-bit grey
-    (PNG's I;16) is scaled from 0-65535, 32-bit integer grey likewise when it holds values above 255,
-    float grey from [0, 1]; palettes are expanded and transparency is composited on white. Raises one of
-    BAD_IMAGE for a file that is not a readable image."""
+    """An image file in RGB (channels=3), L (1) or whichever it is (None), by its real range: 16- and 32-bit grey
+    from 0-65535 (when above 255), float grey from [0, 1]; transparency on white. Raises one of BAD_IMAGE."""
     import numpy as np
     from PIL import Image
     with Image.open(path) as img:
@@ -229,10 +223,8 @@ def why_unreadable(e):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files with labels, streamed. A file that cannot be read (truncated, corrupt, not an image) is
-    skipped, with one warning that names it and counts the skipped files: the next readable file stands
-    in, so a few bad files in a large folder never stop a run. The record of bad files is in shared
-    memory, so DataLoader workers warn once per file between them."""
+    """Image files with labels, streamed. An unreadable file is skipped with one warning naming it (the record is
+    in shared memory: one warning among all workers) and the next readable file stands in."""
 
     def __init__(self, files, labels, transform):
         self.files, self.labels, self.transform = files, labels, transform
@@ -272,8 +264,7 @@ def _image_folder(path, size):
 
 
 def native_side(dataset):
-    """The side of a named dataset's images; for an image folder the largest shorter side among its first 16
-    images (or the side of its idx files); None when unknown."""
+    """The side of a dataset's images (a folder: the largest shorter side of its first 16); None if unknown."""
     if dataset in NATIVE_SIDE:
         return NATIVE_SIDE[dataset]
     folder = Path(dataset).expanduser()
@@ -303,8 +294,7 @@ def read_idx(path):
 
 
 def read_idx_folder(path):
-    """Images (N, 1, 28, 28) uint8 and labels of a folder with MNIST-format idx files (train files
-    preferred when both train and test are present)."""
+    """uint8 images (N, 1, 28, 28) and labels of a folder of MNIST idx files (train files first)."""
     path = Path(path)
     image_files = sorted(path.glob("*images-idx3-ubyte*"), key=lambda p: ("t10k" in p.name, p.name))
     images = read_idx(image_files[0])[:, None]
@@ -314,10 +304,8 @@ def read_idx_folder(path):
 
 
 def split_held_out(args, data, n_valid, shuffle=False):
-    """(train, valid, test) of an in-memory image set, for likelihood estimates: `n_valid` training
-    images are held out as the validation split (the last ones, or a fixed random draw with
-    `shuffle`); test is the dataset's test split, or the second half of the held-out images when the
-    source has none (a folder of idx files). valid and test are uint8 image tensors."""
+    """(train, valid, test) of an in-memory set: valid = `n_valid` training images (the last ones, or a fixed
+    random draw); test = the test split, or the second half of valid when there is none. valid, test: uint8."""
     import dataclasses
     n = len(data)
     n_valid = n_valid if n > 2 * n_valid else max(n // 5, 2)
@@ -345,8 +333,7 @@ def to_range(x_uint8_or_unit, value_range, from_uint8):
 
 
 def iterate(data, batch_size, device, value_range=(-1, 1), rank=0, world_size=1, workers=4):
-    """Infinite iterator of (x, y) batches on `device`. Under torchrun each rank draws `batch_size`
-    (its share of the global batch) from its own shard of the data."""
+    """Infinite (x, y) batches on `device`; under torchrun each rank draws from its own shard."""
     device = torch.device(device)
     if data.kind == "toy":
         centers = data.centers.to(device)
@@ -376,11 +363,8 @@ def iterate(data, batch_size, device, value_range=(-1, 1), rank=0, world_size=1,
         epoch += 1
 
 
-# ================================================================================================
-# Image-to-image translation (pix2pix.py, cyclegan.py): the standard archives and folder layouts
-# ================================================================================================
-# URLs and names as the official datasets/download_pix2pix_dataset.sh and download_cyclegan_dataset.sh
-# (junyanz/pytorch-CycleGAN-and-pix2pix); cityscapes is not downloadable (its licence).
+# Image-to-image translation (pix2pix.py, cyclegan.py): the archives of the official download scripts
+# (junyanz/pytorch-CycleGAN-and-pix2pix datasets/), their folder layouts; cityscapes is not downloadable.
 PAIRED_URL = "http://efrosgans.eecs.berkeley.edu/pix2pix/datasets/{}.tar.gz"
 UNPAIRED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
 PAIRED_SETS = ("facades", "maps", "edges2shoes", "edges2handbags", "night2day")
@@ -404,7 +388,7 @@ class Translation:
 
 
 def _layout(root, split, paired):
-    """The folders holding `split` in the standard layout (a paired set without test/ tests on val/), or None."""
+    """The folders of `split` in the standard layout (paired test: test/, else val/), or None."""
     options = ([["train"]] if split == "train" else [["test"], ["val"]]) if paired else [[split + "A", split + "B"]]
     for option in options:
         if all((root / d).is_dir() for d in option):
@@ -413,9 +397,8 @@ def _layout(root, split, paired):
 
 
 def load_translation(args, split, paired, size):
-    """The "train" or "test" split of args.dataset at size x size, A and B swapped for --direction BtoA.
-    Paired: <dataset>/{train,val,test}/ images with A | B side by side (pix2pix layout); unpaired:
-    <dataset>/{trainA,trainB,testA,testB}/ (CycleGAN layout). Standard names download on first use."""
+    """`split` of args.dataset at size x size (A, B swapped by --direction BtoA): paired {train,val,test}/ of
+    A | B images, unpaired {trainA,trainB,testA,testB}/. Standard names download on first use."""
     name = args.dataset
     expect = "{train,val,test}/ with A and B side by side in each image" if paired else "{trainA,trainB,testA,testB}/"
     if name == "fake" or name.startswith("fake:"):  # synthetic; paired: B is A upside down
@@ -451,10 +434,9 @@ def load_translation(args, split, paired, size):
 
 
 def read_image_folder(folder, size, pairs=False, channels=None):
-    """The images directly in `folder` (or the one image file `folder`) resized to size x size (bicubic, as the official code): uint8
-    (N, C, size, size) and the file names. C is 1 when all are grey, else 3, unless `channels` is given.
-    pairs=True splits each image into its left (A) and right (B) square: returns A, B, names. Files are decoded
-    and resized on a thread per core (PIL releases the GIL there), then taken in name order."""
+    """The images in `folder` (or the file `folder`) resized to size x size (bicubic, as the official code), uint8
+    (N, C, size, size) (C = 1 when all are grey, or `channels`), and their names; pairs=True splits each into its
+    left (A) and right (B) square: A, B, names. Decoded on a thread per core, taken in name order."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -497,7 +479,7 @@ def read_image_folder(folder, size, pairs=False, channels=None):
 
 
 def _download(url, name, root):
-    """Fetch and unpack a standard archive into root/ (root/name/ afterwards), as the official scripts."""
+    """Fetch and unpack a standard archive into root/ (root/name/ afterwards)."""
     import shutil
     import tarfile
     import urllib.request
@@ -521,9 +503,9 @@ def _download(url, name, root):
 
 
 def translation_batches(data, batch_size, device, crop, flip=True, rank=0, world_size=1):
-    """Infinite (a, b) batches in [-1, 1] on `device`: random images (paired: b is a's target), each cut by a
-    random crop x crop window and flipped left-right with p = 0.5 (unless flip=False). A pair gets the same
-    window and flip; unpaired images get their own (official data/base_dataset.py)."""
+    """Infinite (a, b) batches in [-1, 1] on `device`, each image cut by a random crop x crop window and flipped
+    with p = 0.5 (flip=True); a pair shares its window and flip (official data/base_dataset.py)."""
+
     a_all, b_all = data.a[rank::world_size].to(device), data.b[rank::world_size].to(device)
     n, window = torch.arange(batch_size, device=device), torch.arange(crop, device=device)
 

@@ -1,15 +1,9 @@
-"""Digit metrics for the MNIST family, on a small CNN trained on the digits (not on Inception: cfid is no FID):
-
-    clf = digits.classifier(args.dataset, args.data_root, device)  # trained once, cached under data_root
-    digits.classifier_fid(clf, fake, real)      # metric/cfid: Fréchet distance of its penultimate features
-    digits.class_agreement(clf, images, labels) # metric/agree: share classified as the label conditioned on
-    digits.stacked_mnist_modes(clf, images)     # metric/modes, metric/modes_kl: Stacked MNIST (VEEGAN, PacGAN)
-In a script, `--metrics cfid,agree,modes` (run.parse puts them in args.digit_metrics):
+"""Digit metrics of the MNIST family on a small CNN trained on the digits (cfid is no Inception FID): classifier
+FID (cfid, its penultimate features), class agreement (agree), Stacked MNIST modes (VEEGAN, PacGAN). In a script:
     clf = digits.prepare(args.digit_metrics, data, args.data_root)  # before run.setup: one-line errors
     r.log(step, digits.evaluate(clf.to(device), lambda b: G(z(b)), n, data, args.digit_metrics), force=True)
-Images are (N, C, H, W) in [-1, 1] (or uint8), quantised to 8 bits as a saved PNG, resized to 28x28; C = 3
-(Stacked MNIST) is classified channel by channel: mode 100 d0 + 10 d1 + d2, features side by side.
-Command line: python evaluate.py cfid A B | agree A | modes A --classifier DATASET.
+Images (N, C, H, W) in [-1, 1] or uint8 are quantised to 8 bits and resized to 28x28; C = 3 (Stacked MNIST) is
+classified channel by channel. Command line: python evaluate.py cfid A B | agree A | modes A --classifier DATASET.
 """
 import argparse
 import hashlib
@@ -43,13 +37,13 @@ class DigitNet(nn.Module):
 
 
 def _prepare(x):
-    """uint8, or float in [-1, 1], (N, 1, H, W) -> float [-1, 1] on 8-bit levels at 28x28."""
+    """uint8 or [-1, 1] (N, 1, H, W) -> [-1, 1] on 8-bit levels at 28x28."""
     x = (x if x.dtype == torch.uint8 else metrics.to_uint8(x)).float() / 127.5 - 1
     return x if x.shape[-2:] == (28, 28) else F.interpolate(x, (28, 28), mode="bilinear", antialias=True)
 
 
 def _apply(clf, images, fn, batch=500):
-    """fn(28x28 batch) of every channel of (N, C, H, W) images (C = 1 or 3), on the CPU: a list per channel."""
+    """fn(28x28 batch) of each channel of (N, 1 or 3, H, W) images, on the CPU: a list per channel."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"digit images must be (N, 1, H, W), or (N, 3, H, W) stacked, got {tuple(images.shape)}")
     device = next(clf.parameters()).device
@@ -70,15 +64,13 @@ def predict(clf, images):
 
 
 def classifier_fid(clf, fake, real):
-    """Fréchet distance between the Gaussians of the classifier features of two image sets (float64; a rounding
-    error below 0 is reported as 0)."""
+    """The Fréchet distance of the classifier features of two image sets (a rounding error below 0 gives 0)."""
     return max(0.0, metrics.fid_from_features(features(clf, fake), features(clf, real)))
 
 
 def confident_classes(clf, images, threshold=0.99):
-    """(share of images the classifier gives one class a probability of at least `threshold`, number of classes
-    among those): how many samples look like a digit and how many digits they cover (a collapsed G covers few).
-    Single-digit images only. On MNIST test digits: 92% (0.9 would pass 42% of smoothed noise; 0.99 passes 16%)."""
+    """(the share of images given one class with p >= threshold, how many classes they cover): how many samples
+    look like a digit, and which. MNIST test digits: 92% (0.9 would pass 42% of smoothed noise; 0.99 passes 16%)."""
     (probs,) = _apply(clf, images[:, :1], lambda x: torch.softmax(clf(x).double(), 1))
     p_max, cls = probs.max(1)
     sure = p_max >= threshold
@@ -91,10 +83,8 @@ def class_agreement(clf, images, labels):
 
 
 def stacked_mnist_modes(clf, images):
-    """Stacked MNIST (VEEGAN, Srivastava et al. 2017; PacGAN, Lin et al. 2018, Table 2): (N, 3, H, W) images ->
-    (modes with at least one sample, out of 1000; KL(p_model || uniform) = sum_m p_m ln(1000 p_m), 0 ln 0 = 0).
-    The protocol scores 26,000 samples; PacGAN Table 2: DCGAN 99 / 3.40 (VEEGAN's run), 78.9 / 4.50 (PacGAN's
-    own DCGAN), PacDCGAN2 1000 / 0.06 (official repo fjxmlzn/PacGAN, stacked_MNIST_experiments)."""
+    """Stacked MNIST (VEEGAN; PacGAN Table 2, 26,000 samples): (modes of 1000 with a sample, KL(p_model || uniform)).
+    PacGAN Table 2: DCGAN 99 / 3.40 (VEEGAN's run), 78.9 / 4.50 (PacGAN's), PacDCGAN2 1000 / 0.06."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"stacked digits must be (N, 3, H, W), got {tuple(images.shape)}")
     counts = torch.bincount(predict(clf, images), minlength=1000).double()
@@ -103,8 +93,7 @@ def stacked_mnist_modes(clf, images):
 
 
 def train_classifier(images, labels, steps=1500, batch_size=64, lr=2e-3, seed=0, device="cpu"):
-    """A DigitNet trained by Adam (one-cycle schedule) on (N, 1, H, W) images (uint8 or [-1, 1]) and labels,
-    on its own seeded RNG (the caller's random streams are left as they were); returned in eval mode."""
+    """A DigitNet trained by Adam (one-cycle) on images and labels, on its own RNG (the caller's is untouched)."""
     device = torch.device(device)
     x, y = _prepare(images).to(device), torch.as_tensor(labels).long().to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -123,9 +112,8 @@ def train_classifier(images, labels, steps=1500, batch_size=64, lr=2e-3, seed=0,
 
 
 def classifier(dataset, data_root, device="cpu", download=True):
-    """The classifier of `dataset` (mnist, fashion-mnist, a folder of MNIST idx files, or stacked-mnist /
-    stacked:SOURCE, which use their source digits): trained on the training split (a folder: all but its last
-    HOLDOUT images), accuracy on the test split (the folder's last HOLDOUT), cached in <data_root>/digit_classifier/."""
+    """The classifier of a digit set (stacked ones: of their source), trained on its training split (a folder: all
+    but its last HOLDOUT images), scored on the rest, cached in <data_root>/digit_classifier/."""
     from common import data as datasets
     name = dataset.split(":", 1)[1] if dataset.startswith("stacked:") else \
         "mnist" if dataset == "stacked-mnist" else dataset
@@ -165,9 +153,8 @@ def classifier(dataset, data_root, device="cpu", download=True):
 
 
 def prepare(wanted, data, data_root, conditional=False):
-    """Before run.setup: the classifier (on the CPU) of `data` (a common.data.Data) for the digit metrics asked
-    (args.digit_metrics), or None when none is; a UsageError when one cannot act (the data are not digits, modes
-    without stacked data, agree in a script whose samples have no labels)."""
+    """Before run.setup: the classifier of `data` for args.digit_metrics (None when none is asked), or a UsageError
+    when one cannot act (not digits, modes without stacked data, agree without labels)."""
     if "modes" in wanted and data.num_classes != 1000:
         raise UsageError("--metrics modes counts Stacked MNIST modes: use --dataset stacked-mnist or stacked:PATH")
     if "agree" in wanted and not conditional:
@@ -177,9 +164,9 @@ def prepare(wanted, data, data_root, conditional=False):
 
 
 def score(clf, images, data, wanted, labels=None, value_range=(-1, 1), seed=0):
-    """{"metric/cfid" (against a fixed random subset of as many images of `data`; with it, on single digits,
-    "metric/confident" and "metric/classes" of confident_classes), "metric/agree" (with `labels`),
-    "metric/modes", "metric/modes_kl"}, those `wanted`, of samples in value_range, for run.log(..., force=True)."""
+    """The `wanted` of {"metric/cfid" (against as many images of `data`; on single digits also confident_classes),
+    "metric/agree" (with `labels`), "metric/modes", "metric/modes_kl"} of samples in value_range."""
+
     images, out = images if images.dtype == torch.uint8 else metrics.to_uint8(images, value_range), {}
     if "cfid" in wanted:
         idx = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:len(images)]

@@ -1,15 +1,9 @@
-"""Evaluation metrics shared by the scripts.
-
-- frechet_distance / gaussian_stats: the Fréchet distance between two Gaussians (the formula behind FID).
-- FID, IS, KID, precision/recall on the Inception network, weights, resize and scaling of the original TF
-  code, so numbers compare with published ones. In a script (see evaluate and reference_stats):
+"""Evaluation metrics: FID, IS, KID and precision/recall on the Inception network, weights, resize and scaling of
+the original TF code (numbers compare with published ones); 2D mode coverage (PacGAN); the Parzen-window
+log-likelihood (GAN paper). Digit metrics: common/digits.py. In a script:
       real = metrics.reference_stats(data, args.data_root, r.device)   # cached in <data_root>/fid_stats/
       r.log(step, metrics.evaluate(lambda b: G(torch.randn(b, nz, device=r.device)), n, real, r.device), force=True)
-  Command line: python evaluate.py fid|kid|pr A B, is A (folders of images or .npz), stats DATASET.
-- Digit metrics on a small MNIST classifier (classifier FID, class agreement, Stacked MNIST modes): common/digits.py,
-  python evaluate.py cfid A B | agree A | modes A --classifier DATASET.
-- mode_coverage: modes captured and % high-quality samples on the 2D mixtures (PacGAN protocol).
-- parzen_log_likelihood: the Gaussian Parzen-window estimate of the GAN paper (Goodfellow et al. 2014).
+Command line: python evaluate.py fid|kid|pr A B, is A (folders of images or .npz), stats DATASET.
 """
 import contextlib
 import functools
@@ -27,10 +21,6 @@ import torch.nn.functional as F
 from common.run import UsageError
 
 
-# --------------------------------------------------------------------------------------------
-# Fréchet distance
-# --------------------------------------------------------------------------------------------
-
 def _sqrt_psd(a):
     """Square root of a symmetric positive semi-definite matrix via eigh (float64)."""
     w, v = torch.linalg.eigh(a)
@@ -38,11 +28,8 @@ def _sqrt_psd(a):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """d² = ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½, in float64.
-
-    tr (Σ1 Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1 Σ2, which are those of the
-    symmetric PSD Lᵀ Σ2 L with Σ1 = L Lᵀ (Cholesky), or of Σ1^½ Σ2 Σ1^½ when Σ1 is singular (fewer
-    samples than dimensions): eigvalsh applies (no scipy.linalg.sqrtm, no complex parts to discard)."""
+    """d² = ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½ in float64; tr (Σ1 Σ2)^½ from the eigenvalues of the
+    symmetric Lᵀ Σ2 L, Σ1 = L Lᵀ (or Σ1^½ Σ2 Σ1^½ when Σ1 is singular): no sqrtm, no complex parts."""
     mu1, mu2, sigma1, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different sizes: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
@@ -60,10 +47,7 @@ def gaussian_stats(features):
     return f.mean(0).cpu().numpy(), torch.cov(f.T).cpu().numpy()  # unbiased: divides by N − 1
 
 
-# --------------------------------------------------------------------------------------------
-# FID / IS / KID: the Inception-v3 of the TF code (graph of 2015-12-05) as a torchvision network
-# --------------------------------------------------------------------------------------------
-
+# The Inception-v3 of the TF code (graph of 2015-12-05) as a torchvision network
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 _TF_AVG_POOL = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
@@ -71,8 +55,7 @@ _TF_MAX_POOL = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=
 
 
 def _mixed_forward(m, x):
-    """torchvision's InceptionA / C / E block with `m.pool` in its pool branch (TF's 'SAME' average
-    pooling does not count the padding; the last block, Mixed_7c, max-pools)."""
+    """torchvision's InceptionA / C / E block with TF's pooling `m.pool` (padding not counted; Mixed_7c: max)."""
     from torchvision.models import inception as tvi
     if isinstance(m, tvi.InceptionA):
         mid = [m.branch5x5_2(m.branch5x5_1(x)), m.branch3x3dbl_3(m.branch3x3dbl_2(m.branch3x3dbl_1(x)))]
@@ -96,8 +79,8 @@ def _fid_forward(net, x):
 
 
 def fid_inception_net():
-    """torchvision's Inception3 (1008 classes, no aux head) with the TF graph's pooling, in eval mode, random
-    weights, torchvision's state-dict layout. Calling it returns (pool3, logits)."""
+    """torchvision's Inception3 (1008 classes, no aux head) with the TF graph's pooling, random weights, in eval
+    mode; returns (pool3, logits)."""
     from torchvision.models import Inception3
     net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
     for name in ("5b", "5c", "5d", "6b", "6c", "6d", "6e", "7b", "7c"):  # the blocks with a pool branch
@@ -112,8 +95,8 @@ _NETS = {}
 
 
 def load_fid_inception(weights=None, device="cpu"):
-    """fid_inception_net() with the TF weights (pytorch-fid's port), on `device`, kept for later calls. The file
-    is `weights`, else $FID_INCEPTION_WEIGHTS, else <torch.hub.get_dir()>/checkpoints/, downloaded there if absent."""
+    """fid_inception_net() with the TF weights (pytorch-fid's port) from `weights`, $FID_INCEPTION_WEIGHTS or the
+    torch hub cache (downloaded there if absent), on `device`, kept for later calls."""
     weights = weights or os.environ.get("FID_INCEPTION_WEIGHTS") or None
     if (str(weights), str(device)) not in _NETS:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
@@ -136,15 +119,13 @@ def load_fid_inception(weights=None, device="cpu"):
 
 
 def to_uint8(x, value_range=(-1, 1)):
-    """Quantise images as torchvision.utils.save_image(x, normalize=True, value_range=...) writes them,
-    so in-memory samples and a folder of their PNGs give the same scores."""
+    """Quantise images as save_image(x, normalize=True, value_range=...): samples and their PNGs score alike."""
     lo, hi = value_range
     return x.float().clamp(lo, hi).sub(lo).div(hi - lo).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
 
 
 def resize_tf1(x, size):
-    """Bilinear resize of (..., H, W) to size x size as TF1's resize_bilinear (align_corners=False, no half-pixel
-    centres): output pixel i reads input position i * in / out, so [0, 10] -> 4 gives [0, 5, 10, 10]."""
+    """Bilinear resize to size x size as TF1's resize_bilinear: output pixel i reads input position i * in / out."""
     def taps(n):
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
         i0 = src.floor().long()
@@ -161,8 +142,7 @@ def resize_tf1(x, size):
 
 
 def preprocess(x, mode="legacy"):
-    """uint8 (B, 3, H, W) -> the network's input (B, 3, 299, 299): float 0..255, resized (legacy: TF1 bilinear,
-    as the TF code; clean: PIL bicubic on float channels, as clean-fid), then (x - 128) / 128."""
+    """uint8 (B, 3, H, W) -> (B, 3, 299, 299) in [-1, 1], resized as the TF code (legacy) or clean-fid (clean)."""
     if mode == "legacy":
         x = resize_tf1(x.float(), 299)
     elif mode == "clean":
@@ -177,7 +157,7 @@ def preprocess(x, mode="legacy"):
 
 @contextlib.contextmanager
 def _full_precision(device):
-    """No TF32 and no autocast inside the Inception network (run.setup turns TF32 on for training)."""
+    """No TF32 and no autocast inside the Inception network."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -188,8 +168,7 @@ def _full_precision(device):
 
 
 def inception_features(batches, device="cpu", mode="legacy", net=None, weights=None):
-    """pool3 features (N, 2048) and unbiased logits (N, 1008), float32 on `device`, of an iterable of uint8
-    batches (B, 1 or 3, H, W); grayscale is repeated to RGB. No host sync per batch (in legacy mode)."""
+    """pool3 features (N, 2048) and unbiased logits (N, 1008) on `device` of uint8 batches (B, 1 or 3, H, W)."""
     net = net if net is not None else load_fid_inception(weights, device)
     pool3, logits = [], []
     for x in batches:
@@ -208,8 +187,7 @@ def fid_from_features(f1, f2):
 
 
 def inception_score(logits, splits=10):
-    """IS = exp E_x KL(p(y|x) || p(y)) (Salimans et al. 2016) on each of `splits` consecutive parts, as the
-    original code; softmax over the 1008 logits in float64. Returns (mean, std) over the parts."""
+    """IS = exp E_x KL(p(y|x) || p(y)) (Salimans et al. 2016), (mean, std) over `splits` parts as the original code."""
     p = torch.as_tensor(logits).double().softmax(1)
     n = len(p)
     if n < splits:
@@ -224,9 +202,7 @@ def inception_score(logits, splits=10):
 
 
 def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
-    """Kernel Inception Distance (Bińkowski et al. 2018): the unbiased MMD² with the cubic kernel
-    k(x, y) = (xᵀy / d + 1)³ on `subsets` random subsets of min(subset_size, n) rows of each set, in float64.
-    Returns (mean, std) over the subsets."""
+    """KID (Bińkowski et al. 2018): the unbiased MMD² of k(x, y) = (xᵀy / d + 1)³, (mean, std) over random subsets."""
     f1 = torch.as_tensor(f1).double()
     f2 = torch.as_tensor(f2).double().to(f1.device)
     m, d = min(subset_size, len(f1), len(f2)), f1.shape[1]
@@ -243,9 +219,8 @@ def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
 
 
 def precision_recall(real, fake, k=3, batch=1000):
-    """Improved precision and recall (Kynkäänniemi et al. 2019): each sample's neighbourhood is the ball
-    reaching its k-th nearest neighbour in its own set. Precision: the share of fake samples inside some
-    real ball; recall: the share of real samples inside some fake ball. Returns (precision, recall)."""
+    """Improved precision and recall (Kynkäänniemi et al. 2019): the share of fake samples inside the k-NN ball of
+    some real one, and of real samples inside that of some fake one."""
     real = torch.as_tensor(real).double()
     fake = torch.as_tensor(fake).double().to(real.device)
 
@@ -258,8 +233,7 @@ def precision_recall(real, fake, k=3, batch=1000):
 
 
 def features_to_stats(pool3, mode="legacy", keep=10000):
-    """{"mu", "sigma", "n", "mode", "features"}: the Gaussian of pool3 features (float64) and a random subset of
-    up to `keep` of them (float32, for KID and precision/recall)."""
+    """{"mu", "sigma", "n", "mode", "features"}: the Gaussian of pool3 features and up to `keep` of them (for KID/PR)."""
     mu, sigma = gaussian_stats(pool3)
     sel = torch.randperm(len(pool3), generator=torch.Generator().manual_seed(0))[:keep]
     return {"mu": mu, "sigma": sigma, "n": np.int64(len(pool3)), "mode": np.str_(mode),
@@ -285,8 +259,7 @@ def stats_path(data_root, name, split, size, mode, n):
 
 def reference_stats(data, data_root, device="cpu", batch_size=100, split="train", mode="legacy",
                     max_images=50000, net=None, weights=None, workers=0):
-    """features_to_stats of a common.data.Data set (all of it, or a fixed random subset of max_images), computed
-    once, then read from stats_path(...) = <data_root>/fid_stats/<name>-<split>-<size>-<mode>-<n>.npz."""
+    """features_to_stats of a Data set (up to max_images), computed once, then read from <data_root>/fid_stats/."""
     if data.kind != "image":
         raise UsageError(f"FID needs an image dataset; {data.name} is not one")
     n = min(len(data), max_images)
@@ -313,10 +286,8 @@ def reference_stats(data, data_root, device="cpu", batch_size=100, split="train"
 
 def evaluate(generate_fn, n, real, device="cpu", batch_size=100, metrics=("fid", "is"), *, mode="legacy",
              net=None, weights=None, data_root="data", seed=0):
-    """Score n samples: generate_fn(b) returns b images in [-1, 1] (B, C, H, W) on `device`. real: reference_stats
-    (a dict, or the path of an .npz), or a Data set (its statistics are then read or computed under data_root).
-    metrics: any of fid, is, kid, pr. Returns floats {"metric/fid", "metric/is", "metric/is_std", "metric/kid",
-    "metric/kid_std", "metric/precision", "metric/recall"} (those asked for) for run.log(step, scores, force=True)."""
+    """{"metric/fid", "metric/is", ...} (of `metrics`: fid, is, kid, pr) of n samples generate_fn(b) in [-1, 1].
+    real: reference_stats (a dict or an .npz path) or a Data set. Under torchrun each rank scores its share."""
     if set(metrics) - {"fid", "is", "kid", "pr"}:
         raise UsageError(f"unknown metrics {sorted(set(metrics) - {'fid', 'is', 'kid', 'pr'})} (fid, is, kid, pr)")
     if isinstance(real, (str, Path)):
@@ -327,8 +298,6 @@ def evaluate(generate_fn, n, real, device="cpu", batch_size=100, metrics=("fid",
         real = reference_stats(real, data_root, device, batch_size, mode=mode, net=net, weights=weights)
     if str(real.get("mode", mode)) != mode:
         raise UsageError(f"the reference statistics were computed in {real['mode']} mode, not {mode}")
-    # under torchrun every rank scores its share of the n samples and the features are gathered, so
-    # all ranks log the number one process would, in 1/world_size of the time
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     share = -(-n // world)
     mine = min(share, n - rank * share)
@@ -365,9 +334,8 @@ def _gather_rows(x, share, n):
 
 
 def export(path, make, n, *, value_range=(-1, 1), conditional=False, batch=500):
-    """Write n samples of make(b) (images in value_range, or (images, labels) when `conditional`) as one .npz
-    (path ending in .npz: "arr_0" uint8 (n, H, W, C), the layout of the reference FID tools, and "labels")
-    or a folder of PNGs 000000.png ... (labels, if any, in labels.txt). Returns the path."""
+    """Write n samples of make(b) (images, or (images, labels) when `conditional`) as an .npz ("arr_0" uint8
+    (n, H, W, C) as the reference FID tools, "labels") or a folder of PNGs (labels in labels.txt)."""
     images, labels = [], []
     with torch.no_grad():
         for i in range(0, n, batch):
@@ -393,8 +361,7 @@ def export(path, make, n, *, value_range=(-1, 1), conditional=False, batch=500):
 
 
 def export_samples(args, out, step, make, *, value_range=(-1, 1), conditional=False):
-    """--sample CKPT --num-samples N [--format png]: write N samples of make(n) as <out>/samples-<step>-<N>.npz
-    (or a folder of that name); returns {"export": path}, {} without --num-samples."""
+    """--sample CKPT --num-samples N: N samples of make(n) in <out>/samples-<step>-<N>.npz (or a PNG folder)."""
     if not getattr(args, "num_samples", 0):
         return {}
     name = f"samples-{step:07d}-{args.num_samples}" + (".npz" if args.format == "npz" else "")
@@ -404,10 +371,8 @@ def export_samples(args, out, step, make, *, value_range=(-1, 1), conditional=Fa
 
 
 def score(args, targs, make, device, *, out=None, step=0, value_range=(-1, 1), conditional=False, max_images=50000):
-    """--sample CKPT: with --num-samples N, write N samples of make(n) into `out` (see export); with --eval, the
-    --metrics (Inception, against max_images training images) and the digit metrics (common/digits.py) of
-    --eval-samples samples of make(n): images in value_range, or (images, labels) when `conditional`. Prints
-    each group's scores on one line; returns them (and the export's path as "export")."""
+    """--sample CKPT: export_samples, and with --eval print and return the --metrics of --eval-samples samples of
+    make(n) (images in value_range, or (images, labels) when `conditional`)."""
     from common import data as datasets, digits
     scores = export_samples(args, out, step, make, value_range=value_range, conditional=conditional)
     if not args.eval or not (args.metrics or args.digit_metrics):
@@ -432,14 +397,9 @@ def score(args, targs, make, device, *, out=None, step=0, value_range=(-1, 1), c
     return scores
 
 
-# --------------------------------------------------------------------------------------------
-# 2D mode coverage (PacGAN, Lin et al. 2018, protocol of its Table 1)
-# --------------------------------------------------------------------------------------------
-
 def mode_coverage(samples, centers, std):
-    """Assign each sample to its nearest centre; it is high-quality (HQ) if within 3σ of it.
-    A mode is captured if at least one HQ sample is assigned to it.
-    Returns {"modes": captured count, "num_modes": K, "hq": fraction of HQ samples, "counts": HQ per mode}."""
+    """PacGAN's Table 1 protocol: a sample is high-quality (HQ) within 3σ of its nearest centre; a mode is captured
+    by one HQ sample. {"modes": captured, "num_modes": K, "hq": the share of HQ samples, "counts": HQ per mode}."""
     samples, centers = torch.as_tensor(samples).float().cpu(), torch.as_tensor(centers).float().cpu()
     dist = torch.cdist(samples, centers)
     nearest_dist, nearest = dist.min(1)
@@ -449,13 +409,9 @@ def mode_coverage(samples, centers, std):
             "hq": float(hq.float().mean()) if len(samples) else 0.0, "counts": counts.tolist()}
 
 
-# --------------------------------------------------------------------------------------------
-# Parzen-window log-likelihood (Goodfellow et al. 2014, Sec. 5; Breuleux et al. 2011)
-# --------------------------------------------------------------------------------------------
-
 def parzen_log_likelihood(samples, test, sigma, batch=100):
-    """Per-example log p(x) under an isotropic Gaussian kernel density on `samples`:
-    log p(x) = logsumexp_i(−‖x − s_i‖² / 2σ²) − log N − (d/2) log(2πσ²). Returns a (len(test),) tensor."""
+    """The Parzen-window estimate (GAN paper Sec. 5): log p(x) = logsumexp_i(−‖x − s_i‖² / 2σ²) − log N − (d/2)
+    log(2πσ²) of each test example under a Gaussian kernel density on `samples`."""
     samples = torch.as_tensor(samples).flatten(1).double()
     test = torch.as_tensor(test).flatten(1).double().to(samples.device)
     n, d = samples.shape
@@ -468,9 +424,9 @@ def parzen_log_likelihood(samples, test, sigma, batch=100):
 
 
 def parzen_evaluate(samples, valid, test, sigmas=None, batch=100):
-    """The GAN paper's protocol: pick σ from `sigmas` (default logspace(−1, 0, 10)) by the mean
-    log-likelihood of `valid`, then report the mean and standard error on `test`.
-    Returns {"ll": mean, "se": standard error, "sigma": chosen σ}."""
+    """The GAN paper's protocol: σ of `sigmas` (logspace(−1, 0, 10)) by the mean log-likelihood of `valid`, then
+    {"ll": the mean, "se": its standard error, "sigma": σ} on `test`."""
+
     sigmas = np.logspace(-1, 0, 10) if sigmas is None else sigmas
     scores = [float(parzen_log_likelihood(samples, valid, float(s), batch).mean()) for s in sigmas]
     sigma = float(sigmas[int(np.nanargmax(scores))])

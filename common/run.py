@@ -44,14 +44,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, sample_every=1000,
              ckpt_every=1000, eval_every=0, eval_samples=10000, metrics=None, streamed=True, inception=True,
              digits=False, images=True, export=True, image_size_help=None):
-    """Add the flags every script shares; the script passes its paper's defaults. Image models pass
-    `metrics` (e.g. "fid,is") to get --metrics, --inception-weights and --eval (see common.metrics);
-    digits=True adds the digit metrics cfid, agree, modes (common/digits.py), inception=False drops the
-    Inception ones and --inception-weights;
-    scripts that hold all their data in memory pass streamed=False (no --workers); a script without images
-    (gail.py, which names its data with --env) passes images=False: no --dataset, --download, --image-size,
-    --eval-samples, --amp, --compile, --workers; export=False (image-to-image scripts, which translate test
-    images) drops --num-samples and --format; image_size_help describes a default that depends on the dataset."""
+    """Add the flags every script shares, with the script's paper defaults. `metrics` (e.g. "fid,is") adds
+    --metrics, --inception-weights and --eval; digits=True offers the digit metrics, inception=False drops the
+    Inception ones; streamed=False drops --workers; images=False (gail.py) drops the image flags; export=False
+    (image-to-image scripts) drops --num-samples and --format."""
     parser.formatter_class = HelpFormatter
     g = parser.add_argument_group("run (shared by every script)")
     if images:
@@ -118,13 +114,10 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
 
 
 def parse(parser, argv, dry_run_defaults=None, defaults=None):
-    """Parse argv. The one place where defaults depend on other flags; explicit flags always win:
-    1. `dry_run_defaults` (a dict) replaces every default the user did not give when --dry-run is set;
-    2. `defaults(args)` (a function of the parsed args, e.g. of --dataset or --arch) returns the
-       defaults of one configuration, e.g. {"lr": 1e-4} on the 2D toys; it is applied to the flags the
-       user did not give, then called again with the result until its values settle, so one default
-       may depend on another (the optimizer's lr on the optimizer). `args.explicit` lists the flags
-       the user gave. Nothing else scans argv."""
+    """Parse argv; the one place where defaults depend on other flags, and explicit flags always win:
+    `dry_run_defaults` replaces the defaults with --dry-run; `defaults(args)` returns the defaults of one
+    configuration (e.g. {"lr": 1e-4} on the 2D toys), applied until they settle, so one may depend on
+    another. `args.explicit` lists the flags the user gave."""
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv, args)
     args.explicit = sorted(given)   # the flags the user gave (defaults() may read it; kept in args.json)
@@ -153,8 +146,7 @@ def parse(parser, argv, dry_run_defaults=None, defaults=None):
 
 
 def explicit_flags(parser, argv, args):
-    """The destinations of the flags given on the command line: parse again into a namespace that
-    already holds a marker for every flag (argparse fills in defaults only where nothing is set)."""
+    """The flags given on the command line: argparse fills in defaults only where nothing is set."""
     unset = object()
     marked = parser.parse_args(argv, argparse.Namespace(**{dest: unset for dest in vars(args)}))
     return {dest for dest, value in vars(marked).items() if value is not unset}
@@ -193,8 +185,7 @@ def check_args(args):
 
 @contextlib.contextmanager
 def as_usage_error():
-    """Paper code raises plain ValueErrors (it copies without common); at start-up a script checks the
-    user's settings inside this context, which turns them into the one-line UsageError."""
+    """Start-up checks of the paper code's plain ValueErrors (it copies without common) become UsageErrors."""
     try:
         yield
     except ValueError as e:
@@ -236,8 +227,7 @@ class Run:
 
     # -- devices and models -----------------------------------------------------------------
     def prepare(self, model, channels_last=False, compile=True, ddp=True):
-        """Move a network to the device (channels_last on CUDA), wrap it in DDP under torchrun and
-        compile it with --compile. Keep the unwrapped module for state dicts (see `unwrap`)."""
+        """The network on the device (channels_last on CUDA), in DDP under torchrun, compiled with --compile."""
         model = model.to(self.device)
         if channels_last and self.cuda:
             model = model.to(memory_format=torch.channels_last)
@@ -257,13 +247,11 @@ class Run:
         return interval > 0 and step % interval == 0
 
     def is_log_step(self, step):
-        """True at the steps whose scalars `log` writes: a term computed only to be logged can be
-        computed only then."""
+        """The steps whose scalars `log` writes (a term computed only to be logged is computed only then)."""
         return self.every(step, self.args.log_every) or step == self.args.steps or step == self._start + 1
 
     def log(self, step, scalars, force=False):
-        """Log scalars (tensors or floats) at log steps. Tensors are read only here, so calling this
-        every step costs nothing between log steps. A NaN/Inf value stops the run."""
+        """Log scalars (tensors or floats) at log steps, the only place tensors are read; NaN/Inf stops the run."""
         if not (force or self.is_log_step(step)):
             return
         values = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
@@ -308,25 +296,17 @@ class Run:
 
     def scatter(self, tag, points, step, real=None, lim=None):
         """Save a 2D scatter plot of generated points (black) over real ones (red) as an image."""
-        if not self.is_main:
-            return None
-        img = scatter_image(points, real=real, lim=lim)
-        return self.images(tag, img[None], step, nrow=1, value_range=(0, 1))
+        return self.images(tag, scatter_image(points, real=real, lim=lim)[None], step, 1, (0, 1))
 
     def side_rng(self):
-        """Context for sampling and evaluation: their random draws leave the training RNG streams
-        untouched, so logging or evaluating more often never changes the training trajectory."""
+        """Sampling and evaluation draw from side streams: how often they run never changes training."""
         return torch.random.fork_rng(devices=[self.device] if self.cuda else [])
 
     def end_step(self, step, scalars, *, samples=None, evaluate=None, state=None, count=None):
-        """The end of a training step: log `scalars`; at sample steps (and the last step) call `samples()`
-        under torch.no_grad() on side RNG streams and save each {tag: images} it returns as a grid (a value
-        may be (images, nrow) or (images, nrow, value_range); nrow defaults to 10; a `samples` that writes its
-        own output, e.g. r.scatter, returns None); at evaluation steps (and the last) log the metrics
-        `evaluate()` returns (side RNG streams; no no_grad, an evaluation may train a probe; None/{} logs
-        nothing); at checkpoint steps save `state()`. Sample and evaluation steps are the multiples of
-        --sample-every and --eval-every in `count` (default: step; e.g. the steps of a second stage).
-        Returns True when the loop must stop."""
+        """The end of a training step: log `scalars`; at sample steps save each {tag: images or (images, nrow
+        [, value_range])} of `samples()` (no_grad, side RNG; None when it writes its own output); at evaluation
+        steps log `evaluate()`'s metrics (side RNG); at checkpoint steps save `state()`. The last step does all.
+        `count` (default: step) is what --sample-every and --eval-every count. True when the loop must stop."""
         self.log(step, scalars)
         count, last = step if count is None else count, step == self.args.steps
         if samples is not None and (self.every(count, self.args.sample_every) or last):
@@ -345,8 +325,7 @@ class Run:
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, step, state):
-        """Write the run's checkpoint (<out>/ckpt.pt unless setup named another file) atomically. `state` holds models/optimizers/...; script, step, args
-        and RNG states are added here."""
+        """Write `state` (models, optimizers, ...) with the script, step, args and RNG states, atomically."""
         rng = ckpt_io.rng_state()
         if self.distributed:  # keep every rank's RNG streams (call this on every rank)
             ranks = [None] * self.world_size
@@ -361,8 +340,7 @@ class Run:
         return path
 
     def resume(self, models, optimizers):
-        """Load the checkpoint being resumed (validated by `setup`) into `models` and `optimizers`, dicts by
-        the names they were saved under; returns its step, 0 for a fresh run. The rest is in `resume_state`."""
+        """Load the resumed checkpoint into dicts of `models` and `optimizers`; its step (0 for a fresh run)."""
         if self.resume_state is None:
             return 0
         for kind, objects in (("models", models), ("optimizers", optimizers)):
@@ -371,10 +349,9 @@ class Run:
         return self.resume_state["step"]
 
     def restore_rng(self):
-        """Call after models, optimizers and data are built, right before the loop."""
+        """Call after models, optimizers and data are built, right before the loop (rates count from here)."""
         if self.resume_state is not None:
             ckpt_io.set_rng_state(self.resume_state["rng"], self.rank)
-        # the progress line's first rate is measured from here
         self._start = self._step_first = self._step_last = self.resume_state["step"] if self.resume_state else 0
         self._t_first = self._t_last = time.perf_counter()
 
@@ -400,12 +377,6 @@ class Run:
         return summary
 
 
-# flags that may differ when a run is resumed: they change how it runs or reports, not what it trains
-RUN_ONLY = {"steps", "log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples", "metrics",
-            "digit_metrics", "inception_weights", "out", "resume", "data_root", "download", "workers", "cuda",
-            "amp", "compile", "threads", "deterministic", "sample", "eval", "num_samples", "format", "explicit"}
-
-
 def available_cores():
     """The cores this process may run on (a container's or job's share, not the machine's)."""
     try:
@@ -415,20 +386,14 @@ def available_cores():
 
 
 def set_threads(args):
-    """--threads N: the intra-op threads of the run (torch.set_num_threads, which also turns MKL's dynamic
-    thread adjustment off). N decides how oneDNN's convolution gradients and the BLAS/ATen sums are split,
-    so runs with different N differ in the last bits. With N = 1 the same seed gives bit-identical weights
-    on any machine of the same PyTorch build, however loaded and whatever thread settings the process
-    inherits (tests/test_determinism.py). With N > 1 two same-seed runs on one machine almost always
-    agree, but that is not promised: of 164 dcgan dry runs at N = 2, four at a time, two ended with
-    other weights (one with the shell's thread settings, one inheriting OMP_NUM_THREADS=1); the kernel
-    was not found (MKL does not promise run-to-run reproducibility of its threaded routines)."""
+    """--threads N. N splits the convolution gradients and sums, so runs with other N differ in the last bits.
+    N = 1: the same seed gives bit-identical weights on any machine of the same build (tests/test_determinism.py).
+    N > 1: two same-seed runs almost always agree, but MKL does not promise it (2 of 164 dcgan dry runs did not)."""
     torch.set_num_threads(args.threads)
 
 
 def set_cuda_flags(args):
-    """Fast defaults on the GPU (cuDNN autotuning, TF32 matmuls and convolutions), or with --deterministic
-    bit-identical runs of the same command on the same GPU and build, at some speed cost."""
+    """cuDNN autotuning and TF32 on the GPU, or with --deterministic bit-identical runs (slower)."""
     deterministic = getattr(args, "deterministic", False)
     if deterministic:   # cuBLAS needs a fixed workspace for reproducible matmuls (read at its first use)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -438,63 +403,11 @@ def set_cuda_flags(args):
     torch.use_deterministic_algorithms(deterministic)
 
 
-def check_resume(args, state, path):
-    """Refuse to resume a checkpoint trained with other settings (before anything is written): name the
-    flags that differ. Run-only flags (RUN_ONLY) may change; a different --threads is only reported."""
-    saved = state.get("args", {})
-    now = vars(args)
-    differ = [k for k in sorted(now) if k in saved and k not in RUN_ONLY and saved[k] != now[k]]
-    if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in differ[:6])
-        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
-        raise UsageError(f"{path} was trained with other settings: {shown}{more}; resume with the checkpoint's "
-                         "flags (its args.json), or start a new run with another --out")
-    threads = saved.get("threads", 1)   # checkpoints from before --threads trained on one thread
-    if threads != getattr(args, "threads", threads) and not args.cuda and int(os.environ.get("RANK", 0)) == 0:
-        print(f"note: resuming with --threads {args.threads} a run trained with --threads {threads}: the "
-              "continuation is not bit-identical to an uninterrupted run", flush=True)
-
-
-def _remove_stale_temp_files(out, ckpt_name):
-    """A run killed while saving leaves .<ckpt>.tmp-PID behind (checkpoint.save): remove those of dead processes."""
-    for tmp in out.glob(f".{ckpt_name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        try:
-            alive = pid.isdigit() and (os.kill(int(pid), 0) or True)
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            tmp.unlink(missing_ok=True)
-
-
-def check_start(args, script, out, ckpt_name="ckpt.pt"):
-    """The checks made before anything is written to the run directory `out`: the checkpoint to resume is
-    read (and so validated) and its settings compared with the new ones; a new run into a directory that
-    holds a checkpoint is refused. Returns (the state to resume or None, its path or None)."""
-    ckpt, resume_state, resume_path = Path(out) / ckpt_name, None, None
-    if args.resume:
-        resume_path = ckpt if args.resume == "auto" else Path(args.resume)
-        if args.resume != "auto" or resume_path.exists():
-            resume_state = ckpt_io.load(resume_path, script)
-            check_resume(args, resume_state, resume_path)
-    if ckpt.exists() and (resume_state is None or not ckpt.samefile(resume_path)):
-        raise UsageError(f"{out} already holds a checkpoint ({ckpt.name}): pass --resume auto to continue it, "
-                         "or give another --out")
-    return resume_state, resume_path
-
-
 def setup(args, script, ckpt_name="ckpt.pt", data=None):
-    """Device, threads, seeds, torchrun, output directory (args.json, see run_file), TensorBoard writer, signal
-    handlers, and the start-up line. `ckpt_name` is the checkpoint's file name in the run directory (a
-    script with two stages keeps one file per stage); `data` (what the run trains on) is named in the
-    start-up line. Nothing is written before the checks: a new run into a directory that holds a
-    checkpoint, or a resume with other settings, is refused."""
+    """Device, threads, seeds, torchrun, the run directory (after check_start), args.json, TensorBoard, signal
+    handlers and the start-up line naming `data`. `ckpt_name`: a two-stage script keeps a file per stage."""
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if args.cuda and not torch.cuda.is_available():
-        raise UsageError("--cuda was given but CUDA is not available (no GPU or a CPU-only PyTorch build)")
     device = torch.device(f"cuda:{local_rank}" if args.cuda else "cpu")
     set_threads(args)
     if args.cuda:
@@ -512,11 +425,11 @@ def setup(args, script, ckpt_name="ckpt.pt", data=None):
         box = [str(out) if out else None]
         dist.broadcast_object_list(box, src=0)
         out = Path(box[0])
-    resume_state, resume_path = check_start(args, script, out, ckpt_name)
+    resume_state, resume_path = ckpt_io.check_start(args, script, out, ckpt_name)
     writer = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(out, ckpt_name)
+        ckpt_io.remove_stale_temp_files(out, ckpt_name)
         (out / run_file("args", ckpt_name)).write_text(json.dumps(vars(args), indent=2) + "\n")
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out))
@@ -546,8 +459,7 @@ def _finite(x):
 
 
 def run_file(kind, ckpt_name):
-    """args.json and summary.json of a run whose checkpoint is ckpt.pt; args-<name>.json and summary-<name>.json
-    beside another checkpoint file (the other stage of a two-stage script keeps its own)."""
+    """args.json / summary.json beside ckpt.pt; args-<name>.json / summary-<name>.json beside <name>.pt."""
     stem = Path(ckpt_name).stem
     return f"{kind}.json" if stem == "ckpt" else f"{kind}-{stem}.json"
 
@@ -587,9 +499,8 @@ def _install_signal_handlers(r):
 
 
 def load_for_sampling(args, script):
-    """For --sample CKPT: the checkpoint, its training args (device flags from the command line),
-    the device and the directory to write into (--out, or next to the checkpoint). Seeds torch's global RNG
-    with --seed, so that --eval's samples, like the figures', are the same on every call."""
+    """For --sample CKPT: the checkpoint, its training args (device flags from the command line), the device and
+    the directory to write into (--out, or next to the checkpoint); seeded by --seed (the same samples each call)."""
     state = ckpt_io.load(args.sample, script)
     if getattr(args, "num_samples", 0) and len(state.get("data_shape", (3,))) == 1:
         raise UsageError(f"--num-samples writes images, and {args.sample} models 2D points")
@@ -605,8 +516,7 @@ def load_for_sampling(args, script):
 
 @contextlib.contextmanager
 def eval_mode(*modules):
-    """Put modules in eval mode (BatchNorm running statistics, no dropout) and give each back the
-    training flag it had."""
+    """Modules in eval mode (BatchNorm running statistics, no dropout), then back to the flag each had."""
     flags = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -627,8 +537,7 @@ def save_grid(x, path, nrow=8, value_range=(-1, 1)):
 
 
 def write_samples(out, step, grids, value_range=(-1, 1), nrow=10):
-    """For --sample: save each {name: images} as <out>/<name>-<step>-sampled.png (beside the training
-    grids <name>-<step>.png of the same step, never over them); print and return the paths."""
+    """For --sample: each {name: images} as <out>/<name>-<step>-sampled.png (beside the training grids)."""
     paths = {name: str(Path(out) / f"{name}-{step:07d}-sampled.png") for name in grids}
     for name, x in grids.items():
         save_grid(x, paths[name], nrow, value_range)
@@ -637,8 +546,8 @@ def write_samples(out, step, grids, value_range=(-1, 1), nrow=10):
 
 
 def latent_walks(noise, rows=8, steps=10):
-    """Codes for an interpolation strip: `rows` straight lines in latent space, each between two codes
-    drawn by noise(n) -> (n, dim); returns (rows * steps, dim), row by row."""
+    """(rows * steps, dim) codes on `rows` straight lines between pairs of codes drawn by noise(n)."""
+
     ends = noise(2 * rows).view(rows, 2, -1)
     t = torch.linspace(0, 1, steps)[None, :, None]
     return (ends[:, :1] * (1 - t) + ends[:, 1:] * t).flatten(0, 1)
@@ -653,23 +562,17 @@ def unwrap(model):
 
 
 def scatter_image(points, real=None, lim=None, size=256):
-    """Rasterise 2D points into a (3, size, size) image in [0, 1]: white canvas, real points (or the
-    mixture's centres) as red 5x5 dots, generated points as black 3x3 dots. No plotting dependency."""
+    """2D points as a (3, size, size) image in [0, 1]: generated points as black 3x3 dots over the real points
+    (or the mixture's centres) as red 5x5 dots, on white; the square [-lim, lim]^2."""
+    import numpy as np
+    from PIL import Image, ImageDraw
     points = points.detach().float().cpu()
+    real = real.detach().float().cpu() if real is not None else points[:0]
     if lim is None:
-        both = points if real is None else torch.cat([points, real.detach().float().cpu()])
-        lim = float(both.abs().quantile(0.99)) * 1.2 + 1e-6
-    img = torch.ones(3, size, size)
-
-    def put(p, color, radius):
-        ij = ((p / lim + 1) / 2 * (size - 1)).round().long()
-        ij = ij[((ij >= 0) & (ij < size)).all(1)]
-        mask = torch.zeros(1, size, size)
-        mask[0, size - 1 - ij[:, 1], ij[:, 0]] = 1
-        mask = torch.nn.functional.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)[0] > 0
-        for c in range(3):
-            img[c][mask] = color[c]
-    if real is not None:
-        put(real.detach().float().cpu(), (0.9, 0.2, 0.2), 2)
-    put(points, (0.0, 0.0, 0.0), 1)
-    return img
+        lim = float(torch.cat([points, real]).abs().quantile(0.99)) * 1.2 + 1e-6
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    for p, color, r in ((real, (230, 51, 51), 2), (points, (0, 0, 0), 1)):
+        for x, y in ((p / lim + 1) / 2 * (size - 1)).round().tolist():
+            draw.rectangle((x - r, size - 1 - y - r, x + r, size - 1 - y + r), fill=color)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255

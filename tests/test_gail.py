@@ -202,6 +202,18 @@ def test_expert_npz_round_trip_and_subsampling(tmp_path):
     assert len(obs) in (3, 4, 5) and all(any(torch.equal(o, b) for b in batch["obs"][:8]) for o in obs)
 
 
+def test_scaled_return_only_where_the_expert_beats_a_random_policy():
+    """Fig. 1's scale (random policy 0, expert 1), and none when both returns are equal (a short Acrobot
+    expert that never reaches the goal): a NaN there would stop the run at its final evaluation."""
+    import gymnasium
+    env = gymnasium.make("CartPole-v1")
+    act = lambda o: torch.tensor(0)   # noqa: E731
+    ev = gail.evaluate(env, act, 2, 0, expert={"expert_return": 30.0, "random_return": 10.0})
+    assert ev["scaled_return"] == (ev["return"] - 10) / 20 and ev["return"] > 0
+    same = gail.evaluate(env, act, 2, 0, expert={"expert_return": 20.0, "random_return": 20.0})
+    assert "scaled_return" not in same and same["return"] == ev["return"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +328,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, expert_file)
                                "lacks actions, env, lengths, obs, returns")
     helpers.expect_usage_error(gail, [*base, "--d-steps", "0"], capsys, "--d-steps must be >= 1")
     helpers.expect_usage_error(gail, [*base, "--max-kl", "0"], capsys, "--max-kl")
+    helpers.expect_usage_error(gail, [*base, "--gamma", "1.5"], capsys, "--gamma must be in (0, 1], got 1.5")
+    helpers.expect_usage_error(gail, [*base, "--gae-lambda", "-0.1"], capsys, "--gae-lambda must be in [0, 1]")
+    helpers.expect_usage_error(gail, [*base, "--expert", str(tmp_path / "none.npz")], capsys, "does not exist")
+    long = tmp_path / "long.npz"   # a length beyond the padded T
+    with np.load(expert_file) as f:
+        np.savez(long, **{**{k: f[k] for k in f.files}, "lengths": f["lengths"] + f["obs"].shape[1]})
+    helpers.expect_usage_error(gail, [*base, "--expert", str(long)], capsys, "lengths (N,) in [1, T]")
     helpers.expect_usage_error(gail, [*base, "--bc-lr", "0.1"], capsys, "--bc-lr cannot act with --mode gail")
     helpers.expect_usage_error(gail, [*base, "--mode", "bc", "--expert", str(expert_file), "--steps", "9"], capsys,
                                "--steps cannot act")
