@@ -186,27 +186,6 @@ def stage_defaults(a):
     return out
 
 
-def read_vqgan(args):
-    """The stage-1 checkpoint --vqgan (a clear error for anything else). Stage 2 models the VQGAN's data at its image
-    size: --dataset, --data-root and --image-size default to the VQGAN's, and at 128 px or more the transformer's size
-    to the faces config's (explicit flags win)."""
-    if not args.vqgan:
-        raise runlib.UsageError("stage 2 needs the VQGAN's checkpoint: --vqgan CKPT")
-    state = ckpt_io.load(args.vqgan, SCRIPT)
-    if state.get("stage") != 1:
-        raise runlib.UsageError(f"--vqgan {args.vqgan} is a stage-{state.get('stage')} checkpoint; stage 2 needs the "
-                                "VQGAN's (stage-1) checkpoint")
-    vq_args = state["args"]
-    defaults = {name: vq_args[name] for name in ("dataset", "data_root", "image_size")}
-    if vq_args["image_size"] >= 128 and not args.dry_run:
-        defaults.update(FACES_GPT)
-    vars(args).update({name: value for name, value in defaults.items() if name not in args.explicit})
-    if args.image_size != vq_args["image_size"]:
-        raise runlib.UsageError(f"the VQGAN was trained at {vq_args['image_size']} px; stage 2 trains at that size, "
-                                f"not --image-size {args.image_size}")
-    return state
-
-
 # ------------------------------------------------------------------------------------------------
 # Stage 1: encoder, decoder, quantiser, D, losses (taming/modules/diffusionmodules/model.py, vqvae/quantize.py,
 # discriminator/model.py, losses/vqperceptual.py)
@@ -548,6 +527,27 @@ def sample_codes(gpt, first, n_codes, top_k=100, temperature=1.0):
 def build_vqgan(a, shape):
     return VQGAN(shape[0], shape[-1], a.g_width, tuple(a.ch_mult), a.num_res_blocks, a.attn_resolutions,
                  a.n_embed, a.embed_dim, a.norm_groups, a.beta, a.beta_on)
+
+
+def read_vqgan(args):
+    """The stage-1 checkpoint --vqgan (a clear error for anything else). Stage 2 models the VQGAN's data at its image
+    size: --dataset, --data-root and --image-size default to the VQGAN's, and at 128 px or more the transformer's size
+    to the faces config's (explicit flags win)."""
+    if not args.vqgan:
+        raise runlib.UsageError("stage 2 needs the VQGAN's checkpoint: --vqgan CKPT")
+    state = ckpt_io.load(args.vqgan, SCRIPT)
+    if state.get("stage") != 1:
+        raise runlib.UsageError(f"--vqgan {args.vqgan} is a stage-{state.get('stage')} checkpoint; stage 2 needs the "
+                                "VQGAN's (stage-1) checkpoint")
+    vq_args = state["args"]
+    defaults = {name: vq_args[name] for name in ("dataset", "data_root", "image_size")}
+    if vq_args["image_size"] >= 128 and not args.dry_run:
+        defaults.update(FACES_GPT)
+    vars(args).update({name: value for name, value in defaults.items() if name not in args.explicit})
+    if args.image_size != vq_args["image_size"]:
+        raise runlib.UsageError(f"the VQGAN was trained at {vq_args['image_size']} px; stage 2 trains at that size, "
+                                f"not --image-size {args.image_size}")
+    return state
 
 
 def load_vqgan(state, device):
