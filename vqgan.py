@@ -690,7 +690,7 @@ def train_stage1(args):
         real_stats = held_out_stats(held, args, device) if args.metrics and args.eval_samples else None
     counts = torch.zeros(args.n_embed, device=device)   # code use within the current --log-every window
     unused = torch.zeros(args.n_embed, device=device)   # code use since the last restart (kept in the checkpoint)
-    if r.resume_state is not None:
+    if r.resume_state is not None and "restart_counts" in r.resume_state:
         unused.copy_(r.resume_state["restart_counts"])
     restarted = torch.zeros((), device=device)
     r.restore_rng()
