@@ -21,45 +21,40 @@ Stage 2 objective (Sec. 3.2): p(s) = Π_i p(s_i | s_<i) (Eq. 8), L_Transformer =
 cross-entropy of each code index given the ones before it, with a class token first for class-conditional
 models (p(s | c), Eq. 10).
 
-Architecture and defaults (CompVis/taming-transformers; the paper gives few numbers):
+Architecture and defaults (CompVis/taming-transformers; the paper gives few numbers; the blocks at their classes):
     Encoder / decoder (taming/modules/diffusionmodules/model.py; configs/faceshq_vqgan.yaml): ch (--g-width) 128,
-      ch_mult 1,1,2,2,4 (f = 2^(len − 1) = 16), 2 ResNet blocks per resolution (GroupNorm 32 groups, ε 1e-6,
-      swish, 3x3 convs), self-attention after each block at attn_resolutions [16] (the lowest resolution at
-      256 px; here the lowest resolution unless --attn-resolutions says otherwise) and in the middle block;
-      stride-2 3x3 conv down (padded right/bottom), nearest ×2 + 3x3 conv up; no output activation.
+      ch_mult 1,1,2,2,4 (f = 2^(len − 1) = 16), 2 ResNet blocks per resolution, GroupNorm 32 groups, ε 1e-6,
+      self-attention at attn_resolutions [16] (the lowest resolution at 256 px; here the lowest unless
+      --attn-resolutions says otherwise) and in the middle block; no output activation.
     Codebook: n_embed 1024, embed_dim 256 (= z_channels), entries ~ U(±1/n_embed) (quantize.py), 1x1 convs
       quant_conv / post_quant_conv around it (taming/models/vqgan.py).
     β: VectorQuantizer2 is built with β = 0.25 and legacy=True, which puts β on the codebook term:
       ‖sg[z_q] − E(x)‖² + 0.25 ‖z_q − sg[E(x)]‖² (the README's "training with β = 1.0"); the released models were
       trained so, and so is the default here (--beta-on codebook). --beta-on commitment is the paper's Eq. 4.
-    D (taming/modules/discriminator/model.py): the pix2pix PatchGAN, 3 layers, ndf 64 (--d-width), 4x4 convs,
-      BatchNorm, LeakyReLU 0.2, weights ~ N(0, 0.02), BN scales ~ N(1, 0.02); one logit per patch.
+    D (taming/modules/discriminator/model.py): the pix2pix PatchGAN, 3 layers, ndf 64 (--d-width), weights
+      ~ N(0, 0.02), BN scales ~ N(1, 0.02).
     Loss (taming/modules/losses/vqperceptual.py, faceshq_vqgan.yaml): codebook_weight 1, perceptual_weight 1,
       disc_weight 0.8, disc_factor 1, disc_start 30001 (faces; custom_vqgan.yaml 10000, imagenet 250001).
     Optimisers: Adam β (0.5, 0.9) for both nets, lr = 4.5e-6 × batch (base_learning_rate × batch × GPUs, main.py);
       batch 3 (faceshq_vqgan.yaml, per GPU).
-    Transformer (taming/modules/transformer/mingpt.py, configs/faceshq_transformer.yaml): GPT-2 style blocks
-      (pre-LayerNorm, causal multi-head self-attention, 4x MLP with GELU), learned position embeddings, no
-      dropout; 24 layers, 16 heads, 1024 dims for 256 px images, the GPT class's defaults 12 layers, 8 heads,
-      256 dims for smaller ones (fewer codes); weights ~ N(0, 0.02). AdamW β (0.9, 0.95), weight decay 0.01 on
-      linear weights only, lr = 4.5e-6 × batch (cond_transformer.py), batch 2 (faceshq_transformer.yaml).
-      Sampling: top-k 100, temperature 1 (cond_transformer.py's log_images).
+    Transformer (taming/modules/transformer/mingpt.py, configs/faceshq_transformer.yaml): GPT-2 blocks, learned
+      position embeddings, no dropout; 24 layers, 16 heads, 1024 dims for 256 px images, the GPT class's defaults
+      12 layers, 8 heads, 256 dims for smaller ones (fewer codes); weights ~ N(0, 0.02). AdamW β (0.9, 0.95),
+      weight decay 0.01 on linear weights only, lr = 4.5e-6 × batch (cond_transformer.py), batch 2
+      (faceshq_transformer.yaml). Sampling: top-k 100, temperature 1 (cond_transformer.py's log_images).
 
-Metrics: stage 1 logs reconstruction L1 and PSNR on held-out images (the test split; a set without one, such as an
-image folder or a folder of MNIST idx files, holds out its first tenth, at most 10,000 images, and trains on the
-rest), codebook usage (the share of the n_embed codes used and the perplexity exp H(p) of their frequencies,
-over each --log-every window in training and on the held-out images; dead codes are the known failure of VQ
-models) and rFID (FID of the reconstructions against the held-out images, as Table 5; --metrics, needs the
-FID Inception weights). Stage 2 logs the cross-entropy (nats per code) and FID of samples (Table 3).
-Perceptual loss: common/lpips.py (the VGG16 LPIPS of the lpips package); its weights download on first use
-(--lpips-weights / $LPIPS_WEIGHTS for the linear heads, the torch hub cache for torchvision's VGG16);
---perceptual-weight 0 trains with L1 alone when they cannot be had.
+Metrics: stage 1 logs reconstruction L1 and PSNR on held-out images (the test split, or the first tenth of a set
+without one, at most 10,000 images, which training never sees), codebook usage (the share of the n_embed codes
+used and the perplexity exp H(p) of their frequencies, over each --log-every window in training and on the
+held-out images; dead codes are the known failure of VQ models) and rFID (FID of the reconstructions against the
+held-out images, as Table 5; --metrics, needs the FID Inception weights). Stage 2 logs the cross-entropy (nats
+per code) and FID of samples (Table 3). Perceptual loss: common/lpips.py (the VGG16 LPIPS of the lpips package);
+its weights download on first use (--lpips-weights / $LPIPS_WEIGHTS for the linear heads, the torch hub cache for
+torchvision's VGG16); --perceptual-weight 0 trains with L1 alone when they cannot be had.
 
 Usage:
     python vqgan.py --cuda                                        # stage 1: VQGAN, faces (CelebA) at 256 px
     python vqgan.py --stage 2 --vqgan runs/vqgan/celeba-.../ckpt.pt --cuda          # stage 2: the transformer
-    # (stage 1 writes <out>/ckpt.pt, stage 2 <out>/transformer.pt, so the two may share --out; --resume auto
-    # continues the stage asked for)
     python vqgan.py --dataset /path/to/ffhq --cuda                # the paper's FFHQ (an image folder)
     # a quick CPU run on digits at 32 px, f = 4 (8x8 codes), without the LPIPS and Inception weights, scored
     # with the digit classifier (about 1.4 steps/s on one core; --disc-start 500 gives the GAN term the second
@@ -74,8 +69,8 @@ Usage:
 
 Differences from the paper:
 - Two commands, one per stage, each with its own step counter and files (ckpt.pt, args.json, summary.json;
-  transformer.pt, args-transformer.json, summary-transformer.json: both can share one --out); a stage-2
-  checkpoint holds the frozen VQGAN it was trained on.
+  transformer.pt, args-transformer.json, summary-transformer.json: both can share one --out, and --resume auto
+  continues the stage asked for); a stage-2 checkpoint holds the frozen VQGAN it was trained on.
 - β sits on the codebook term by default, as the official code trained it (see above); --beta-on commitment
   gives the paper's Eq. 4. The adaptive weight uses the code's δ = 1e-4 and clamp [0, 1e4] (paper: δ = 1e-6).
 - D's update reuses the reconstruction of the autoencoder's step (before that step's update); the official
@@ -92,15 +87,13 @@ Differences from the paper:
 - --restart-dead-codes STEPS (off by default, as the code): every STEPS steps the codes that no encoder output
   picked in those steps move onto random encoder outputs of the batch (the restarts of Jukebox, Dhariwal et
   al. 2020). With the code's U(±1/K) initialisation the encoder's outputs start far from almost every code, so
-  a few codes take everything: in the quick run above on the 10,000 MNIST test digits as an idx folder (K 1024,
-  f 4; seeds 0–2; step 500, before the GAN term) 11–12 of 1024 codes were in use without restarts and 93–94%
-  with them (on the folder's held-out first 1,000: PSNR 20.8 vs 23.8 dB, classifier FID of the
-  reconstructions 38 vs 26).
+  a few codes take everything: in the quick run above on the 10,000 MNIST test digits as an idx folder (seeds
+  0–2, step 500, before the GAN term) 11–12 of 1024 codes were in use without restarts and 93–94% with them (on
+  the held-out first 1,000: PSNR 20.8 vs 23.8 dB, classifier FID of the reconstructions 38 vs 26).
 - Sampling recomputes the whole prefix for every token (the code's sample(); no key/value cache).
 """
 import argparse
 import dataclasses
-import functools
 
 import torch
 import torch.nn as nn
@@ -116,11 +109,11 @@ from common import run as runlib
 SCRIPT = "vqgan"
 CKPT_NAMES = {1: "ckpt.pt", 2: "transformer.pt"}   # one checkpoint file per stage in the run directory
 BASE_LR = 4.5e-6   # base_learning_rate of every config; lr = base × batch (main.py)
-STAGE_FLAGS = {   # the flags that act in one stage only: given in the other, a start-up error
-    1: {"g_width", "ch_mult", "num_res_blocks", "attn_resolutions", "norm_groups", "n_embed", "embed_dim", "beta",
-        "beta_on", "d_width", "disc_layers", "disc_start", "disc_weight", "disc_factor", "codebook_weight",
-        "perceptual_weight", "lpips_weights", "restart_dead_codes"},
-    2: {"vqgan", "conditional", "n_layer", "n_head", "n_embd", "weight_decay", "top_k", "temperature"}}
+STAGE_FLAGS = {   # the flags that act in one stage only (refused in the other) with each size's least value
+    1: dict(g_width=1, ch_mult=None, num_res_blocks=1, attn_resolutions=None, norm_groups=1, n_embed=1, embed_dim=1,
+            beta=None, beta_on=None, d_width=1, disc_layers=1, disc_start=None, disc_weight=None, disc_factor=None,
+            codebook_weight=None, perceptual_weight=None, lpips_weights=None, restart_dead_codes=0),
+    2: dict(vqgan=None, conditional=None, n_layer=1, n_head=1, n_embd=1, weight_decay=None, top_k=0, temperature=None)}
 FACES_GPT = {"n_layer": 24, "n_head": 16, "n_embd": 1024}   # configs/faceshq_transformer.yaml
 
 
@@ -151,8 +144,8 @@ def parse_args(argv=None):
     g.add_argument("--beta-on", choices=["codebook", "commitment"], default="codebook",
                    help="the term β weighs: codebook (the official code, legacy=True) or commitment (Eq. 4)")
     g.add_argument("--restart-dead-codes", type=int, default=0, metavar="STEPS",
-                   help="not in the paper: every STEPS steps, codes no encoder output picked in those steps move onto "
-                        "random encoder outputs of the batch (0: never, as the official code)")
+                   help="not in the paper: every STEPS steps the codes unused in them move onto encoder outputs "
+                        "(0: never)")
     g.add_argument("--d-width", type=int, default=64, help="ndf: channels of D's first layer")
     g.add_argument("--disc-layers", type=int, default=3, help="stride-2 layers of the PatchGAN D")
     g.add_argument("--disc-start", type=int, default=30001, help="steps before L_GAN and D's training start")
@@ -161,8 +154,7 @@ def parse_args(argv=None):
     g.add_argument("--codebook-weight", type=float, default=1.0, help="weight of the codebook/commitment terms")
     g.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight in L_rec (0: L1 alone)")
     g.add_argument("--lpips-weights", default=None, metavar="PATH",
-                   help="the LPIPS linear heads (the lpips package's v0.1 vgg.pth); $LPIPS_WEIGHTS or the torch "
-                        "hub cache when not given")
+                   help="LPIPS linear heads (lpips' v0.1 vgg.pth; default: $LPIPS_WEIGHTS or the torch hub cache)")
     g = p.add_argument_group("stage 2: the transformer")
     g.add_argument("--vqgan", default=None, metavar="CKPT", help="the stage-1 checkpoint whose codes are modelled")
     g.add_argument("--conditional", action="store_true", help="class-conditional: a class token comes first")
@@ -186,33 +178,17 @@ def parse_args(argv=None):
 
 
 def stage_defaults(a):
-    """lr = 4.5e-6 × batch (main.py: base_learning_rate × batch × GPUs × accumulation); stage 2: the data and image
-    size of the VQGAN, AdamW's β and batch of the transformer configs."""
+    """lr = 4.5e-6 × batch (main.py: base_learning_rate × batch × GPUs × accumulation); stage 2: AdamW's β and the
+    batch of the transformer configs (and the VQGAN's data and image size: read_vqgan)."""
     out = {"lr": BASE_LR * a.batch_size}
-    if a.stage == 1 or a.sample or not a.vqgan:
-        return out
-    vq_args = read_vqgan(a.vqgan)["args"]
-    out.update(beta1=0.9, beta2=0.95, dataset=vq_args["dataset"], image_size=vq_args["image_size"],
-               data_root=vq_args["data_root"])
-    if not a.dry_run:
-        out["batch_size"] = 2
-        if vq_args["image_size"] >= 128:
-            out.update(FACES_GPT)
+    if a.stage == 2:
+        out.update(beta1=0.9, beta2=0.95, **({} if a.dry_run else {"batch_size": 2}))
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def read_vqgan(path):
-    """A stage-1 checkpoint of this script (read once); a clear error for anything else."""
-    state = ckpt_io.load(path, SCRIPT)
-    if state.get("stage") != 1:
-        raise runlib.UsageError(f"--vqgan {path} is a stage-{state.get('stage')} checkpoint; stage 2 needs the "
-                                "VQGAN's (stage-1) checkpoint")
-    return state
-
-
 # ------------------------------------------------------------------------------------------------
-# Stage 1: encoder, decoder, quantiser (taming/modules/diffusionmodules/model.py, vqvae/quantize.py)
+# Stage 1: encoder, decoder, quantiser, D, losses (taming/modules/diffusionmodules/model.py, vqvae/quantize.py,
+# discriminator/model.py, losses/vqperceptual.py)
 # ------------------------------------------------------------------------------------------------
 
 def check_autoencoder(image_size, ch_mult, width, groups, attn_resolutions=()):
@@ -424,8 +400,6 @@ class PatchDiscriminator(nn.Sequential):
     doubling the width (at most 8 ndf) + BN + LeakyReLU; conv4x4/1 + BN + LeakyReLU; conv4x4/1 → 1 logit per patch."""
 
     def __init__(self, channels, ndf=64, n_layers=3):
-        if n_layers < 1:
-            raise ValueError(f"--disc-layers must be >= 1, got {n_layers}")
         layers, c = [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2)], ndf
         for n in range(1, n_layers + 1):
             c_out = ndf * min(2 ** n, 8)
@@ -441,10 +415,6 @@ class PatchDiscriminator(nn.Sequential):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
-
-# ------------------------------------------------------------------------------------------------
-# Stage 1 losses
-# ------------------------------------------------------------------------------------------------
 
 def hinge_d_loss(real_logits, fake_logits):
     """½ (E relu(1 − D(x)) + E relu(1 + D(x̂))) (vqperceptual.py's hinge_d_loss)."""
@@ -551,12 +521,40 @@ def sample_codes(gpt, first, n_codes, top_k=100, temperature=1.0):
 
 
 # ------------------------------------------------------------------------------------------------
-# Building from args, evaluation
+# Training, evaluation, sampling
 # ------------------------------------------------------------------------------------------------
 
 def build_vqgan(a, shape):
     return VQGAN(shape[0], shape[-1], a.g_width, tuple(a.ch_mult), a.num_res_blocks, a.attn_resolutions,
                  a.n_embed, a.embed_dim, a.norm_groups, a.beta, a.beta_on)
+
+
+def read_vqgan(args):
+    """The stage-1 checkpoint --vqgan (a clear error for anything else). Stage 2 models the VQGAN's data at its image
+    size: --dataset, --data-root and --image-size default to the VQGAN's, and at 128 px or more the transformer's size
+    to the faces config's (explicit flags win)."""
+    if not args.vqgan:
+        raise runlib.UsageError("stage 2 needs the VQGAN's checkpoint: --vqgan CKPT")
+    state = ckpt_io.load(args.vqgan, SCRIPT)
+    if state.get("stage") != 1:
+        raise runlib.UsageError(f"--vqgan {args.vqgan} is a stage-{state.get('stage')} checkpoint; stage 2 needs the "
+                                "VQGAN's (stage-1) checkpoint")
+    vq_args = state["args"]
+    defaults = {name: vq_args[name] for name in ("dataset", "data_root", "image_size")}
+    if vq_args["image_size"] >= 128 and not args.dry_run:
+        defaults.update(FACES_GPT)
+    vars(args).update({name: value for name, value in defaults.items() if name not in args.explicit})
+    if args.image_size != vq_args["image_size"]:
+        raise runlib.UsageError(f"the VQGAN was trained at {vq_args['image_size']} px; stage 2 trains at that size, "
+                                f"not --image-size {args.image_size}")
+    return state
+
+
+def load_vqgan(state, device):
+    """The frozen VQGAN of a stage-1 checkpoint: in eval mode, no gradients."""
+    vq = build_vqgan(argparse.Namespace(**state["args"]), state["data_shape"])
+    vq.load_state_dict(state["models"]["vqgan"])
+    return vq.to(device).eval().requires_grad_(False)
 
 
 def build_gpt(a, n_embed, side, num_classes):
@@ -571,55 +569,51 @@ def first_tokens(n_embed, labels=None, n=None, device="cpu"):
     return labels.long() + n_embed
 
 
+@torch.no_grad()
+def generate(vq, gpt, n, device, num_classes=0, top_k=100, temperature=1.0, labels=None):
+    """n images from the transformer's codes; class-conditional models take `labels` (default: uniform)."""
+    if num_classes and labels is None:
+        labels = torch.randint(num_classes, (n,), device=device)
+    codes = sample_codes(gpt, first_tokens(vq.n_embed, labels, n, device), vq.side * vq.side, top_k, temperature)
+    return vq.decode_indices(codes.view(n, vq.side, vq.side)).float().clamp(-1, 1)
+
+
 def split_held_out(args, data, n):
-    """(training data, up to n held-out uint8 images, their labels): a named dataset's test split; any other set
-    (an image folder, a folder of MNIST idx files, fake) holds out its first tenth, at most 10,000 images (the
-    official FFHQ validation list is 10,000 of 70,000), and trains on the rest; with class subfolders the first
-    tenth is the first classes. Apart from the last 2,000 images of a folder of idx files, which the digit
-    classifier holds out (common/digits.py)."""
-    named = datasets.IN_MEMORY + datasets.STREAMED + ("stacked-mnist",)   # these come with a test split
-    if args.dataset in named or args.dataset.startswith("lsun:"):
+    """(training data, up to n held-out uint8 images, their labels): a named dataset's test split, else the first
+    tenth, at most 10,000 images (the official FFHQ validation list: 10,000 of 70,000; with class subfolders, the
+    first classes). The digit classifier holds out the last 2,000 of a folder of idx files (common/digits.py)."""
+    if args.dataset in datasets.IN_MEMORY + datasets.STREAMED + ("stacked-mnist",) or args.dataset.startswith("lsun:"):
         train, held = data, datasets.load(args, split="test")
+    elif len(data) < 2:
+        raise runlib.UsageError(f"{args.dataset} holds a single image; one is held out, so at least 2 are needed")
     else:
-        if len(data) < 2:
-            raise runlib.UsageError(f"{args.dataset} holds a single image; one is held out, so at least 2 are needed")
         k = max(1, min(len(data) // 10, 10_000))
         held, n = data, min(n, k)
-        if data.images is not None:
-            labels = data.labels[k:] if data.labels is not None else None
-            train = dataclasses.replace(data, images=data.images[k:], labels=labels)
-        else:
-            train = dataclasses.replace(data, dataset=torch.utils.data.Subset(data.dataset, range(k, len(data))))
+        train = (dataclasses.replace(data, images=data.images[k:], labels=data.labels[k:]) if data.images is not None
+                 else dataclasses.replace(data, dataset=torch.utils.data.Subset(data.dataset, range(k, len(data)))))
     if held.images is not None:
-        labels = held.labels[:n] if held.labels is not None else torch.full((min(n, len(held)),), -1)
-        return train, held.images[:n], labels
-    items = [held.dataset[i] for i in range(min(n, len(held.dataset)))]
+        return train, held.images[:n], held.labels[:n]
+    items = [held.dataset[i] for i in range(min(n, len(held)))]
     return train, torch.stack([metrics.to_uint8(x, (0, 1)) for x, _ in items]), torch.tensor([y for _, y in items])
-
-
-def to_unit(images):
-    return images.float() / 127.5 - 1
 
 
 @torch.no_grad()
 def reconstruct(vq, images, device, batch=100):
-    """Reconstructions (clamped to [−1, 1], CPU) and code indices of uint8 images."""
-    rec, idx = [], []
-    for i in range(0, len(images), batch):
-        r, _, k = vq(to_unit(images[i:i + batch]).to(device))
-        rec.append(r.float().clamp(-1, 1).cpu())
-        idx.append(k.cpu())
-    return torch.cat(rec), torch.cat(idx)
+    """uint8 images → (them in [−1, 1], their reconstructions clamped to [−1, 1], code indices), on the CPU."""
+    x, rec, idx = images.float() / 127.5 - 1, [], []
+    with runlib.eval_mode(vq):
+        for part in x.split(batch):
+            r, _, k = vq(part.to(device))
+            rec.append(r.float().clamp(-1, 1).cpu())
+            idx.append(k.cpu())
+    return x, torch.cat(rec), torch.cat(idx)
 
 
 @torch.no_grad()
 def evaluate_stage1(vq, held, args, device, real_stats=None, labels=None, data=None, clf=None):
-    """L1, PSNR (dB, on [0, 1] images, per-image mean), codebook usage on the held-out images, with --metrics
-    their rFID (and any other Inception metric) against the held-out images, and on digits (common/digits.py)
-    cfid of the reconstructions and agree: reconstructions classified as the original's label."""
-    with runlib.eval_mode(vq):
-        rec, idx = reconstruct(vq, held, device)
-    x = to_unit(held)
+    """L1, PSNR (dB, on [0, 1] images, per-image mean), codebook usage of the held-out images' reconstructions;
+    rFID against real_stats (--metrics); on digits cfid and agree (classified as the original's label)."""
+    x, rec, idx = reconstruct(vq, held, device)
     mse = ((rec - x) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
     used, ppl = codebook_usage(torch.bincount(idx.flatten(), minlength=vq.n_embed))
     out = {"metric/l1": (rec - x).abs().mean(), "metric/psnr": (10 * torch.log10(1 / mse)).mean(),
@@ -635,19 +629,8 @@ def evaluate_stage1(vq, held, args, device, real_stats=None, labels=None, data=N
 
 
 def held_out_stats(held, args, device):
-    pool3, _ = metrics.inception_features((held[i:i + 100] for i in range(0, len(held), 100)), device,
-                                          weights=args.inception_weights)
+    pool3, _ = metrics.inception_features(held.split(100), device, weights=args.inception_weights)
     return metrics.features_to_stats(pool3)
-
-
-@torch.no_grad()
-def generate(vq, gpt, n, n_embed, device, num_classes=0, top_k=100, temperature=1.0, labels=None):
-    """n images from the transformer's codes; class-conditional models take `labels` (default: uniform)."""
-    if num_classes and labels is None:
-        labels = torch.randint(num_classes, (n,), device=device)
-    first = first_tokens(n_embed, labels, n, device)
-    codes = sample_codes(gpt, first, vq.side * vq.side, top_k, temperature)
-    return vq.decode_indices(codes.view(n, vq.side, vq.side)).float().clamp(-1, 1)
 
 
 def interleave(x, rec, nrow=10):
@@ -657,33 +640,27 @@ def interleave(x, rec, nrow=10):
     return torch.stack([x.view(-1, nrow, *x.shape[1:]), rec.view(-1, nrow, *x.shape[1:])], 1).flatten(0, 2)
 
 
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
-
 def train(args):
-    """Stage 1 or 2. A flag of the other stage is refused (resuming the other stage's checkpoint is refused by the
-    set-up's check of the resumed flags: --stage differs)."""
-    wrong = sorted(set(args.explicit) & STAGE_FLAGS[3 - args.stage])
-    if wrong:
-        raise runlib.UsageError(f"--{wrong[0].replace('_', '-')} does not act in stage {args.stage}")
-    sizes = ("g_width", "num_res_blocks", "n_embed", "embed_dim", "d_width", "n_layer", "n_head", "n_embd")
-    small = [n for n in sizes if n in STAGE_FLAGS[args.stage] and getattr(args, n) < 1]
-    if small:
-        raise runlib.UsageError(f"--{small[0].replace('_', '-')} must be >= 1, got {getattr(args, small[0])}")
+    """Stage 1 or 2. A flag of the other stage, or a size below its least value, is refused (resuming the other
+    stage's checkpoint is refused by the set-up's check of the resumed flags: --stage differs)."""
+    other = sorted(set(args.explicit) & set(STAGE_FLAGS[3 - args.stage]))
+    if other:
+        raise runlib.UsageError(f"--{other[0].replace('_', '-')} does not act in stage {args.stage}")
+    for name, least in STAGE_FLAGS[args.stage].items():
+        if least is not None and getattr(args, name) < least:
+            raise runlib.UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     return train_stage1(args) if args.stage == 1 else train_stage2(args)
 
 
 def train_stage1(args):
     if args.lpips_weights and args.perceptual_weight == 0:
         raise runlib.UsageError("--lpips-weights does nothing with --perceptual-weight 0")
-    if args.restart_dead_codes < 0:
-        raise runlib.UsageError(f"--restart-dead-codes must be >= 0 (0: never), got {args.restart_dead_codes}")
     with runlib.as_usage_error():
         check_autoencoder(args.image_size, args.ch_mult, args.g_width, args.norm_groups, args.attn_resolutions or ())
-        if args.disc_layers < 1 or patch_output_size(args.image_size, args.disc_layers) < 1:
-            raise ValueError(f"the {args.disc_layers}-layer PatchGAN needs images of at least "
-                             f"{3 * 2 ** args.disc_layers} px; got --image-size {args.image_size} (try fewer --disc-layers)")
+        if patch_output_size(args.image_size, args.disc_layers) < 1:
+            least = 3 * 2 ** args.disc_layers
+            raise ValueError(f"the {args.disc_layers}-layer PatchGAN needs images of at least {least} px; "
+                             f"--image-size is {args.image_size} (try fewer --disc-layers)")
     data = datasets.load(args)
     if data.kind != "image":
         raise runlib.UsageError(f"vqgan.py models images; {args.dataset} is 2D toy data")
@@ -708,24 +685,21 @@ def train_stage1(args):
     start = r.resume({"vqgan": vq_raw, "D": d_raw}, {"vqgan": opt_vq, "D": opt_d})
     batches = datasets.iterate(data, args.batch_size // r.world_size, device,
                                rank=r.rank, world_size=r.world_size, workers=args.workers)
-    shown = to_unit(held[:50]).to(device)
+    shown, held, held_labels = held[:50], held[:args.eval_samples], held_labels[:args.eval_samples]
     with r.side_rng():   # the held-out images' Inception statistics (building the network draws random numbers)
-        real_stats = (held_out_stats(held[:args.eval_samples], args, device)
-                      if args.metrics and args.eval_samples else None)
+        real_stats = held_out_stats(held, args, device) if args.metrics and args.eval_samples else None
     counts = torch.zeros(args.n_embed, device=device)   # code use within the current --log-every window
-    unused = torch.zeros(args.n_embed, device=device)   # code use since the last --restart-dead-codes
-    restarted = torch.zeros((), device=device)
+    unused = torch.zeros(args.n_embed, device=device)   # code use since the last restart (kept in the checkpoint)
     if r.resume_state is not None and "restart_counts" in r.resume_state:
         unused.copy_(r.resume_state["restart_counts"])
+    restarted = torch.zeros((), device=device)
     r.restore_rng()
 
     def samples():
-        with runlib.eval_mode(vq_raw):
-            return {"reconstructions": interleave(shown, vq_raw(shown)[0].float().clamp(-1, 1))}
+        return {"reconstructions": interleave(*reconstruct(vq_raw, shown, device)[:2])}
 
     def evaluation():
-        return evaluate_stage1(vq_raw, held[:args.eval_samples], args, device, real_stats,
-                               held_labels[:args.eval_samples], data, clf)
+        return evaluate_stage1(vq_raw, held, args, device, real_stats, held_labels, data, clf)
 
     def state():
         return {"stage": 1, "data_shape": list(data.shape), "restart_counts": unused,
@@ -784,8 +758,7 @@ def train_stage1(args):
 @torch.no_grad()
 def restart_dead_codes(vq, x, uses, r):
     """--restart-dead-codes: the codes no encoder output picked since the last restart (`uses` == 0, summed over
-    the ranks) move onto random encoder outputs of this batch (rank 0's, then broadcast to every rank); returns
-    how many moved."""
+    the ranks) move onto random encoder outputs of rank 0's batch (then sent to every rank); returns how many."""
     if r.distributed:
         torch.distributed.all_reduce(uses)
     dead = (uses == 0).nonzero().squeeze(1)
@@ -797,23 +770,10 @@ def restart_dead_codes(vq, x, uses, r):
     return (uses == 0).sum()
 
 
-def load_vqgan(state, device):
-    """The frozen VQGAN of a stage-1 checkpoint (in eval mode, no gradients) and its training args."""
-    vq_args = argparse.Namespace(**state["args"])
-    vq = build_vqgan(vq_args, state["data_shape"])
-    vq.load_state_dict(state["models"]["vqgan"])
-    return vq.to(device).eval().requires_grad_(False), vq_args
-
-
 def train_stage2(args):
-    if args.top_k < 0 or not args.temperature > 0:
-        raise runlib.UsageError(f"--top-k must be >= 0 and --temperature > 0, got {args.top_k}, {args.temperature}")
-    if not args.vqgan:
-        raise runlib.UsageError("stage 2 needs the VQGAN's checkpoint: --vqgan CKPT")
-    vq_state = read_vqgan(args.vqgan)
-    if args.image_size != vq_state["args"]["image_size"]:
-        raise runlib.UsageError(f"the VQGAN was trained at {vq_state['args']['image_size']} px; stage 2 trains at "
-                                f"that size, not --image-size {args.image_size}")
+    if not args.temperature > 0:
+        raise runlib.UsageError(f"--temperature must be > 0, got {args.temperature}")
+    vq_state = read_vqgan(args)
     data = datasets.load(args)
     if data.kind != "image" or data.shape[0] != vq_state["data_shape"][0]:
         raise runlib.UsageError(f"{args.dataset} is not an image set with the VQGAN's "
@@ -829,7 +789,7 @@ def train_stage2(args):
     r = runlib.setup(args, SCRIPT, ckpt_name=CKPT_NAMES[2], data=data)
     device = r.device
     clf = clf.to(device) if clf is not None else None
-    vq, _ = load_vqgan(vq_state, device)
+    vq = load_vqgan(vq_state, device)
     gpt = r.prepare(build_gpt(args, vq.n_embed, vq.side, num_classes))
     gpt_raw = runlib.unwrap(gpt)
     decay = [p for n, p in gpt_raw.named_parameters() if n.endswith("weight") and p.dim() == 2 and "emb" not in n]
@@ -846,7 +806,7 @@ def train_stage2(args):
     r.restore_rng()
 
     def make(n, labels=None):
-        return generate(vq, gpt_raw, n, vq.n_embed, device, num_classes, args.top_k, args.temperature, labels)
+        return generate(vq, gpt_raw, n, device, num_classes, args.top_k, args.temperature, labels)
 
     def samples():
         torch.manual_seed(args.seed)   # the same draws at every sample step
@@ -854,8 +814,7 @@ def train_stage2(args):
             return {"samples": make(100, shown_labels)}
 
     def evaluation():
-        """FID (and any Inception metric) of samples with --metrics; on digits cfid, and agree for class-conditional
-        samples (classified as the class they were drawn for)."""
+        """FID of samples (--metrics); on digits cfid, and agree: classified as the class they were drawn for."""
         def labelled(n):
             y = torch.randint(num_classes, (n,), device=device) if num_classes else None
             return (make(n, y), y) if num_classes else make(n)
@@ -888,10 +847,6 @@ def train_stage2(args):
     return r.finish(step)
 
 
-# ------------------------------------------------------------------------------------------------
-# Sampling from a checkpoint
-# ------------------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def sample(args):
     """Stage 1: reconstructions of held-out images; stage 2: also 100 samples (a row per class when conditional).
@@ -901,29 +856,28 @@ def sample(args):
     if args.num_samples and stage == 1:
         raise runlib.UsageError(f"{args.sample} is a stage-1 checkpoint, which reconstructs: --num-samples draws "
                                 "from a stage-2 checkpoint (the transformer's prior)")
-    vq, _ = load_vqgan(state if stage == 1 else state["vqgan"], device)
-    data = datasets.load(targs)
-    _, held, _ = split_held_out(targs, data, 50)
-    grids = {"reconstructions": interleave(to_unit(held), reconstruct(vq, held, device)[0])}
+    if args.eval and stage == 2 and not args.metrics:
+        raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
+    vq = load_vqgan(state if stage == 1 else state["vqgan"], device)
+    scoring = args.eval and stage == 1
+    _, held, _ = split_held_out(targs, datasets.load(targs), max(args.eval_samples, 50) if scoring else 50)
+    grids = {"reconstructions": interleave(*reconstruct(vq, held[:50], device)[:2])}
     if stage == 2:
         k = state["num_classes"]
         gpt = build_gpt(targs, vq.n_embed, vq.side, k).to(device).eval()
         gpt.load_state_dict(state["models"]["gpt"])
 
         def make(n, labels=None):
-            return generate(vq, gpt, n, vq.n_embed, device, k, args.top_k, args.temperature, labels)
+            return generate(vq, gpt, n, device, k, args.top_k, args.temperature, labels)
         torch.manual_seed(args.seed)
         grids["samples"] = make(100, torch.arange(100, device=device) // 10 % k if k else None)
     result = dict(runlib.write_samples(out, state["step"], grids))
-    if args.eval and stage == 1:
-        _, held, _ = split_held_out(targs, data, args.eval_samples)
+    if scoring:
+        held = held[:args.eval_samples]
         scores = evaluate_stage1(vq, held, args, device, held_out_stats(held, args, device) if args.metrics else None)
-        scores = {name: float(v) for name, v in scores.items()}
-        print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        result.update(scores)
+        result.update({name: float(v) for name, v in scores.items()})
+        print(" ".join(f"{name} {float(v):.4g}" for name, v in scores.items()))
     elif stage == 2:
-        if args.eval and not args.metrics:
-            raise runlib.UsageError("--eval of a stage-2 checkpoint needs --metrics (FID of samples)")
         result.update(metrics.score(args, targs, make, device, out=out, step=state["step"]))
     return result
 

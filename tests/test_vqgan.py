@@ -34,7 +34,7 @@ def test_stage1_dry_run(stage1):
     _, summary, state = stage1
     assert state["stage"] == 1 and state["data_shape"] == [3, 16, 16]
     assert {"loss/rec", "loss/codebook", "loss/G", "loss/lambda", "loss/D"} <= set(summary["losses"])
-    vq, _ = vqgan.load_vqgan(state, "cpu")
+    vq = vqgan.load_vqgan(state, "cpu")
     fake = datasets.load(argparse.Namespace(dataset="fake", image_size=16, seed=0, data_root="unused"))
     x = fake.images[:51].float() / 127.5 - 1
     with torch.no_grad():
@@ -115,6 +115,27 @@ def test_stage2_dry_runs_and_sample(stage1, tmp_path):
     out, summary, state = stage2_dry_run(cond, "--vqgan", str(ckpt), "--conditional")
     assert state["num_classes"] == 10
     assert state["models"]["gpt"]["tok_emb.weight"].shape[0] == 32 + 10   # codes, then one token per class
+
+
+def test_stage2_takes_the_vqgans_data_and_size(tmp_path):
+    """Stage 2 models the data the VQGAN was trained on, at its image size: --dataset, --data-root and --image-size
+    default to the stage-1 run's; at 128 px or more the transformer defaults to the faces config's size (24 layers,
+    16 heads, 1024 dims) with batch 2 and AdamW's β (0.9, 0.95); flags given explicitly win."""
+    root = str(tmp_path / "root")
+    wiring.train_steps(vqgan, tmp_path, 1, "--dataset", "fake:1", "--image-size", "32", "--data-root", root,
+                       "--eval-samples", "0", name="vq32")
+    wiring.train_steps(vqgan, tmp_path, 1, "--stage", "2", "--vqgan", str(tmp_path / "vq32" / "ckpt.pt"), name="gpt")
+    state = ckpt_io.load(tmp_path / "gpt" / "transformer.pt", vqgan.SCRIPT)
+    assert (state["args"]["dataset"], state["args"]["image_size"], state["args"]["data_root"]) == ("fake:1", 32, root)
+    assert state["data_shape"] == [1, 32, 32] and state["models"]["gpt"]["pos_emb"].shape[1] == (32 // 4) ** 2
+
+    state = ckpt_io.load(tmp_path / "vq32" / "ckpt.pt", vqgan.SCRIPT)
+    state["args"]["image_size"] = 128                                   # as if trained at 128 px
+    torch.save(state, tmp_path / "vq128.pt")
+    args = vqgan.parse_args(["--stage", "2", "--vqgan", str(tmp_path / "vq128.pt"), "--n-head", "8"])   # not a dry run
+    vqgan.read_vqgan(args)
+    assert (args.dataset, args.image_size, args.n_layer, args.n_head, args.n_embd) == ("fake:1", 128, 24, 8, 1024)
+    assert (args.batch_size, args.beta1, args.beta2) == (2, 0.9, 0.95) and args.lr == pytest.approx(4.5e-6 * 2)
 
 
 def test_stages_keep_their_own_checkpoints_in_one_run_directory(tmp_path, capsys):
@@ -410,7 +431,7 @@ def test_stage2_loop_is_next_code_prediction_on_the_frozen_vqgan(stage1, tmp_pat
         return steps.nets["gpt"]
     monkeypatch.setattr(vqgan, "build_gpt", gpt)
     wiring.train_steps(vqgan, tmp_path, 1, "--stage", "2", "--vqgan", str(ckpt))
-    (vq, _), gpt = vqs[0][2], steps.nets["gpt"]
+    vq, gpt = vqs[0][2], steps.nets["gpt"]
     (opt,) = built
     assert opt.type == "AdamW" and opt.owns(gpt) and len(opt.params) == len(list(gpt.parameters()))
     assert opt.setting("betas") == (0.9, 0.95) and opt.setting("lr") == pytest.approx(4.5e-6 * 8, rel=1e-12)

@@ -88,11 +88,11 @@ def stage1(args, steps, keep):
 
 
 def stage2(args, steps, keep):
-    vq_state = vqgan.read_vqgan(args.vqgan)
+    vq_state = vqgan.read_vqgan(args)   # sets the VQGAN's data and image size as the script does
     data = datasets.load(args)
     num_classes = data.num_classes if args.conditional else 0
     torch.manual_seed(args.seed)
-    vq, _ = vqgan.load_vqgan(vq_state, "cpu")
+    vq = vqgan.load_vqgan(vq_state, "cpu")
     gpt = vqgan.build_gpt(args, vq.n_embed, vq.side, num_classes)
     decay = [p for n, p in gpt.named_parameters() if n.endswith("weight") and p.dim() == 2 and "emb" not in n]
     no_decay = [p for n, p in gpt.named_parameters() if not any(p is q for q in decay)]
