@@ -94,6 +94,7 @@ from torch.distributions import Categorical, Independent, Normal, kl_divergence
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.nn.utils.rnn import pad_sequence
 
+from common import checkpoint as ckpt_io
 from common import run as runlib
 
 SCRIPT = "gail"
@@ -757,7 +758,7 @@ def expert_data(args, env):
     <out>/expert/ (its progress on the console, its curves in the run's TensorBoard)."""
     path = Path(args.expert or Path(args.out) / "expert" / "expert.npz")
     if not args.expert and not path.is_file():
-        runlib.ckpt_io.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
+        ckpt_io.check_start(args, SCRIPT, args.out)   # nothing is written before the run's own checks
         habit = f" plus the bonus for x near {args.expert_hold_x}" if args.expert_hold_x is not None else ""
         print(f"no --expert given: training one first, TRPO on the true reward{habit} ({args.steps} iterations "
               f"x {args.batch_size} pairs, minutes on a CPU) in {path.parent}", flush=True)

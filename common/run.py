@@ -114,10 +114,10 @@ def add_args(parser, *, dataset, image_size, batch_size, steps, log_every=100, s
 
 
 def parse(parser, argv, dry_run_defaults=None, defaults=None):
-    """Parse argv; the one place where defaults depend on other flags, and explicit flags always win:
-    `dry_run_defaults` replaces the defaults with --dry-run; `defaults(args)` returns the defaults of one
-    configuration (e.g. {"lr": 1e-4} on the 2D toys), applied until they settle, so one may depend on
-    another. `args.explicit` lists the flags the user gave."""
+    """Parse argv, with defaults that depend on other flags (explicit flags always win): `dry_run_defaults`
+    replaces the defaults with --dry-run; `defaults(args)` returns the defaults of one configuration (e.g.
+    {"lr": 1e-4} on the 2D toys), applied until they settle. `args.explicit` lists the flags the user gave
+    (vqgan's stage 2 uses it to take defaults from its VQGAN's checkpoint)."""
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv, args)
     args.explicit = sorted(given)   # the flags the user gave (defaults() may read it; kept in args.json)
