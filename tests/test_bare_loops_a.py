@@ -8,7 +8,6 @@ count alone would miss: cgan's SGD schedule (a visible lr decay, the momentum ra
 conv variant with Adam; wgan's critic boost (its constants shrunk so that 5 G iterations hold two boosted
 ones: 7 critic updates at the 1st and 4th, 2 otherwise); wgan_gp's linear lr decay and n_critic; sngan's
 ResNet with n_dis 3 and the lr decay, and the standard CNN with the non-saturating loss."""
-import importlib
 import sys
 from functools import partial
 
@@ -20,7 +19,6 @@ import dcgan
 import sngan
 import wgan
 import wgan_gp
-from common import checkpoint as ckpt_io
 from tests import helpers, wiring
 from tests.conftest import ROOT
 
@@ -70,27 +68,15 @@ def test_bare_loop_trains_the_same_weights_as_the_script(case, tmp_path, monkeyp
     script, builders, steps, extra, constants = CASES[case]
     for name, value in constants.items():
         monkeypatch.setattr(script, name, value)
-    flags = [*extra, "--threads", "1"]
-    with monkeypatch.context() as m:
-        _, _, passes = watch(m, script, builders)
-        wiring.train_steps(script, tmp_path, steps, *flags)
-    ckpt = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", script.SCRIPT)
+    run = wiring.script_and_bare_loop(script, tmp_path, monkeypatch, steps, extra, lambda m: watch(m, script, builders))
+    (_, _, passes), (built, nets, passes_bare), kept, ckpt = run.seen, run.seen_bare, run.kept, run.ckpt
 
-    bare = importlib.import_module(f"bare.{script.SCRIPT}")
-    args = script.parse_args(["--dry-run", "--steps", str(steps), *flags])
-    kept = {}
-    with monkeypatch.context() as m:
-        built, nets, passes_bare = watch(m, script, builders)
-        times = bare.run(args, steps, keep=kept)
-    rng = torch.get_rng_state()
-
-    assert len(times) == steps
     assert passes_bare == passes   # the same passes of G and D in the same order: none extra, none missing
     for name in "GD":
         assert kept[name] is nets[name]
         helpers.assert_same(kept[name].state_dict(), ckpt["models"][name], name)
         helpers.assert_same(kept[f"opt_{name}"].state_dict(), ckpt["optimizers"][name], f"optimizer of {name}")
-    assert torch.equal(rng, ckpt["rng"]["torch"]), "the bare loop drew other random numbers than the script"
+    assert torch.equal(run.rng, ckpt["rng"]["torch"]), "the bare loop drew other random numbers than the script"
 
     # the weights compared are trained ones: both optimizers moved their net's parameters
     assert len(built) == 2

@@ -10,8 +10,6 @@ which the last two decay the learning rate; the least-squares PixelGAN without f
 cyclegan: 4 steps with the identity term and pools of 3 images at batch 2 (full after the 2nd step, then
 Python's random swaps), the last two decaying the learning rate; and no identity term with a pool of one
 image (swaps from the first step)."""
-import importlib
-import random
 import sys
 from functools import partial
 
@@ -20,7 +18,6 @@ import torch
 
 import cyclegan
 import pix2pix
-from common import checkpoint as ckpt_io
 from tests import helpers, wiring
 from tests.conftest import ROOT
 
@@ -65,21 +62,9 @@ def watch(m, script):
 @pytest.mark.parametrize("case", CASES)
 def test_bare_loop_trains_the_same_weights_as_the_script(case, tmp_path, monkeypatch):
     script, steps, extra = CASES[case]
-    flags = [*extra, "--threads", "1"]
-    with monkeypatch.context() as m:
-        _, _, passes = watch(m, script)
-        wiring.train_steps(script, tmp_path, steps, *flags)
-    ckpt = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", script.SCRIPT)
+    run = wiring.script_and_bare_loop(script, tmp_path, monkeypatch, steps, extra, lambda m: watch(m, script))
+    (_, _, passes), (built, nets, passes_bare), kept, ckpt = run.seen, run.seen_bare, run.kept, run.ckpt
 
-    bare = importlib.import_module(f"bare.{script.SCRIPT}")
-    args = script.parse_args(["--dry-run", "--steps", str(steps), *flags])
-    kept = {}
-    with monkeypatch.context() as m:
-        built, nets, passes_bare = watch(m, script)
-        times = bare.run(args, steps, keep=kept)
-    rng, py_rng = torch.get_rng_state(), random.getstate()
-
-    assert len(times) == steps
     assert len(passes) >= steps * len(nets)
     assert passes_bare == passes   # the same passes in the same order, the same nets frozen: none extra or missing
     assert nets.keys() == ckpt["models"].keys()
@@ -92,9 +77,9 @@ def test_bare_loop_trains_the_same_weights_as_the_script(case, tmp_path, monkeyp
     if script is cyclegan:
         for k, images in ckpt["pools"].items():
             helpers.assert_same(kept["pools"][k].state_dict()["images"], images, f"pool {k}")
-        assert len(ckpt["pools"]["A"]) == min(args.pool_size, steps * args.batch_size)
-    assert torch.equal(rng, ckpt["rng"]["torch"]), "the bare loop drew other random numbers than the script"
-    assert py_rng == tuple(ckpt["rng"]["python"]), "the bare loop drew other Python random numbers than the script"
+        assert len(ckpt["pools"]["A"]) == min(run.args.pool_size, steps * run.args.batch_size)
+    assert torch.equal(run.rng, ckpt["rng"]["torch"]), "the bare loop drew other random numbers than the script"
+    assert run.py_rng == tuple(ckpt["rng"]["python"]), "the bare loop drew other Python random numbers than the script"
 
     # the weights compared are trained ones: every optimizer moved its parameters
     assert len(built) == len(ckpt["optimizers"])

@@ -7,7 +7,6 @@ flags that reach every part of the schedule: the level of detail re-evaluated ev
 minibatch of 4 and a learning rate of 2e-3 at 8 px, mirrored reals. The steps: 4 px stable (minibatch 8),
 8 px fading in (α 0.5, Adam reset), 8 px stable (reset), 16 px fading in (reset). stylegan mixes styles with
 the dry run's p 0.9 and has a short EMA half-life (10 images), so that its EMA moves visibly."""
-import importlib
 import sys
 from functools import partial
 
@@ -16,7 +15,6 @@ import torch
 
 import progan
 import stylegan
-from common import checkpoint as ckpt_io
 from tests import helpers, wiring
 from tests.conftest import ROOT
 
@@ -49,23 +47,12 @@ def watch(m, script):
 @pytest.mark.parametrize("case", CASES)
 def test_bare_loop_trains_the_same_weights_as_the_script(case, tmp_path, monkeypatch):
     script, extra = CASES[case]
-    flags = [*extra, "--threads", "1"]
-    with monkeypatch.context() as m:
-        built, passes = watch(m, script)
-        wiring.train_steps(script, tmp_path, STEPS, *flags)
-    ckpt = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", script.SCRIPT)
+    run = wiring.script_and_bare_loop(script, tmp_path, monkeypatch, STEPS, extra, lambda m: watch(m, script))
+    (built, passes), (built_bare, passes_bare), kept, ckpt = run.seen, run.seen_bare, run.kept, run.ckpt
     schedule = ckpt["schedule"]
     assert (schedule["resolution"], schedule["alpha"], schedule["nimg"]) == (16, 0.5, 48), schedule
     # G's and D's Adam before the loop, then afresh at 4 px, the fade-in to 8 px, 8 px and the fade-in to 16 px
-    assert len(built) == 10
-
-    bare = importlib.import_module(f"bare.{script.SCRIPT}")
-    args = script.parse_args(["--dry-run", "--steps", str(STEPS), *flags])
-    kept = {}
-    with monkeypatch.context() as m:
-        built_bare, passes_bare = watch(m, script)
-        times = bare.run(args, STEPS, keep=kept)
-    assert len(times) == STEPS and len(built_bare) == 8
+    assert len(built) == 10 and len(built_bare) == 8
     assert len(passes) >= 5 * STEPS
     assert passes_bare == passes   # the same passes of G and D in the same order: none extra, none missing
     for name in ("G", "D", "Gs"):

@@ -8,7 +8,6 @@ Each case runs the dry-run configuration on one thread, with flags that reach th
 count alone would miss: sagan's class-conditional nets with an EMA of G whose decay (0.5) moves it visibly,
 and the unconditional nets without attention; bigbigan with two D steps per E/G step and E at twice G's side
 (the resize for D), and the BiGAN ablation (--no-unary, a deterministic E)."""
-import importlib
 import sys
 from functools import partial
 
@@ -17,7 +16,6 @@ import torch
 
 import bigbigan
 import sagan
-from common import checkpoint as ckpt_io
 from tests import helpers, wiring
 from tests.conftest import ROOT
 
@@ -56,27 +54,15 @@ def watch(m, script, names):
 @pytest.mark.parametrize("case", CASES)
 def test_bare_loop_trains_the_same_weights_as_the_script(case, tmp_path, monkeypatch):
     script, names, steps, extra = CASES[case]
-    flags = [*extra, "--threads", "1"]
-    with monkeypatch.context() as m:
-        _, _, passes = watch(m, script, names)
-        wiring.train_steps(script, tmp_path, steps, *flags)
-    ckpt = ckpt_io.load(tmp_path / "wired" / "ckpt.pt", script.SCRIPT)
+    run = wiring.script_and_bare_loop(script, tmp_path, monkeypatch, steps, extra, lambda m: watch(m, script, names))
+    (_, _, passes), (built, nets, passes_bare), kept, ckpt = run.seen, run.seen_bare, run.kept, run.ckpt
 
-    bare = importlib.import_module(f"bare.{script.SCRIPT}")
-    args = script.parse_args(["--dry-run", "--steps", str(steps), *flags])
-    kept = {}
-    with monkeypatch.context() as m:
-        built, nets, passes_bare = watch(m, script, names)
-        times = bare.run(args, steps, keep=kept)
-    rng = torch.get_rng_state()
-
-    assert len(times) == steps
     assert passes and passes_bare == passes   # the same passes of the nets in the same order
     for name in names:
         assert kept[name] is nets[name]
         helpers.assert_same(kept[name].state_dict(), ckpt["models"][name], name)
         helpers.assert_same(kept[f"opt_{name}"].state_dict(), ckpt["optimizers"][name], f"optimizer of {name}")
-    assert torch.equal(rng, ckpt["rng"]["torch"]), "the bare loop drew other random numbers than the script"
+    assert torch.equal(run.rng, ckpt["rng"]["torch"]), "the bare loop drew other random numbers than the script"
 
     # the weights compared are trained ones: each optimizer moved its net's parameters
     assert len(built) == len(names)

@@ -8,7 +8,6 @@ Stage 1 runs 4 steps of the dry-run configuration on one thread with every term 
 term (LPIPS on a small stand-in network, as the VGG16 weights are not at hand), the GAN term and D's step from
 step 2 (--disc-start 1), and dead-code restarts at steps 2 and 4. Stage 2 runs 3 transformer steps on a
 2-step stage-1 checkpoint, unconditional and class-conditional."""
-import importlib
 import sys
 
 import pytest
@@ -16,7 +15,6 @@ import torch
 import torch.nn as nn
 
 import vqgan
-from common import checkpoint as ckpt_io
 from common import lpips as lpips_lib
 from tests import helpers, wiring
 from tests.conftest import ROOT
@@ -73,25 +71,13 @@ def watch(m):
 
 
 def script_and_bare_loop(tmp_path, monkeypatch, steps, flags):
-    """The script's checkpoint and what the bare loop kept after `steps` steps of the dry run with `flags` on one
-    thread, the torch RNG state after the bare loop, and what `watch` recorded of each: (ckpt, kept, rng,
-    script's record, bare loop's record)."""
-    flags = [*flags, "--threads", "1"]
+    """(ckpt, kept, rng, script's record, bare loop's record) of wiring.script_and_bare_loop, LPIPS on a stand-in."""
+    def watched(m):
+        stand_in_lpips(m)
+        return watch(m)
     stage = 2 if "--stage" in flags else 1
-    with monkeypatch.context() as m:
-        stand_in_lpips(m)
-        script_watch = watch(m)
-        wiring.train_steps(vqgan, tmp_path, steps, *flags, name="script")
-    ckpt = ckpt_io.load(tmp_path / "script" / vqgan.CKPT_NAMES[stage], vqgan.SCRIPT)
-    bare = importlib.import_module("bare.vqgan")
-    args = vqgan.parse_args(["--dry-run", "--steps", str(steps), *flags])
-    kept = {}
-    with monkeypatch.context() as m:
-        stand_in_lpips(m)
-        bare_watch = watch(m)
-        times = bare.run(args, steps, keep=kept)
-    assert len(times) == steps
-    return ckpt, kept, torch.get_rng_state(), script_watch, bare_watch
+    run = wiring.script_and_bare_loop(vqgan, tmp_path, monkeypatch, steps, flags, watched, vqgan.CKPT_NAMES[stage])
+    return run.ckpt, run.kept, run.rng, run.seen, run.seen_bare
 
 
 def assert_trained(built, nets, names):

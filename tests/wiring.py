@@ -12,7 +12,9 @@ A wiring test should fail when the loop is mis-wired; check each one by breaking
 copy (swap real and fake, drop a term, change a learning rate or a decay) and watching it fail.
 """
 import copy
+import importlib
 import inspect
+import random
 from functools import partial
 from types import SimpleNamespace
 
@@ -104,6 +106,28 @@ def train_steps(script, tmp_path, steps, *extra, name="wired"):
     argv = ["--dry-run", "--steps", str(steps), "--out", str(tmp_path / name), "--log-every", "1",
             "--sample-every", "0", "--ckpt-every", "0", "--eval-every", "0", *extra]
     return script.main(argv)
+
+
+def script_and_bare_loop(script, tmp_path, monkeypatch, steps, flags, watch, ckpt_name="ckpt.pt"):
+    """`steps` steps of the script's dry run with `flags` on one thread, then of its bare loop
+    (benchmarks/bare/<script>.py, importable as bare.<script>) on the same settings, each while watch(m) records
+    (m: a monkeypatch context). Returns a namespace: ckpt (the script's checkpoint), seen and seen_bare (what
+    watch returned for each run), kept (what the bare loop kept), args, and the torch and Python RNG states
+    right after the bare loop."""
+    flags = [*flags, "--threads", "1"]
+    with monkeypatch.context() as m:
+        seen = watch(m)
+        train_steps(script, tmp_path, steps, *flags)
+    ckpt = ckpt_io.load(tmp_path / "wired" / ckpt_name, script.SCRIPT)
+    bare = importlib.import_module(f"bare.{script.SCRIPT}")
+    args = script.parse_args(["--dry-run", "--steps", str(steps), *flags])
+    kept = {}
+    with monkeypatch.context() as m:
+        seen_bare = watch(m)
+        times = bare.run(args, steps, keep=kept)
+    rng, py_rng = torch.get_rng_state(), random.getstate()
+    assert len(times) == steps
+    return SimpleNamespace(ckpt=ckpt, seen=seen, seen_bare=seen_bare, kept=kept, args=args, rng=rng, py_rng=py_rng)
 
 
 def adam_first_update(lr, grad, eps=1e-8):
