@@ -9,7 +9,6 @@ conv variant with Adam; wgan's critic boost (its constants shrunk so that 5 G it
 ones: 7 critic updates at the 1st and 4th, 2 otherwise); wgan_gp's linear lr decay and n_critic; sngan's
 ResNet with n_dis 3 and the lr decay, and the standard CNN with the non-saturating loss."""
 import sys
-from functools import partial
 
 import pytest
 import torch
@@ -51,15 +50,9 @@ def watch(m, script, builders):
         if looping():
             passes.append(name)
     for builder, names in builders.items():
-        original = getattr(script, builder)
-
-        def build(*args, _original=original, _names=names, **kwargs):
-            result = _original(*args, **kwargs)
-            for name, net in zip(_names, result if isinstance(result, tuple) else (result,)):
-                nets[name] = net
-                net.register_forward_hook(partial(on_forward, name))
-            return result
-        m.setattr(script, builder, build)
+        def name_nets(result, names=names):
+            return dict(zip(names, result if isinstance(result, tuple) else (result,)))
+        wiring.watch_builder(m, script, builder, name_nets, nets, on_forward)
     return built, nets, passes
 
 

@@ -11,7 +11,6 @@ cyclegan: 4 steps with the identity term and pools of 3 images at batch 2 (full 
 Python's random swaps), the last two decaying the learning rate; and no identity term with a pool of one
 image (swaps from the first step)."""
 import sys
-from functools import partial
 
 import pytest
 import torch
@@ -47,15 +46,7 @@ def watch(m, script):
     def on_forward(name, module, *_):
         if looping():
             passes.append((name, next(module.parameters()).requires_grad))
-    original = script.build
-
-    def build(*args, **kwargs):
-        result = original(*args, **kwargs)
-        for name, net in named_nets(result).items():
-            nets[name] = net
-            net.register_forward_hook(partial(on_forward, name))
-        return result
-    m.setattr(script, "build", build)
+    wiring.watch_builder(m, script, "build", named_nets, nets, on_forward)
     return built, nets, passes
 
 

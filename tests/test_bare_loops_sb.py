@@ -9,7 +9,6 @@ count alone would miss: sagan's class-conditional nets with an EMA of G whose de
 and the unconditional nets without attention; bigbigan with two D steps per E/G step and E at twice G's side
 (the resize for D), and the BiGAN ablation (--no-unary, a deterministic E)."""
 import sys
-from functools import partial
 
 import pytest
 import torch
@@ -39,15 +38,7 @@ def watch(m, script, names):
     def on_forward(name, module, *_):
         if module is nets[name] and looping():
             passes.append(name)
-    original = script.build
-
-    def build(*args, **kwargs):
-        result = original(*args, **kwargs)
-        for name, net in zip(names, result):
-            nets[name] = net
-            net.register_forward_hook(partial(on_forward, name))
-        return result
-    m.setattr(script, "build", build)
+    wiring.watch_builder(m, script, "build", lambda result: dict(zip(names, result)), nets, on_forward)
     return built, nets, passes
 
 

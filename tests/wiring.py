@@ -108,6 +108,20 @@ def train_steps(script, tmp_path, steps, *extra, name="wired"):
     return script.main(argv)
 
 
+def watch_builder(m, script, builder, name_nets, nets, on_forward):
+    """While `m` (a monkeypatch context) lasts, script.<builder> keeps each net it builds in `nets` under the name
+    name_nets(its result) gives it ({name: net}), and calls on_forward(name, module, inputs, output) on its passes."""
+    original = getattr(script, builder)
+
+    def build(*args, **kwargs):
+        result = original(*args, **kwargs)
+        for name, net in name_nets(result).items():
+            nets[name] = net
+            net.register_forward_hook(partial(on_forward, name))
+        return result
+    m.setattr(script, builder, build)
+
+
 def script_and_bare_loop(script, tmp_path, monkeypatch, steps, flags, watch, ckpt_name="ckpt.pt"):
     """`steps` steps of the script's dry run with `flags` on one thread, then of its bare loop
     (benchmarks/bare/<script>.py, importable as bare.<script>) on the same settings, each while watch(m) records
